@@ -1,0 +1,2 @@
+from gpumesh.operator.render import X
+Y: str = X
