@@ -1,0 +1,135 @@
+"""GPUNode: one supplier node as the mesh sees it (offer in spec, observations in status).
+
+Cluster-scoped and named after its Kubernetes node. The supplier sets the spec (through
+the supplier chart); the node agent writes the status; the operator reads both.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from gpumesh.api.base import (
+    API_VERSION,
+    ApiModel,
+    Conditions,
+    DnsLabel,
+    ObjectMeta,
+    Price,
+    StatusModel,
+    list_map,
+)
+
+ENDPOINT_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+NONCE_PATTERN = r"^[0-9a-f]{16,128}$"
+WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+
+Endpoint = Annotated[str, StringConstraints(max_length=262, pattern=ENDPOINT_PATTERN)]
+
+GPUHealth = Literal["Healthy", "Degraded", "NeedsReset", "Unhealthy", "Lost", "Unknown"]
+"""Per-GPU health. Unhealthy, Lost and Unknown GPUs get no work; Degraded ranks lower."""
+
+
+class GPUNodeSpec(ApiModel):
+    """The supplier's offer."""
+
+    supplier: DnsLabel = Field(description="Supplier owning the node.")
+    region: DnsLabel = Field(description="Region the node sits in, as 'eu-west'.")
+    price_per_gpu_hour: Price = Field(description='Asking price per GPU-hour, as "2.10".')
+    head_capable: bool = Field(
+        default=False, description="May host Ray heads (trusted data-centre nodes)."
+    )
+    cordoned: bool = Field(default=False, description="Take no new work; running work stays.")
+    verification_nonce: Annotated[str, StringConstraints(pattern=NONCE_PATTERN)] | None = Field(
+        default=None,
+        description="Challenge seed set by the operator; the agent proves its GPUs with it.",
+    )
+    public_endpoint: Endpoint | None = Field(
+        default=None,
+        description="host:port where the node's WireGuard listens publicly; unset behind NAT.",
+    )
+
+
+class GPUInfo(StatusModel):
+    """Identity and health of one GPU."""
+
+    index: int = Field(ge=0, le=63, description="NVML index.")
+    uuid: str = Field(description="GPU UUID.")
+    model: str = Field(description="Product name, as 'NVIDIA H100 80GB HBM3'.")
+    memory_mib: int = Field(ge=0, description="Total memory in MiB.")
+    compute_capability: str | None = Field(default=None, description="major.minor.")
+    pci_bus_id: str | None = Field(default=None, description="PCI bus id.")
+    health: GPUHealth = Field(default="Unknown", description="Current health.")
+    reasons: Annotated[list[str], Field(max_length=16)] = Field(
+        default_factory=list, description="Why health is not Healthy, newest first."
+    )
+    temperature_c: int | None = Field(default=None, description="Core temperature, Celsius.")
+    power_w: float | None = Field(default=None, description="Power draw, watts.")
+
+
+class MeshStatus(StatusModel):
+    """The node's place in the WireGuard mesh. Never holds a private key."""
+
+    public_key: Annotated[str, StringConstraints(pattern=WG_KEY_PATTERN)] | None = Field(
+        default=None, description="WireGuard public key (base64)."
+    )
+    endpoints: Annotated[list[str], Field(max_length=16)] = Field(
+        default_factory=list, description="Endpoint candidates, best first."
+    )
+    observed_endpoint: str | None = Field(
+        default=None, description="Endpoint peers saw after a handshake (NAT mapping)."
+    )
+    overlay_ip: str | None = Field(default=None, description="Overlay address, by the operator.")
+    pod_cidr: str | None = Field(default=None, description="Pod range routed over the mesh.")
+    relay: str | None = Field(default=None, description="Relay node used when not reachable.")
+
+
+class VerificationStatus(StatusModel):
+    """Outcome of the last proof-of-GPU challenge."""
+
+    nonce: str | None = Field(default=None, description="Nonce the result answers.")
+    result: Literal["Pending", "Passed", "Failed", "IdentityOnly"] = Field(
+        default="Pending",
+        description="Passed: compute and memory proven; IdentityOnly: no compute library.",
+    )
+    checked_time: datetime | None = Field(default=None, description="When it ran.")
+    message: str | None = Field(default=None, description="Details for people.")
+    vram_verified_mib: int | None = Field(default=None, description="Memory proven, MiB.")
+    matmul_tflops: float | None = Field(default=None, description="Measured throughput.")
+
+
+class GPUNodeStatus(StatusModel):
+    """What the node agent observed."""
+
+    health: GPUHealth = Field(default="Unknown", description="Worst health of its GPUs.")
+    gpu_count: int = Field(default=0, ge=0, description="GPUs found.")
+    gpu_model: str | None = Field(default=None, description="Model of its GPUs.")
+    gpus: Annotated[list[GPUInfo], Field(max_length=64, json_schema_extra=list_map("index"))] = (
+        Field(default_factory=list, description="Each GPU's identity and health.")
+    )
+    driver_version: str | None = Field(default=None, description="NVIDIA driver version.")
+    cuda_version: str | None = Field(default=None, description="CUDA driver API version.")
+    heartbeat_time: datetime | None = Field(default=None, description="Last agent report.")
+    mesh: MeshStatus | None = Field(default=None, description="WireGuard mesh membership.")
+    verification: VerificationStatus | None = Field(
+        default=None, description="Proof-of-GPU result."
+    )
+    reputation: float | None = Field(
+        default=None, ge=0, le=1, description="Track record from 0 to 1 (uptime, failures)."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation this status describes."
+    )
+    conditions: Conditions = Field(default_factory=list, description="Ready, Verified, ...")
+
+
+class GPUNode(ApiModel):
+    """A supplier node in the mesh."""
+
+    api_version: Literal["gpumesh.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["GPUNode"] = "GPUNode"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: GPUNodeSpec
+    status: GPUNodeStatus | None = None

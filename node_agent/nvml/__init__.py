@@ -1,2 +1,0 @@
-from gpumesh.operator.render import X
-Y: str = X
