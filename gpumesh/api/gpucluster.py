@@ -304,7 +304,7 @@ class GPUClusterStatus(StatusModel):
     )
     gpus: int = Field(default=0, ge=0, description="GPUs held.")
     price_per_hour: Price | None = Field(default=None, description="US dollars per hour now.")
-    gpu_seconds: float = Field(default=0, ge=0, description="GPU-seconds used so far.")
+    gpu_seconds: float | None = Field(default=None, ge=0, description="GPU-seconds used so far.")
     cost: Price | None = Field(default=None, description="US dollars spent so far.")
     head: HeadStatus | None = Field(default=None, description="The Ray head.")
     migrations: int = Field(default=0, ge=0, description="Migrations so far.")

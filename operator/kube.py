@@ -1,0 +1,114 @@
+"""The operator's one Kubernetes client wrapper: apply, patch status, delete.
+
+kopf watches and posts events; everything the reconcilers write goes through here so
+that field manager, content types and error handling are decided once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from gpumesh.operator.render.labels import FIELD_MANAGER
+
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+
+
+class Kube:
+    """Thin, typed access to the few API calls the operator makes."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    def apply_custom(
+        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Server-side apply a namespaced custom object as gpumesh-operator, forcing."""
+        meta = manifest["metadata"]
+        result = self.custom.patch_namespaced_custom_object(
+            group,
+            version,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            dict(manifest),
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+        return cast(dict[str, Any], result)
+
+    def patch_status(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+    ) -> None:
+        """Merge-patch ``status``; keys set to None are removed."""
+        self.custom.patch_namespaced_custom_object_status(
+            group,
+            version,
+            namespace,
+            plural,
+            name,
+            {"status": dict(status)},
+            _content_type=MERGE,
+        )
+
+    def get_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        try:
+            found = self.custom.get_namespaced_custom_object(
+                group, version, namespace, plural, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return cast(dict[str, Any], found)
+
+    def delete_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def force_delete_pod(self, namespace: str, name: str) -> None:
+        """Grace 0: a pod stuck Terminating on a dead node otherwise blocks replacement."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+
+_lock = threading.Lock()
+_shared: Kube | None = None
+
+
+def shared() -> Kube:
+    """The process's client, from the in-cluster account or KUBECONFIG."""
+    global _shared
+    with _lock:
+        if _shared is None:
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+            configuration = client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = 32
+            _shared = Kube(client.ApiClient(configuration))
+        return _shared

@@ -1,0 +1,1 @@
+"""Pure builders: gpumesh specs plus placement in, KubeRay manifests out."""

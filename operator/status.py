@@ -1,0 +1,155 @@
+"""GPUCluster status from what was observed (pure).
+
+Health comes from ready versus desired workers and the head pod's readiness, never from
+the RayCluster's ``state``: KubeRay sets ``ready`` once and never takes it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from gpumesh.api.conditions import DEGRADED, READY, RECONCILING, STALLED, set_condition
+from gpumesh.api.gpucluster import (
+    PRIMARY_GROUP,
+    GPUClusterPhase,
+    GPUClusterSpec,
+    GPUClusterStatus,
+    HeadStatus,
+    WorkerPlacement,
+)
+from gpumesh.operator.render import labels as names
+
+
+@dataclass(frozen=True)
+class RayClusterView:
+    """What the status needs from a RayCluster and its pods."""
+
+    name: str
+    ready_workers: int
+    head_ready: bool
+    head_node: str | None
+    head_service: str | None
+    ready_by_group: Mapping[str, int]
+
+    @classmethod
+    def from_objects(
+        cls, raycluster: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
+    ) -> RayClusterView:
+        status = raycluster.get("status") or {}
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+        ready_by_group: dict[str, int] = {}
+        head_node = None
+        for pod in pods:
+            pod_labels = pod.get("metadata", {}).get("labels", {})
+            group = pod_labels.get(names.GROUP)
+            if group == "head":
+                head_node = pod.get("spec", {}).get("nodeName")
+            elif group and _pod_ready(pod):
+                ready_by_group[group] = ready_by_group.get(group, 0) + 1
+        head = status.get("head") or {}
+        return cls(
+            name=raycluster["metadata"]["name"],
+            ready_workers=int(status.get("readyWorkerReplicas") or 0),
+            head_ready=conditions.get("HeadPodReady") == "True",
+            head_node=head_node,
+            head_service=head.get("serviceName"),
+            ready_by_group=ready_by_group,
+        )
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return False
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one reconcile learned, as input to the status."""
+
+    generation: int
+    spec: GPUClusterSpec
+    previous: GPUClusterStatus
+    placements: Sequence[WorkerPlacement]
+    unplaced_reason: str | None
+    raycluster: RayClusterView | None
+    now: datetime
+    selector: str
+
+
+def compute_status(obs: Observation) -> GPUClusterStatus:
+    """The status a GPUCluster should show for ``obs``; equal inputs give an equal status."""
+    desired = sum(g.replicas for _, g in obs.spec.worker_groups()) if not obs.spec.suspend else 0
+    ray = obs.raycluster
+    ready = min(ray.ready_workers, desired) if ray else 0
+    placed = bool(obs.placements) or (desired == 0 and obs.unplaced_reason is None)
+    all_ready = placed and ray is not None and ray.head_ready and ready >= desired
+    phase = _phase(obs, placed, all_ready)
+
+    conditions = list(obs.previous.conditions)
+
+    def mark(type_: str, value: bool, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions, type_, value, reason, message, generation=obs.generation, now=obs.now
+        )
+
+    workers_text = f"{ready}/{desired} workers ready"
+    if phase == "Ready":
+        mark(READY, True, "AllWorkersReady", f"{workers_text}; head ready")
+    elif phase == "Suspended":
+        mark(READY, False, "Suspended", "spec.suspend is true")
+    else:
+        head = "head ready" if ray and ray.head_ready else "head not ready"
+        mark(READY, False, phase, f"{workers_text}; {head}")
+    mark(RECONCILING, phase in ("Provisioning", "Degraded", "Migrating"), phase, workers_text)
+    if obs.unplaced_reason is not None:
+        reason = "ScaleUpUnschedulable" if obs.placements else "Unschedulable"
+        mark(STALLED, True, reason, obs.unplaced_reason)
+    else:
+        mark(STALLED, False, "Placed", "every worker has a node")
+    mark(DEGRADED, phase == "Degraded", phase, workers_text)
+
+    gpus = sum(p.gpus for p in obs.placements)
+    price = sum((p.price_per_gpu_hour * p.gpus for p in obs.placements), Decimal(0))
+    return obs.previous.model_copy(
+        update={
+            "phase": phase,
+            "observed_generation": obs.generation,
+            "conditions": conditions,
+            "ray_cluster_name": ray.name if ray else obs.previous.ray_cluster_name,
+            "placements": list(obs.placements),
+            "desired_workers": desired,
+            "ready_workers": ready,
+            "worker_replicas": ray.ready_by_group.get(PRIMARY_GROUP, 0) if ray else 0,
+            "selector": obs.selector,
+            "gpus": gpus,
+            "price_per_hour": price.quantize(Decimal("0.0001")) if obs.placements else None,
+            "head": _head(ray),
+        }
+    )
+
+
+def _phase(obs: Observation, placed: bool, all_ready: bool) -> GPUClusterPhase:
+    if obs.spec.suspend:
+        return "Suspended"
+    if not placed:
+        return "Pending"
+    if all_ready:
+        return "Ready"
+    was_up = obs.previous.phase in ("Ready", "Degraded")
+    if was_up and obs.previous.observed_generation == obs.generation:
+        return "Degraded"
+    return "Provisioning"
+
+
+def _head(ray: RayClusterView | None) -> HeadStatus | None:
+    if ray is None:
+        return None
+    dashboard = f"http://{ray.head_service}:8265" if ray.head_service else None
+    return HeadStatus(node=ray.head_node, service_name=ray.head_service, dashboard_url=dashboard)
