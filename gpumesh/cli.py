@@ -12,6 +12,7 @@ from rich.console import Console
 from gpumesh import __version__, crdgen
 from gpumesh.api import ManifestError, parse_manifest
 from gpumesh.api.kinds import KINDS
+from gpumesh.operator import cli as operator_cli
 
 app = typer.Typer(
     name="gpumesh",
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(operator_cli.app, name="operator")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -1,0 +1,5 @@
+"""kopf handlers: the only operator code that reacts to the API. Importing registers them."""
+
+from gpumesh.operator.handlers import gpucluster, indexes, lifecycle
+
+__all__ = ["gpucluster", "indexes", "lifecycle"]

@@ -1,0 +1,119 @@
+"""kopf glue for GPUCluster: every trigger ends in the same idempotent reconcile."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from gpumesh.operator import kube
+from gpumesh.operator.reconcile_gpucluster import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ForeignRayClusterError,
+    Reconciler,
+    Snapshot,
+)
+from gpumesh.operator.render import labels as names
+from gpumesh.operator.settings import SETTINGS
+from gpumesh.operator.world import ClusterKey, trim_node
+
+log = logging.getLogger(__name__)
+
+
+def _post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    # kopf reads only apiVersion, kind and metadata of the object; a plain mapping serves.
+    kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1024])
+
+
+_reconciler: Reconciler | None = None
+
+
+def reconciler() -> Reconciler:
+    """The process's reconciler, created on first use so importing needs no cluster."""
+    global _reconciler
+    if _reconciler is None:
+        _reconciler = Reconciler(kube.shared(), _post_event)
+    return _reconciler
+
+
+def _values(index: kopf.Index[Any, Any]) -> list[Any]:
+    return [value for store in index.values() for value in store]
+
+
+def snapshot(indexes: Mapping[str, Any]) -> Snapshot:
+    """Freeze the kopf indexes handed to a handler into reconcile input."""
+    cluster_pods = indexes["cluster_pod_index"]
+    return Snapshot(
+        gpunodes=_values(indexes["gpunode_index"]),
+        nodes=_values(indexes["node_index"]),
+        foreign_gpu_pods=_values(indexes["foreign_gpu_pod_index"]),
+        rayclusters={key: next(iter(store)) for key, store in indexes["raycluster_index"].items()},
+        cluster_pods={key: list(store) for key, store in cluster_pods.items()},
+    )
+
+
+def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
+    try:
+        reconciler().reconcile(body, snapshot(indexes))
+    except ForeignRayClusterError as err:
+        raise kopf.PermanentError(str(err)) from err
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile_gpucluster(body: kopf.Body, **indexes: Any) -> None:
+    """Create, spec change, operator restart."""
+    _reconcile(body, indexes)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds)
+def resync_gpucluster(body: kopf.Body, **indexes: Any) -> None:
+    """Periodic resync: retries unplaceable requests and repairs drift."""
+    _reconcile(body, indexes)
+
+
+@kopf.on.event("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
+def raycluster_changed(namespace: str | None, labels: kopf.Labels, **indexes: Any) -> None:
+    """KubeRay moved (pods ready, head up): refresh the owner's status at once."""
+    owner = labels.get(names.CLUSTER)
+    body = _gpucluster_body(indexes, ClusterKey(namespace or "", owner)) if owner else None
+    if body is not None:
+        _reconcile(body, indexes)
+
+
+_inventory_fingerprints: dict[str, str] = {}
+
+
+@kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
+@kopf.on.event("", "v1", "nodes")
+def inventory_changed(name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any) -> None:
+    """Supply changed: give waiting GPUClusters another try now rather than at resync."""
+    relevant = (
+        repr(trim_node(body))
+        if resource.plural == "nodes"
+        else repr((dict(body.spec), body.status.get("health"), body.status.get("gpuCount")))
+    )
+    key = f"{resource.plural}/{name}"
+    if _inventory_fingerprints.get(key) == relevant:
+        return
+    _inventory_fingerprints[key] = relevant
+    for store in indexes["gpucluster_index"].values():
+        for cluster in store:
+            if (cluster.get("status") or {}).get("phase", "Pending") == "Pending":
+                _reconcile(cluster, indexes)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def gpucluster_deleted(namespace: str | None, name: str, **_: Any) -> None:
+    """Release the ledger's GPUs; the garbage collector removes the RayCluster."""
+    reconciler().forget(ClusterKey(namespace or "", name))
+
+
+def _gpucluster_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] | None:
+    store = indexes["gpucluster_index"].get(key)
+    return next(iter(store), None) if store else None

@@ -1,0 +1,103 @@
+"""Operator start-up settings, heartbeat and liveness.
+
+The heartbeat is a Lease the operator renews and also watches: when renewals stop
+arriving through the watch, the watch stream has gone silent (a known failure behind
+load balancers) and the liveness probe fails so that Kubernetes restarts us.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from gpumesh.operator import kube
+from gpumesh.operator.render import labels as names
+from gpumesh.operator.settings import SETTINGS
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_LEASE = "gpumesh-operator"
+_last_heartbeat_seen = time.monotonic()
+_stop = threading.Event()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """gpumesh-owned storage names, watch timeouts, and the pool for sync handlers."""
+    settings.persistence.finalizer = "gpumesh.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gpumesh.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="gpumesh.io", key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = SETTINGS.watch_server_timeout
+    settings.watching.client_timeout = SETTINGS.watch_server_timeout + 30
+    settings.watching.connect_timeout = 10
+    settings.watching.inactivity_timeout = SETTINGS.watch_server_timeout + 60
+    settings.watching.label_selectors["ray.io", "rayclusters"] = (
+        f"{names.MANAGED_BY}={names.MANAGER}"
+    )
+    settings.watching.field_selectors["coordination.k8s.io", "leases"] = (
+        f"metadata.name={HEARTBEAT_LEASE}"
+    )
+    settings.execution.max_workers = SETTINGS.max_workers
+    settings.posting.level = logging.INFO
+    threading.Thread(target=_renew_heartbeat, name="heartbeat", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def stop_heartbeat(**_: Any) -> None:
+    _stop.set()
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", field="metadata.name", value=HEARTBEAT_LEASE)
+def heartbeat_seen(**_: Any) -> None:
+    global _last_heartbeat_seen
+    _last_heartbeat_seen = time.monotonic()
+
+
+@kopf.on.probe(id="watch")
+def watch_alive(**_: Any) -> str:
+    """Fails when our own heartbeat has not come back through a watch for too long."""
+    silent = time.monotonic() - _last_heartbeat_seen
+    if silent > SETTINGS.liveness_stale_seconds:
+        raise RuntimeError(f"no heartbeat through the watch for {silent:.0f} s")
+    return f"heartbeat seen {silent:.0f} s ago"
+
+
+def _renew_heartbeat() -> None:
+    coordination = client.CoordinationV1Api(kube.shared().core.api_client)
+    while not _stop.is_set():
+        try:
+            _put_lease(coordination)
+        except ApiException as err:
+            log.warning("heartbeat lease not renewed: %s", err.reason)
+        _stop.wait(SETTINGS.heartbeat_seconds)
+
+
+def _put_lease(coordination: Any) -> None:
+    now = datetime.now(UTC)
+    body = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": HEARTBEAT_LEASE, "namespace": SETTINGS.namespace},
+        "spec": {
+            "holderIdentity": "gpumesh-operator",
+            "leaseDurationSeconds": int(SETTINGS.liveness_stale_seconds),
+            "renewTime": now.isoformat(timespec="microseconds"),
+        },
+    }
+    coordination.patch_namespaced_lease(
+        HEARTBEAT_LEASE,
+        SETTINGS.namespace,
+        body,
+        field_manager=names.FIELD_MANAGER,
+        force=True,
+        _content_type="application/apply-patch+yaml",
+    )
