@@ -35,6 +35,7 @@ toolchain: $(STAMP) ## Build the pinned Kubernetes components from Go modules (c
 
 crds: $(STAMP) ## Regenerate crds/ from the API models
 	$(VENV)/bin/gpumesh crds --out crds
+	$(VENV)/bin/gpumesh crds --out charts/gpumesh-operator/crds
 
 unit: $(STAMP) ## Unit tests only (no cluster)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
