@@ -140,6 +140,4 @@ def test_render_all_is_one_yaml_stream_of_every_crd() -> None:
 @pytest.mark.parametrize("info", KINDS, ids=lambda k: k.kind)
 def test_operator_chart_ships_the_same_crds(info: KindInfo) -> None:
     chart_copy = ROOT / "charts" / "gpumesh-operator" / "crds" / crdgen.crd_file_name(info)
-    assert chart_copy.read_text() == crdgen.render(info), (
-        f"{chart_copy} is stale: run `make crds`"
-    )
+    assert chart_copy.read_text() == crdgen.render(info), f"{chart_copy} is stale: run `make crds`"
