@@ -124,7 +124,10 @@ class Reconciler:
 
         with self._placement_lock:
             reserved = reserved_gpus(key, snap.rayclusters, self.ledger.snapshot())
-            decision = place_cluster(spec, offers, current=current, reserved=reserved)
+            current_head = _current_head(snap, key)
+            decision = place_cluster(
+                spec, offers, current=current, reserved=reserved, current_head=current_head
+            )
             if spec.suspend:
                 chosen: Sequence[Assignment] = current
             elif decision.ok:
@@ -132,7 +135,7 @@ class Reconciler:
             else:
                 chosen = current
             slots = _slots(chosen, current_groups, snap.cluster_pods.get(key, ()))
-            head_node = _current_head(snap, key) or (decision.head_node if decision.ok else None)
+            head_node = decision.head_node if decision.ok else current_head
             applied = self._apply(key, body, spec, slots, head_node, existing)
             if applied is not None:
                 self.ledger.record(key, applied)

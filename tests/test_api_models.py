@@ -82,7 +82,7 @@ def test_every_replica_problem_is_reported_at_once() -> None:
 
 
 def test_unknown_kind_and_api_version_are_named() -> None:
-    with pytest.raises(ManifestError, match="gpumesh serves GPUCluster, Job, GPUNode"):
+    with pytest.raises(ManifestError, match="gpumesh serves GPUCluster, Job, GPUNode, GPUQuota"):
         parse_manifest({"apiVersion": "gpumesh.io/v1alpha1", "kind": "Cluster"})
     with pytest.raises(ManifestError, match=r"apiVersion: must be gpumesh.io/v1alpha1"):
         parse_manifest({"apiVersion": "gpumesh.io/v1", "kind": "GPUCluster"})

@@ -93,7 +93,7 @@ def test_gpucluster_scales_through_the_main_worker_group() -> None:
 
 def test_names_categories_and_columns() -> None:
     names = {c["spec"]["names"]["kind"]: c["spec"]["names"] for c in crdgen.all_crds()}
-    assert set(names) == {"GPUCluster", "Job", "GPUNode"}
+    assert set(names) == {"GPUCluster", "Job", "GPUNode", "GPUQuota"}
     assert all("gpumesh" in n["categories"] for n in names.values())
     assert "gjob" in names["Job"]["shortNames"]
     node_crd = next(c for c in crdgen.all_crds() if c["spec"]["names"]["kind"] == "GPUNode")
@@ -134,6 +134,7 @@ def test_render_all_is_one_yaml_stream_of_every_crd() -> None:
         "gpuclusters.gpumesh.io",
         "jobs.gpumesh.io",
         "gpunodes.gpumesh.io",
+        "gpuquotas.gpumesh.io",
     ]
 
 

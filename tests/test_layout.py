@@ -12,7 +12,14 @@ import pytest
 from corpus import ROOT
 
 # Modules that must stay pure: no API clients, no handlers, no agent I/O.
-PURE = ["gpumesh/api", "gpumesh/crdgen.py"]
+PURE = [
+    "gpumesh/api",
+    "gpumesh/crdgen.py",
+    "operator/placement",
+    "operator/render",
+    "operator/status.py",
+    "operator/world.py",
+]
 IMPURE_IMPORTS = ("kubernetes", "kubernetes_asyncio", "kopf", "gpumesh.operator.handlers")
 
 

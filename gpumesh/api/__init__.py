@@ -3,6 +3,7 @@
 from gpumesh.api.base import API_VERSION, GROUP, VERSION, Condition
 from gpumesh.api.gpucluster import GPUCluster, GPUClusterSpec, GPUClusterStatus, WorkerGroup
 from gpumesh.api.gpunode import GPUNode, GPUNodeSpec, GPUNodeStatus
+from gpumesh.api.gpuquota import GPUQuota
 from gpumesh.api.job import Job, JobSpec, JobStatus
 from gpumesh.api.kinds import KINDS, KindInfo, kind_info
 from gpumesh.api.manifests import FieldError, ManifestError, parse_manifest
@@ -20,6 +21,7 @@ __all__ = [
     "GPUNode",
     "GPUNodeSpec",
     "GPUNodeStatus",
+    "GPUQuota",
     "Job",
     "JobSpec",
     "JobStatus",

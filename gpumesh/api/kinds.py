@@ -12,6 +12,7 @@ from typing import Literal
 from gpumesh.api.base import ApiModel
 from gpumesh.api.gpucluster import GPUCluster
 from gpumesh.api.gpunode import GPUNode
+from gpumesh.api.gpuquota import GPUQuota
 from gpumesh.api.job import Job
 
 CATEGORY = "gpumesh"
@@ -116,7 +117,22 @@ GPUNODE = KindInfo(
     ),
 )
 
-KINDS: tuple[KindInfo, ...] = (GPUCLUSTER, JOB, GPUNODE)
+GPUQUOTA = KindInfo(
+    model=GPUQuota,
+    kind="GPUQuota",
+    plural="gpuquotas",
+    short_names=("gquota", "gq"),
+    scope="Namespaced",
+    columns=(
+        PrinterColumn("GPUs", "integer", ".status.used.gpus", "GPUs held."),
+        PrinterColumn("Max GPUs", "integer", ".spec.hard.gpus", "GPU limit."),
+        PrinterColumn("USD/h", "string", ".status.used.pricePerHour", "Spend per hour now."),
+        PrinterColumn("Max USD/h", "string", ".spec.hard.pricePerHour", "Spend limit."),
+        AGE,
+    ),
+)
+
+KINDS: tuple[KindInfo, ...] = (GPUCLUSTER, JOB, GPUNODE, GPUQUOTA)
 
 
 def kind_info(kind: str) -> KindInfo:

@@ -1,0 +1,286 @@
+"""The supply side of placement: one :class:`NodeOffer` per node that may take work.
+
+:func:`build_inventory` joins three raw API lists (GPUNodes, Nodes, Pods) into offers. It
+is pure and tolerant: an object that does not parse is left out rather than failing the
+whole inventory, because one bad supplier must not stop placement for everyone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from gpumesh.api.base import parse_compute_capability
+from gpumesh.api.gpunode import GPUHealth, GPUNodeSpec, GPUNodeStatus
+from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
+
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+LABEL_PRODUCT: Final = "nvidia.com/gpu.product"
+LABEL_MEMORY: Final = "nvidia.com/gpu.memory"
+LABEL_CC_MAJOR: Final = "nvidia.com/gpu.compute.major"
+LABEL_CC_MINOR: Final = "nvidia.com/gpu.compute.minor"
+LABEL_SUPPLIER: Final = "gpumesh.io/supplier"
+LABEL_REGION: Final = "gpumesh.io/region"
+LABEL_VERIFIED: Final = "gpumesh.io/verified"
+LABEL_HEAD_CAPABLE: Final = "gpumesh.io/head-capable"
+
+#: Taints our worker pods tolerate; any other NoSchedule/NoExecute taint closes a node.
+OUR_TAINT_PREFIXES: Final = ("gpumesh.io/",)
+OUR_TAINT_KEYS: Final = frozenset({GPU_RESOURCE})
+CORDON_TAINT: Final = "node.kubernetes.io/unschedulable"
+
+#: Health that may receive new work; Degraded ranks lower (see scoring).
+ACCEPTING_HEALTH: Final[frozenset[str]] = frozenset({"Healthy", "Degraded"})
+#: Health that keeps running workers while failover waits (grace period, mode Never).
+TOLERATED_HEALTH: Final[frozenset[str]] = ACCEPTING_HEALTH | {"NeedsReset", "Unhealthy"}
+FINISHED_PHASES: Final = frozenset({"Succeeded", "Failed"})
+
+Health = GPUHealth
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOffer:
+    """What one node offers right now. ``gpus_free`` already excludes running pods."""
+
+    name: str
+    supplier: str
+    region: str
+    gpu_model: str
+    gpu_memory_mib: int
+    compute_capability: tuple[int, int]
+    gpus_total: int
+    gpus_free: int
+    price_per_gpu_hour: Decimal
+    verified: bool
+    reputation: float
+    health: Health
+    cordoned: bool = False
+    tainted: bool = False
+    head_capable: bool = False
+    cpu_free_millicores: int = 0
+    memory_free_bytes: int = 0
+    labels: frozenset[tuple[str, str]] = frozenset()
+    #: Mesh round trip in ms to peers, by node name, when the mesh has measured it.
+    rtt_ms: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+    @property
+    def accepts_work(self) -> bool:
+        """May receive new workers: healthy enough, not cordoned, no foreign taint."""
+        return self.health in ACCEPTING_HEALTH and not self.cordoned and not self.tainted
+
+    def rtt_to(self, other: NodeOffer) -> float | None:
+        """Measured round trip between the two nodes, from either side; None if unknown."""
+        found = self.rtt_ms.get(other.name)
+        return other.rtt_ms.get(self.name) if found is None else found
+
+
+@dataclass
+class _PodUsage:
+    gpus: int = 0
+    cpu_millicores: int = 0
+    memory_bytes: int = 0
+
+
+def build_inventory(
+    gpunodes: Sequence[Mapping[str, Any]],
+    nodes: Sequence[Mapping[str, Any]],
+    pods: Iterable[Mapping[str, Any]],
+) -> list[NodeOffer]:
+    """Offers for every node that has a GPUNode with known health, sorted by name.
+
+    Nodes without a GPUNode, GPUNodes whose health is Unknown, and objects that do not
+    parse are not offered. CPU-only nodes are offered with no GPUs: they can host heads.
+    """
+    usage = pod_usage(pods)
+    node_by_name = {_name(n): n for n in nodes if _name(n)}
+    offers = []
+    for raw in gpunodes:
+        node = node_by_name.get(_name(raw))
+        if node is None:
+            continue
+        offer = _offer(raw, node, usage.get(_name(raw), _PodUsage()))
+        if offer is not None:
+            offers.append(offer)
+    return sorted(offers, key=lambda o: o.name)
+
+
+def pod_usage(pods: Iterable[Mapping[str, Any]]) -> dict[str, _PodUsage]:
+    """What bound, unfinished pods hold per node (terminating pods still hold it)."""
+    usage: dict[str, _PodUsage] = {}
+    for pod in pods:
+        spec = pod.get("spec") or {}
+        node = spec.get("nodeName")
+        if not node or (pod.get("status") or {}).get("phase") in FINISHED_PHASES:
+            continue
+        held = usage.setdefault(node, _PodUsage())
+        gpus, cpu, memory = _pod_requests(spec)
+        held.gpus += gpus
+        held.cpu_millicores += cpu
+        held.memory_bytes += memory
+    return usage
+
+
+def _pod_requests(spec: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Effective requests as the scheduler counts them: max(sum of containers, any init)."""
+    gpus = cpu = memory = 0
+    for container in spec.get("containers") or ():
+        more_gpus, more_cpu, more_memory = _container_requests(container)
+        gpus, cpu, memory = gpus + more_gpus, cpu + more_cpu, memory + more_memory
+    for container in spec.get("initContainers") or ():
+        init_gpus, init_cpu, init_memory = _container_requests(container)
+        gpus, cpu, memory = max(gpus, init_gpus), max(cpu, init_cpu), max(memory, init_memory)
+    overhead = spec.get("overhead") or {}
+    cpu += _quantity(overhead.get("cpu"), cpu_millicores)
+    memory += _quantity(overhead.get("memory"), memory_bytes)
+    return gpus, cpu, memory
+
+
+def _container_requests(container: Mapping[str, Any]) -> tuple[int, int, int]:
+    resources = container.get("resources") or {}
+    requests = resources.get("requests") or {}
+    limits = resources.get("limits") or {}
+    # Extended resources and unset requests default to the limit.
+    gpus = max(
+        _quantity(requests.get(GPU_RESOURCE), memory_bytes),
+        _quantity(limits.get(GPU_RESOURCE), memory_bytes),
+    )
+    cpu = _quantity(requests.get("cpu", limits.get("cpu")), cpu_millicores)
+    memory = _quantity(requests.get("memory", limits.get("memory")), memory_bytes)
+    return gpus, cpu, memory
+
+
+def _quantity(value: Any, convert: Callable[[str | int | float], int]) -> int:
+    if not isinstance(value, str | int | float):
+        return 0
+    try:
+        return convert(value)
+    except ValueError:
+        return 0
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
+def _offer(
+    gpunode: Mapping[str, Any], node: Mapping[str, Any], used: _PodUsage
+) -> NodeOffer | None:
+    try:
+        spec = GPUNodeSpec.model_validate(gpunode.get("spec") or {})
+        status = GPUNodeStatus.model_validate(gpunode.get("status") or {})
+    except ValidationError:
+        return None
+    health = _node_health(status.health, node)
+    if health == "Unknown":
+        return None
+    metadata = node.get("metadata") or {}
+    labels: dict[str, str] = dict(metadata.get("labels") or {})
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    gpus_total = _quantity(allocatable.get(GPU_RESOURCE), memory_bytes)
+    node_spec = node.get("spec") or {}
+    cordoned, tainted = _closed(node_spec)
+    return NodeOffer(
+        name=_name(gpunode),
+        supplier=spec.supplier,
+        region=spec.region,
+        gpu_model=_gpu_model(status, labels),
+        gpu_memory_mib=_gpu_memory(status, labels),
+        compute_capability=_compute_capability(status, labels),
+        gpus_total=gpus_total,
+        gpus_free=max(0, gpus_total - used.gpus),
+        price_per_gpu_hour=spec.price_per_gpu_hour,
+        verified=_verified(spec, status, labels),
+        reputation=status.reputation if status.reputation is not None else 0.0,
+        health=health,
+        cordoned=cordoned or spec.cordoned,
+        tainted=tainted,
+        head_capable=spec.head_capable or labels.get(LABEL_HEAD_CAPABLE) == "true",
+        cpu_free_millicores=max(
+            0, _quantity(allocatable.get("cpu"), cpu_millicores) - used.cpu_millicores
+        ),
+        memory_free_bytes=max(
+            0, _quantity(allocatable.get("memory"), memory_bytes) - used.memory_bytes
+        ),
+        labels=frozenset(labels.items()),
+        rtt_ms=_rtt(gpunode),
+    )
+
+
+def _node_health(reported: Health, node: Mapping[str, Any]) -> Health:
+    """The agent's word, except that a node the control plane sees NotReady is Lost."""
+    for condition in (node.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready" and condition.get("status") != "True":
+            return "Lost"
+    return reported
+
+
+def _closed(node_spec: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(cordoned, tainted): taints we do not tolerate close a node to new work."""
+    cordoned = bool(node_spec.get("unschedulable"))
+    tainted = False
+    for taint in node_spec.get("taints") or []:
+        key = str(taint.get("key", ""))
+        if taint.get("effect") not in ("NoSchedule", "NoExecute"):
+            continue
+        if key == CORDON_TAINT:
+            cordoned = True
+        elif key not in OUR_TAINT_KEYS and not key.startswith(OUR_TAINT_PREFIXES):
+            tainted = True
+    return cordoned, tainted
+
+
+def _verified(spec: GPUNodeSpec, status: GPUNodeStatus, labels: Mapping[str, str]) -> bool:
+    """A verification result answering the current nonce decides; the label only fills in.
+
+    A result for an old nonce (a new challenge is out) or a Pending one falls back to the
+    ``gpumesh.io/verified`` label, so a node stays usable while it is re-checked.
+    """
+    result = status.verification
+    current = result is not None and (
+        spec.verification_nonce is None or result.nonce == spec.verification_nonce
+    )
+    if result is not None and current and result.result != "Pending":
+        return result.result == "Passed"
+    return labels.get(LABEL_VERIFIED) == "true"
+
+
+def _gpu_model(status: GPUNodeStatus, labels: Mapping[str, str]) -> str:
+    if status.gpu_model:
+        return status.gpu_model
+    if status.gpus:
+        return status.gpus[0].model
+    return labels.get(LABEL_PRODUCT, "")
+
+
+def _gpu_memory(status: GPUNodeStatus, labels: Mapping[str, str]) -> int:
+    text = labels.get(LABEL_MEMORY, "")
+    if text.isdigit():
+        return int(text)
+    return min((g.memory_mib for g in status.gpus), default=0)
+
+
+def _compute_capability(status: GPUNodeStatus, labels: Mapping[str, str]) -> tuple[int, int]:
+    major, minor = labels.get(LABEL_CC_MAJOR, ""), labels.get(LABEL_CC_MINOR, "")
+    if major.isdigit() and minor.isdigit():
+        return int(major), int(minor)
+    known = [g.compute_capability for g in status.gpus if g.compute_capability]
+    try:
+        return min(parse_compute_capability(c) for c in known) if known else (0, 0)
+    except ValueError:
+        return (0, 0)
+
+
+def _rtt(gpunode: Mapping[str, Any]) -> dict[str, float]:
+    """``status.mesh.rttMs`` (peer node -> ms) when the agent publishes it."""
+    mesh = ((gpunode.get("status") or {}).get("mesh") or {}).get("rttMs") or {}
+    if not isinstance(mesh, dict):
+        return {}
+    out: dict[str, float] = {}
+    for peer, value in mesh.items():
+        if isinstance(value, int | float) and value >= 0:
+            out[str(peer)] = float(value)
+    return out
