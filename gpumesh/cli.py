@@ -12,6 +12,7 @@ from rich.console import Console
 from gpumesh import __version__, crdgen
 from gpumesh.api import ManifestError, parse_manifest
 from gpumesh.api.kinds import KINDS
+from gpumesh.node_agent import cli as agent_cli
 from gpumesh.operator import cli as operator_cli
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(operator_cli.app, name="operator")
+app.add_typer(agent_cli.app, name="agent")
 console = Console()
 err_console = Console(stderr=True)
 

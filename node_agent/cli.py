@@ -1,0 +1,176 @@
+"""``gpumesh agent``: the node agent's command line (a typer sub-app).
+
+Mounted by the main CLI as ``gpumesh agent``; also runnable alone as
+``python -m gpumesh.node_agent run ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from gpumesh.node_agent.agent import Agent, AgentConfig
+from gpumesh.node_agent.health import DEFAULT_APP_XIDS, DEFAULT_RESET_XIDS, HealthPolicy
+from gpumesh.node_agent.nvml.types import NvmlBackend
+
+app = typer.Typer(
+    name="agent",
+    help="The gpumesh node agent: GPU health, metrics and reports for one node.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+log = logging.getLogger("gpumesh.node_agent")
+
+
+def _xids(text: str | None, default: frozenset[int], flag: str) -> frozenset[int]:
+    if text is None:
+        return default
+    try:
+        return frozenset(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated XID numbers, as 48,79") from None
+
+
+def setup_logging(level: str) -> None:
+    """The agent's one logging setup: one line per record on stderr."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.callback()
+def main() -> None:
+    """The gpumesh node agent."""
+
+
+@app.command()
+def run(
+    node: Annotated[
+        str | None,
+        typer.Option(envvar="NODE_NAME", help="Kubernetes node name (default: host name)."),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="KUBECONFIG",
+            help="Kubeconfig; in a pod the service account is used. Neither: metrics only.",
+        ),
+    ] = None,
+    fake_nvml: Annotated[
+        Path | None,
+        typer.Option(
+            "--fake-nvml",
+            exists=True,
+            dir_okay=False,
+            help="Fleet file: play this node's GPUs and scripted faults instead of NVML.",
+        ),
+    ] = None,
+    fake_node: Annotated[
+        str | None, typer.Option(help="Fleet node to play (default: --node).")
+    ] = None,
+    fake_verification: Annotated[
+        str, typer.Option(help="Scripted proof-of-GPU outcome: pass or fail.")
+    ] = "pass",
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between sweeps.")] = 5.0,
+    metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "0.0.0.0",
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="0: any free port.")] = 9440,
+    dcgm_names: Annotated[
+        bool, typer.Option(help="Also emit dcgm-exporter metric names (DCGM_FI_DEV_*).")
+    ] = False,
+    supplier: Annotated[
+        str | None, typer.Option(help="Supplier, to create a missing GPUNode.")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="Region, to create a missing GPUNode.")] = None,
+    price: Annotated[
+        str | None, typer.Option(help='Price per GPU-hour, as "2.10", to create a GPUNode.')
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the heartbeat Lease.")
+    ] = "gpumesh-system",
+    lease_renew: Annotated[float, typer.Option(min=1, help="Seconds between renewals.")] = 10.0,
+    heartbeat: Annotated[
+        float, typer.Option(min=1, help="Most seconds between GPUNode status writes.")
+    ] = 30.0,
+    reset_xids: Annotated[
+        str | None, typer.Option(help="XIDs that need a GPU reset (comma-separated).")
+    ] = None,
+    app_xids: Annotated[
+        str | None,
+        typer.Option(help="Application XIDs, escalated only on repetition (comma-separated)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    from gpumesh.node_agent.kube import RestKubeApi
+    from gpumesh.node_agent.report import ReportConfig
+
+    setup_logging(log_level)
+    node_name = node or socket.gethostname()
+    if fake_verification not in ("pass", "fail"):
+        raise typer.BadParameter("--fake-verification is pass or fail")
+    try:
+        policy = HealthPolicy(
+            reset_xids=_xids(reset_xids, DEFAULT_RESET_XIDS, "--reset-xids"),
+            app_xids=_xids(app_xids, DEFAULT_APP_XIDS, "--app-xids"),
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    backend: NvmlBackend
+    if fake_nvml is not None:
+        from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
+
+        try:
+            script = load_fleet_node(fake_nvml, fake_node or node_name)
+        except (KeyError, ValueError) as err:
+            raise typer.BadParameter(str(err), param_hint="--fake-nvml") from None
+        outcome: Literal["pass", "fail"] = "fail" if fake_verification == "fail" else "pass"
+        backend = fake_from_fleet(script, verification=outcome)
+        supplier = supplier or script.supplier
+        region = region or script.region
+        price = price or script.price_per_gpu_hour
+        log.info("fake NVML: %d GPUs, %d scripted faults", len(script.gpus), len(script.faults))
+    else:
+        from gpumesh.node_agent.nvml.real import PynvmlBackend
+
+        backend = PynvmlBackend()
+    api = RestKubeApi.connect(str(kubeconfig) if kubeconfig else None)
+    if api is None:
+        log.warning("no kubeconfig and not in a pod: serving metrics only, reporting nothing")
+    config = AgentConfig(
+        node=node_name,
+        interval_s=interval,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        dcgm_names=dcgm_names,
+        policy=policy,
+    )
+    report = ReportConfig(
+        node=node_name,
+        supplier=supplier,
+        region=region,
+        price_per_gpu_hour=price,
+        namespace=namespace,
+        lease_renew_s=lease_renew,
+        heartbeat_s=heartbeat,
+    )
+    agent = Agent(config, backend, api=api, report=report)
+    asyncio.run(_serve(agent))
+
+
+async def _serve(agent: Agent) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("agent for node %s starting (pid %d)", agent.config.node, os.getpid())
+    await agent.run(stop)
+    log.info("agent stopped")
