@@ -15,7 +15,7 @@ class OperatorSettings:
     heartbeat_seconds: float = 15.0
     liveness_stale_seconds: float = 90.0
     max_workers: int = 16
-    watch_server_timeout: float = 300.0
+    watch_server_timeout: int = 300
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -28,7 +28,7 @@ class OperatorSettings:
                 env.get("GPUMESH_LIVENESS_STALE_SECONDS", cls.liveness_stale_seconds)
             ),
             max_workers=int(env.get("GPUMESH_MAX_WORKERS", cls.max_workers)),
-            watch_server_timeout=float(
+            watch_server_timeout=int(
                 env.get("GPUMESH_WATCH_SERVER_TIMEOUT", cls.watch_server_timeout)
             ),
         )

@@ -1,0 +1,357 @@
+"""GPUCluster on the real control plane: from a renter's request to Ray pods on kwok GPUs.
+
+The operator and one node agent per fleet node run as the shipped programs; the agents
+play the example fleet's GPUs through fake NVML (its scripted faults are removed here so
+health stays steady; the node agent's own e2e covers faults). kwok pods do not run Ray,
+but KubeRay, the scheduler and kwok's pod-ready stage make them Running and Ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from gpumesh.devcluster import mesh
+from gpumesh.devcluster.testing import KubeTarget, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "e2e-gpucluster"
+GROUP, VERSION = "gpumesh.io", "v1alpha1"
+
+
+@dataclass
+class Mesh:
+    """The operator and agents for one test module, restartable."""
+
+    api: client.ApiClient
+    kubeconfig: Path
+    logs: Path
+    operator: subprocess.Popen[bytes] | None = None
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_operator(self) -> None:
+        self.operator, _ = mesh.spawn(
+            "operator",
+            mesh.operator_argv(18080),
+            self.logs,
+            {"KUBECONFIG": str(self.kubeconfig), "GPUMESH_RESYNC_SECONDS": "10"},
+        )
+
+    def kill_operator(self) -> None:
+        """SIGKILL, as a node failure or OOM would: no chance to clean up."""
+        assert self.operator is not None
+        self.operator.kill()
+        self.operator.wait(10)
+
+    def stop(self) -> None:
+        procs = [*self.agents, *([self.operator] if self.operator else [])]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def steady_fleet(target: Path) -> Path:
+    """The example fleet without scripted faults."""
+    doc = yaml.safe_load((ROOT / "examples" / "fleet.yaml").read_text())
+    for supplier in doc["suppliers"]:
+        for node in supplier["nodes"]:
+            node.pop("faults", None)
+    target.write_text(yaml.safe_dump(doc))
+    return target
+
+
+@pytest.fixture(scope="module")
+def running_mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    if kube.fleet is None:
+        pytest.skip("this cluster has no simulated fleet for agents to play")
+    tmp = tmp_path_factory.mktemp("mesh")
+    fleet_file = steady_fleet(tmp / "fleet.yaml")
+    mesh.apply_crds(kube.api)
+    mesh.ensure_namespace(kube.api, "gpumesh-system")
+    mesh.ensure_namespace(kube.api, NS)
+    world = Mesh(kube.api, kube.kubeconfig, tmp / "logs")
+    try:
+        for supplier, node in mesh.fleet_nodes(kube.fleet):
+            argv = mesh.agent_argv(fleet_file, supplier, node, kube.kubeconfig, interval=1.0)
+            world.agents.append(mesh.spawn(f"agent-{node.name}", argv, world.logs)[0])
+        gpu_nodes = {n.name for _, n in mesh.fleet_nodes(kube.fleet) if n.gpu_count}
+        wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
+        world.start_operator()
+        yield world
+    finally:
+        world.stop()
+        for log in sorted(world.logs.glob("*.log")):
+            if "Traceback" in log.read_text() or "ERROR" in log.read_text():
+                print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+
+
+def custom(api: client.ApiClient) -> Any:
+    return client.CustomObjectsApi(api)
+
+
+def healthy_gpunodes(api: client.ApiClient) -> set[str]:
+    items = custom(api).list_cluster_custom_object(GROUP, VERSION, "gpunodes")["items"]
+    return {i["metadata"]["name"] for i in items if i.get("status", {}).get("health") == "Healthy"}
+
+
+def create_cluster(api: client.ApiClient, name: str, spec: dict[str, Any]) -> None:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GPUCluster", "metadata": {"name": name}}
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, NS, "gpuclusters", {**body, "spec": spec}
+    )
+
+
+def gpucluster(api: client.ApiClient, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = custom(api).get_namespaced_custom_object(
+        GROUP, VERSION, NS, "gpuclusters", name
+    )
+    return found
+
+
+def raycluster(api: client.ApiClient, name: str) -> dict[str, Any] | None:
+    try:
+        found: dict[str, Any] = custom(api).get_namespaced_custom_object(
+            "ray.io", "v1", NS, "rayclusters", name
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    return found
+
+
+def cluster_pods(api: client.ApiClient, name: str) -> list[Any]:
+    pods: Any = client.CoreV1Api(api).list_namespaced_pod(
+        NS, label_selector=f"gpumesh.io/cluster={name}"
+    )
+    return [p for p in pods.items if p.metadata.deletion_timestamp is None]
+
+
+def ready(api: client.ApiClient, name: str) -> dict[str, Any] | None:
+    obj = gpucluster(api, name)
+    status = obj.get("status") or {}
+    if status.get("phase") != "Ready":
+        return None
+    if status.get("observedGeneration") != obj["metadata"]["generation"]:
+        return None
+    return obj
+
+
+def placed_nodes(obj: dict[str, Any]) -> dict[str, int]:
+    return {p["node"]: p["workers"] for p in obj["status"]["placements"]}
+
+
+def worker_nodes(api: client.ApiClient, name: str) -> dict[str, int]:
+    """Running, Ready worker pods per node."""
+    nodes: dict[str, int] = {}
+    for pod in cluster_pods(api, name):
+        if pod.metadata.labels.get("gpumesh.io/group") == "head":
+            continue
+        ready_ = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+        if pod.status.phase == "Running" and ready_:
+            nodes[pod.spec.node_name] = nodes.get(pod.spec.node_name, 0) + 1
+    return nodes
+
+
+def scale(api: client.ApiClient, name: str, replicas: int) -> None:
+    """What `kubectl scale gpucluster NAME --replicas N` does: patch the scale subresource."""
+    custom(api).patch_namespaced_custom_object_scale(
+        GROUP, VERSION, NS, "gpuclusters", name, {"spec": {"replicas": replicas}}
+    )
+
+
+def delete(api: client.ApiClient, name: str) -> None:
+    with contextlib.suppress(ApiException):
+        custom(api).delete_namespaced_custom_object(GROUP, VERSION, NS, "gpuclusters", name)
+
+
+A100_SPEC = {
+    "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 2, "replicas": 2},
+    "placement": {"maxPricePerGpuHour": "2.00", "verifiedOnly": True},
+}
+
+
+def test_gpucluster_runs_on_the_chosen_a100_nodes_and_becomes_ready(running_mesh: Mesh) -> None:
+    api = running_mesh.api
+    create_cluster(api, "a100", A100_SPEC)
+    try:
+        obj = wait_for("GPUCluster a100 Ready", lambda: ready(api, "a100"), timeout=120)
+        placed = placed_nodes(obj)
+        assert sum(placed.values()) == 2
+        assert all(node.startswith("nordic-a100-") and "40g" not in node for node in placed)
+        rc = raycluster(api, "a100")
+        assert rc is not None
+        groups = rc["spec"]["workerGroupSpecs"]
+        pinned = {
+            g["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"]: g["replicas"]
+            for g in groups
+        }
+        assert pinned == placed
+        assert worker_nodes(api, "a100") == placed
+        head_pod = next(
+            p for p in cluster_pods(api, "a100") if p.metadata.labels["gpumesh.io/group"] == "head"
+        )
+        assert head_pod.spec.node_name in {
+            "atlas-head-0",
+            "nordic-a100-0",
+            "nordic-a100-1",
+            "nordic-a100-40g-0",
+            "atlas-h100-0",
+            "atlas-h100-1",
+        }
+        status = obj["status"]
+        assert status["gpus"] == 4
+        assert status["pricePerHour"] == "5.16"
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        assert conditions == {
+            "Degraded": "False",
+            "Ready": "True",
+            "Reconciling": "False",
+            "Stalled": "False",
+        }
+    finally:
+        delete(api, "a100")
+
+
+def test_scaling_adds_and_removes_workers_without_moving_healthy_ones(running_mesh: Mesh) -> None:
+    api = running_mesh.api
+    create_cluster(api, "scaled", {**A100_SPEC, "workers": {**A100_SPEC["workers"], "replicas": 1}})
+    try:
+        before = placed_nodes(wait_for("ready at 1", lambda: ready(api, "scaled"), timeout=120))
+        original_pods = {p.metadata.name for p in cluster_pods(api, "scaled")}
+        scale(api, "scaled", 3)
+        after = placed_nodes(
+            wait_for(
+                "ready at 3",
+                lambda: (o := ready(api, "scaled")) and o["status"]["readyWorkers"] == 3 and o,
+                timeout=120,
+            )
+        )
+        assert sum(after.values()) == 3
+        for node, workers in before.items():
+            assert after.get(node, 0) >= workers, "a healthy worker was moved"
+        assert original_pods <= {p.metadata.name for p in cluster_pods(api, "scaled")}
+
+        scale(api, "scaled", 1)
+        wait_for(
+            "ready at 1 again",
+            lambda: (
+                (o := ready(api, "scaled"))
+                and o["status"]["readyWorkers"] == 1
+                and sum(worker_nodes(api, "scaled").values()) == 1
+            ),
+            timeout=120,
+        )
+        assert (gpucluster(api, "scaled")["spec"]["workers"]["replicas"]) == 1
+    finally:
+        delete(api, "scaled")
+
+
+def test_an_edit_that_does_not_touch_workers_changes_nothing_running(running_mesh: Mesh) -> None:
+    api = running_mesh.api
+    create_cluster(api, "edited", A100_SPEC)
+    try:
+        wait_for("ready", lambda: ready(api, "edited"), timeout=120)
+        rc_before = raycluster(api, "edited")
+        assert rc_before is not None
+        pods_before = {p.metadata.name for p in cluster_pods(api, "edited")}
+        custom(api).patch_namespaced_custom_object(
+            GROUP, VERSION, NS, "gpuclusters", "edited", {"spec": {"priority": 10}}
+        )
+        wait_for("edit observed", lambda: ready(api, "edited"), timeout=60)
+        rc_after = raycluster(api, "edited")
+        assert rc_after is not None
+        assert rc_after["metadata"]["generation"] == rc_before["metadata"]["generation"]
+        assert {p.metadata.name for p in cluster_pods(api, "edited")} == pods_before
+    finally:
+        delete(api, "edited")
+
+
+def test_an_unplaceable_request_waits_with_a_message_that_names_the_binding_constraint(
+    running_mesh: Mesh,
+) -> None:
+    api = running_mesh.api
+    spec = {
+        "workers": {"gpu": {"models": ["H100"]}, "gpusPerWorker": 8, "replicas": 2},
+        "placement": {"maxPricePerGpuHour": "1.00"},
+    }
+    create_cluster(api, "too-cheap", spec)
+    try:
+
+        def stalled() -> dict[str, Any] | None:
+            status = gpucluster(api, "too-cheap").get("status") or {}
+            conditions = {c["type"]: c for c in status.get("conditions", [])}
+            stalled_ = conditions.get("Stalled")
+            return stalled_ if stalled_ and stalled_["status"] == "True" else None
+
+        condition = wait_for("Stalled condition", stalled, timeout=60)
+        assert gpucluster(api, "too-cheap")["status"]["phase"] == "Pending"
+        assert condition["reason"] == "Unschedulable"
+        assert "H100" in condition["message"] and "1.00" in condition["message"]
+        assert raycluster(api, "too-cheap") is None
+        events = client.CoreV1Api(api).list_namespaced_event(
+            NS, field_selector="involvedObject.name=too-cheap"
+        )
+        assert any(e.reason == "Unschedulable" for e in events.items)
+    finally:
+        delete(api, "too-cheap")
+
+
+def test_operator_killed_mid_way_resumes_without_duplicates_or_orphans(running_mesh: Mesh) -> None:
+    api = running_mesh.api
+    create_cluster(api, "survivor", A100_SPEC)
+    try:
+        wait_for("RayCluster created", lambda: raycluster(api, "survivor"), timeout=60)
+        running_mesh.kill_operator()
+        running_mesh.start_operator()
+        obj = wait_for("ready after restart", lambda: ready(api, "survivor"), timeout=120)
+        rayclusters = custom(api).list_namespaced_custom_object(
+            "ray.io", "v1", NS, "rayclusters", label_selector="gpumesh.io/cluster=survivor"
+        )["items"]
+        assert len(rayclusters) == 1
+        assert sum(worker_nodes(api, "survivor").values()) == 2
+        assert sum(placed_nodes(obj).values()) == 2
+    finally:
+        delete(api, "survivor")
+    wait_for(
+        "RayCluster garbage-collected", lambda: raycluster(api, "survivor") is None, timeout=60
+    )
+    wait_for("pods gone", lambda: not cluster_pods(api, "survivor"), timeout=60)
+
+
+def test_deleting_a_gpucluster_frees_its_gpus_for_the_next_one(running_mesh: Mesh) -> None:
+    api = running_mesh.api
+    big = {
+        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 2},
+        "placement": {"verifiedOnly": True},
+    }
+    create_cluster(api, "first", big)
+    wait_for("first ready", lambda: ready(api, "first"), timeout=120)
+    create_cluster(api, "second", big)
+    try:
+        wait_for(
+            "second waits: all 16 A100 80GB GPUs are taken",
+            lambda: (gpucluster(api, "second").get("status") or {}).get("phase") == "Pending",
+            timeout=60,
+        )
+        delete(api, "first")
+        wait_for("second ready once first is gone", lambda: ready(api, "second"), timeout=180)
+    finally:
+        delete(api, "first")
+        delete(api, "second")

@@ -1,0 +1,174 @@
+"""The gpumesh side of the local mesh: CRDs, the operator, one node agent per fleet node.
+
+`gpumesh dev up` and the e2e fixtures both use these, so what a newcomer plays with is
+what the tests prove. Processes run the shipped programs (`python -m gpumesh ...`), log
+into the state directory and are recorded there so `gpumesh dev down` stops them from
+any shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from gpumesh import crdgen
+from gpumesh.devcluster.fleet import Fleet, FleetNode, Supplier
+
+APPLY = "application/apply-patch+yaml"
+FIELD_MANAGER = "gpumesh-dev"
+RECORD = "mesh-processes.json"
+
+
+@dataclass
+class MeshProcess:
+    """A gpumesh process started for the local mesh."""
+
+    name: str
+    pid: int
+    log: str
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        return state != "Z"
+
+
+def apply_crds(api: client.ApiClient, timeout: float = 60.0) -> None:
+    """Install gpumesh's CRDs server-side and wait until the API serves them."""
+    ext = client.ApiextensionsV1Api(api)
+    for crd in crdgen.all_crds():
+        ext.patch_custom_resource_definition(
+            crd["metadata"]["name"],
+            crd,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+    deadline = time.monotonic() + timeout
+    for crd in crdgen.all_crds():
+        name = crd["metadata"]["name"]
+        while not _established(ext, name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not Established after {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+def ensure_namespace(api: client.ApiClient, name: str) -> None:
+    core = client.CoreV1Api(api)
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    core.patch_namespace(name, body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
+
+
+def _established(ext: Any, name: str) -> bool:
+    try:
+        crd = ext.read_custom_resource_definition(name)
+    except ApiException:
+        return False
+    return any(
+        c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])
+    )
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gpumesh", *args]
+
+
+def spawn(
+    name: str, argv: Sequence[str], logs: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], MeshProcess]:
+    """Start one process in its own session, output to ``logs/NAME.log``."""
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+    return proc, MeshProcess(name, proc.pid, str(log_path))
+
+
+def operator_argv(liveness_port: int) -> list[str]:
+    return _python(
+        "operator", "run", "--text-logs", f"--liveness=http://127.0.0.1:{liveness_port}/healthz"
+    )
+
+
+def agent_argv(
+    fleet_file: Path, supplier: Supplier, node: FleetNode, kubeconfig: Path, interval: float
+) -> list[str]:
+    """One node's agent playing the fleet file's GPUs (and faults) through fake NVML."""
+    return _python(
+        "agent",
+        "run",
+        f"--node={node.name}",
+        f"--kubeconfig={kubeconfig}",
+        f"--fake-nvml={fleet_file}",
+        f"--fake-verification={'pass' if supplier.verified else 'fail'}",
+        f"--interval={interval}",
+        "--metrics-host=127.0.0.1",
+        "--metrics-port=0",
+        "--lease-renew=5",
+    )
+
+
+def fleet_nodes(fleet: Fleet) -> Iterable[tuple[Supplier, FleetNode]]:
+    for supplier in fleet.suppliers:
+        for node in supplier.nodes:
+            yield supplier, node
+
+
+def record(state_dir: Path, processes: Sequence[MeshProcess]) -> None:
+    """Add processes to the state directory's record, for `gpumesh dev down`."""
+    path = state_dir / RECORD
+    known = load_record(state_dir)
+    known = [p for p in known if p.alive()] + list(processes)
+    path.write_text(json.dumps([asdict(p) for p in known], indent=2))
+
+
+def load_record(state_dir: Path) -> list[MeshProcess]:
+    try:
+        return [MeshProcess(**p) for p in json.loads((state_dir / RECORD).read_text())]
+    except FileNotFoundError:
+        return []
+
+
+def stop(processes: Iterable[MeshProcess], grace: float = 10.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after ``grace`` seconds."""
+    procs = [p for p in processes if p.alive()]
+    for p in procs:
+        _signal_group(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(p.alive() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in procs:
+        if p.alive():
+            _signal_group(p.pid, signal.SIGKILL)
+
+
+def stop_recorded(state_dir: Path) -> None:
+    stop(load_record(state_dir))
+    (state_dir / RECORD).unlink(missing_ok=True)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
