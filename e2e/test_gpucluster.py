@@ -43,7 +43,7 @@ class Mesh:
     def start_operator(self) -> None:
         self.operator, _ = mesh.spawn(
             "operator",
-            mesh.operator_argv(18080),
+            mesh.operator_argv(mesh.free_port()),
             self.logs,
             {"KUBECONFIG": str(self.kubeconfig), "GPUMESH_RESYNC_SECONDS": "10"},
         )

@@ -9,7 +9,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from gpumesh import __version__, crdgen
+from gpumesh import __version__, crdgen, dev_cli
 from gpumesh.api import ManifestError, parse_manifest
 from gpumesh.api.kinds import KINDS
 from gpumesh.node_agent import cli as agent_cli
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(operator_cli.app, name="operator")
 app.add_typer(agent_cli.app, name="agent")
+app.add_typer(dev_cli.app, name="dev")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -1,0 +1,197 @@
+"""`gpumesh dev ...`: the local mesh a newcomer plays with (`make up`, `make down`).
+
+`up` brings the real control plane up (built from Go modules on first use), adds the
+fleet's simulated supplier nodes, installs gpumesh's CRDs, starts the operator and one
+node agent per node, applies a sample GPUCluster and waits until it is Ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
+from rich.console import Console
+from rich.table import Table
+
+from gpumesh import devcluster
+from gpumesh.devcluster import mesh
+from gpumesh.devcluster.cluster import LocalCluster
+
+app = typer.Typer(help="The local mesh: control plane, simulated suppliers, operator, agents.")
+console = Console(stderr=True)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+StateDir = Annotated[
+    Path | None, typer.Option(help="State directory (default: $GPUMESH_STATE/dev).")
+]
+
+
+@app.command()
+def up(
+    fleet: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="Fleet file of simulated suppliers.")
+    ] = EXAMPLES / "fleet.yaml",
+    sample: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="GPUCluster to apply once the mesh runs ('' for none)."),
+    ] = EXAMPLES / "gpucluster-sample.yaml",
+    state_dir: StateDir = None,
+    agent_interval: Annotated[float, typer.Option(help="Agents' NVML sweep, seconds.")] = 2.0,
+) -> None:
+    """Start (or reuse) the local mesh and a sample GPUCluster."""
+    state = state_dir or devcluster.default_state_dir()
+    devcluster.up(fleet, state)
+    kubeconfig = devcluster.kubeconfig_path(state)
+    api = new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    fleet_model = devcluster.load_fleet(fleet)
+    with _step("gpumesh CRDs and namespaces"):
+        mesh.apply_crds(api)
+        mesh.ensure_namespace(api, "gpumesh-system")
+    running = {p.name for p in mesh.load_record(state) if p.alive()}
+    started: list[mesh.MeshProcess] = []
+    logs = state / "logs"
+    env = {"KUBECONFIG": str(kubeconfig)}
+    with _step(f"node agents ({sum(1 for _ in mesh.fleet_nodes(fleet_model))}, fake NVML)"):
+        for supplier, node in mesh.fleet_nodes(fleet_model):
+            name = f"agent-{node.name}"
+            if name not in running:
+                argv = mesh.agent_argv(fleet, supplier, node, kubeconfig, agent_interval)
+                started.append(mesh.spawn(name, argv, logs, env)[1])
+        mesh.record(state, started)
+    with _step("operator"):
+        if "operator" not in running:
+            argv = mesh.operator_argv(mesh.free_port())
+            mesh.record(state, [mesh.spawn("operator", argv, logs, env)[1]])
+    if sample is not None and str(sample):
+        _apply_sample(api, sample)
+    _print_next_steps(kubeconfig, state)
+
+
+@app.command()
+def down(
+    state_dir: StateDir = None,
+    purge: Annotated[bool, typer.Option(help="Also delete the state directory.")] = False,
+) -> None:
+    """Stop the operator, the agents and the control plane."""
+    state = state_dir or devcluster.default_state_dir()
+    with _step("operator and agents stopped"):
+        mesh.stop_recorded(state)
+    devcluster.down(state, purge=purge)
+
+
+@app.command()
+def status(state_dir: StateDir = None) -> None:
+    """Show what runs: control-plane components, gpumesh processes, GPUClusters."""
+    state = state_dir or devcluster.default_state_dir()
+    cluster = LocalCluster(state).status()
+    table = Table("component", "pid", "running", "healthy", title=f"dev cluster ({state})")
+    for c in cluster.components:
+        table.add_row(c.name, str(c.pid), _tick(c.running), _tick(c.healthy))
+    for p in mesh.load_record(state):
+        table.add_row(p.name, str(p.pid), _tick(p.alive()), "-")
+    Console().print(table)
+    if not cluster.healthy:
+        raise typer.Exit(code=1)
+    api = new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
+    listed: Any = client.CustomObjectsApi(api).list_cluster_custom_object(
+        "gpumesh.io", "v1alpha1", "gpuclusters"
+    )
+    items = listed["items"]
+    clusters = Table("namespace", "name", "phase", "ready", "GPUs", "USD/h", title="GPUClusters")
+    for item in items:
+        s = item.get("status") or {}
+        clusters.add_row(
+            item["metadata"]["namespace"],
+            item["metadata"]["name"],
+            s.get("phase", "-"),
+            f"{s.get('readyWorkers', 0)}/{s.get('desiredWorkers', 0)}",
+            str(s.get("gpus", 0)),
+            str(s.get("pricePerHour", "-")),
+        )
+    Console().print(clusters)
+
+
+@app.command()
+def kubeconfig(state_dir: StateDir = None) -> None:
+    """Print the path of the dev cluster's admin kubeconfig."""
+    typer.echo(devcluster.kubeconfig_path(state_dir or devcluster.default_state_dir()))
+
+
+def _apply_sample(api: client.ApiClient, path: Path) -> None:
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    meta = doc["metadata"]
+    namespace = meta.get("namespace", "default")
+    custom = client.CustomObjectsApi(api)
+    with _step(f"sample GPUCluster {namespace}/{meta['name']} applied"):
+        custom.patch_namespaced_custom_object(
+            "gpumesh.io",
+            "v1alpha1",
+            namespace,
+            "gpuclusters",
+            meta["name"],
+            doc,
+            field_manager=mesh.FIELD_MANAGER,
+            force=True,
+            _content_type=mesh.APPLY,
+        )
+    deadline = time.monotonic() + 180
+    with console.status("waiting for the sample GPUCluster to become Ready ...") as spinner:
+        while time.monotonic() < deadline:
+            obj: Any
+            try:
+                obj = custom.get_namespaced_custom_object(
+                    "gpumesh.io", "v1alpha1", namespace, "gpuclusters", meta["name"]
+                )
+            except ApiException:
+                obj = {}
+            s = obj.get("status") or {}
+            spinner.update(
+                f"sample GPUCluster: {s.get('phase', 'Pending')}, "
+                f"{s.get('readyWorkers', 0)}/{s.get('desiredWorkers', '?')} workers ready"
+            )
+            if s.get("phase") == "Ready":
+                placed = ", ".join(f"{p['node']}({p['workers']})" for p in s["placements"])
+                console.print(
+                    f"[green]✓[/] sample GPUCluster Ready: {s['gpus']} GPUs on {placed}, "
+                    f"${s.get('pricePerHour')}/h"
+                )
+                return
+            time.sleep(1)
+    console.print("[yellow]the sample GPUCluster is not Ready yet; see `gpumesh dev status`[/]")
+
+
+def _print_next_steps(kubeconfig: Path, state: Path) -> None:
+    console.print(
+        "\n[bold]The local mesh is up.[/] Try:\n"
+        f"  export KUBECONFIG={kubeconfig}\n"
+        "  kubectl get nodes -L nvidia.com/gpu.product,gpumesh.io/supplier,gpumesh.io/region\n"
+        "  kubectl get gpumesh -A                 # GPUClusters, Jobs, GPUNodes, GPUQuotas\n"
+        "  kubectl describe gpucluster sample     # placements, conditions, events\n"
+        "  kubectl scale gpucluster sample --replicas 4\n"
+        "  kubectl apply -f examples/gpucluster-h100.yaml\n"
+        "  .venv/bin/gpumesh dev status\n"
+        f"Logs: {state / 'logs'}   Stop: make down\n",
+        soft_wrap=True,
+    )
+
+
+@contextlib.contextmanager
+def _step(text: str) -> Iterator[None]:
+    """A spinner while a step runs, then one line with its duration."""
+    started = time.monotonic()
+    with console.status(text + " ..."):
+        yield
+    console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - started:.1f}s)[/]")
+
+
+def _tick(value: bool) -> str:
+    return "[green]yes[/]" if value else "[red]no[/]"
