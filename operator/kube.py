@@ -53,16 +53,20 @@ class Kube:
         name: str,
         status: Mapping[str, Any],
     ) -> None:
-        """Merge-patch ``status``; keys set to None are removed."""
-        self.custom.patch_namespaced_custom_object_status(
-            group,
-            version,
-            namespace,
-            plural,
-            name,
-            {"status": dict(status)},
-            _content_type=MERGE,
-        )
+        """Merge-patch ``status``; keys set to None are removed. A vanished object is fine."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                {"status": dict(status)},
+                _content_type=MERGE,
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
     def get_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str

@@ -108,6 +108,8 @@ class Reconciler:
 
     def _reconcile(self, key: ClusterKey, body: Obj, snap: Snapshot, now: datetime) -> None:
         meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
         generation = int(meta.get("generation") or 0)
         previous = GPUClusterStatus.model_validate(body.get("status") or {})
         try:
@@ -188,6 +190,11 @@ class Reconciler:
         ):
             return None
         if existing is None:
+            if not self._still_exists(key, meta["uid"]):
+                # An event about a cluster deleted meanwhile: creating now would leave an
+                # orphan for the garbage collector and hold GPUs for nobody.
+                self.ledger.forget(key)
+                return None
             self._refuse_foreign_raycluster(key)
         manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
         self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
@@ -199,6 +206,10 @@ class Reconciler:
                     per_node.get(slot.node, 0) + slot.workers * gpus_per_worker[slot.group]
                 )
         return per_node
+
+    def _still_exists(self, key: ClusterKey, uid: str) -> bool:
+        found = self.writer.get_custom(GROUP, VERSION, PLURAL, key.namespace, key.name)
+        return found is not None and found["metadata"].get("uid") == uid
 
     def _refuse_foreign_raycluster(self, key: ClusterKey) -> None:
         found = self.writer.get_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, key.namespace, key.name)
