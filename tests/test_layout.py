@@ -16,6 +16,7 @@ PURE = [
     "gpumesh/api",
     "gpumesh/crdgen.py",
     "operator/placement",
+    "operator/mesh",
     "operator/render",
     "operator/status.py",
     "operator/world.py",

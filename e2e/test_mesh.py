@@ -1,0 +1,333 @@
+"""The WireGuard mesh on real hosts: six network namespaces, wireguard-go, the real agents.
+
+Each host runs ``python -m gpumesh.node_agent.wg run`` against the real control plane
+(reached through :class:`~netns.ApiForwarder`): it publishes its public key into its
+GPUNode status, renews its heartbeat Lease and watches the catalogue ConfigMap. The
+operator's mesh loop runs here (:class:`~netns.MeshController`, built on the pure planner).
+
+Hosts h0-h3 have public endpoints; h4 and h5 accept nothing new from the underlay
+(nftables) and are reached through relays. The tests run in order on one lab, but each
+first waits for the connectivity it builds on, so any one of them also runs alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from netns import GPUNODES_PATH, Host, Lab, MeshController, missing_prerequisites
+
+from gpumesh.devcluster.testing import KubeTarget, wait_for
+from gpumesh.node_agent.kube import KubeError, RestKubeApi
+from gpumesh.operator.mesh import MeshConfig
+
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = MeshConfig(
+    overlay_cidr="198.19.0.0/24",
+    pod_cidr="198.19.128.0/17",
+    pod_prefix=24,
+    cooldown_s=600,
+)
+LEASE_S = 2
+INITIAL_HOSTS = 6
+NATD = (4, 5)
+JOIN_DEADLINE_S = 5.0
+METRICS_PORT = 9464  # on 127.0.0.1 inside each host's namespace
+
+
+@dataclass
+class Mesh:
+    lab: Lab
+    api: RestKubeApi
+    controller: MeshController
+    namespace: str
+    kubeconfig: Path
+    api_port: int
+
+    @property
+    def alive(self) -> list[Host]:
+        return [h for h in self.lab.hosts if h.alive]
+
+    def host(self, index: int) -> Host:
+        return next(h for h in self.lab.hosts if h.index == index)
+
+    def add(self, index: int, *, public: bool) -> Host:
+        """A new host: namespace, wireguard-go, GPUNode, agent (in that order)."""
+        host = self.lab.add_host(index, public=public)
+        self.lab.start_wireguard(host)
+        self.lab.forward_api(host, self.api_port)
+        spec: dict[str, Any] = {"supplier": "e2e", "region": "lab", "pricePerGpuHour": "1.00"}
+        if public:
+            spec["publicEndpoint"] = host.endpoint
+        self.api.request(
+            "POST",
+            GPUNODES_PATH,
+            {
+                "apiVersion": "gpumesh.io/v1alpha1",
+                "kind": "GPUNode",
+                "metadata": {"name": host.name, "labels": {"gpumesh.io/mesh-e2e": self.lab.tag}},
+                "spec": spec,
+            },
+        )
+        args = [
+            f"--node={host.name}",
+            f"--interface={host.interface}",
+            "--backend=uapi",
+            f"--key-dir={host.key_dir}",
+            f"--listen-port={host.listen_port}",
+            "--mtu=1420",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--namespace={self.namespace}",
+            "--resync=1",
+            f"--lease-duration={LEASE_S}",
+            "--lease-renew=0.5",
+            f"--metrics-port={METRICS_PORT}",
+            "--metrics-address=127.0.0.1",
+        ]
+        if public:
+            args.append(f"--endpoint={host.endpoint}")
+        self.lab.start_agent(host, args)
+        return host
+
+    def assigned(self, host: Host) -> bool:
+        """Once the operator has given the host its addresses, put the pod address up."""
+        if host.pod_address is not None:
+            return True
+        mesh = (self.api.request("GET", f"{GPUNODES_PATH}/{host.name}").get("status") or {}).get(
+            "mesh"
+        ) or {}
+        if not (mesh.get("overlayIp") and mesh.get("podCidr") and mesh.get("publicKey")):
+            return False
+        host.overlay_ip = mesh["overlayIp"]
+        self.lab.add_pod_address(host, mesh["podCidr"])
+        return True
+
+    def wg_dump(self, host: Host) -> dict[str, dict[str, str]]:
+        """``wg show <iface> dump`` (Debian's wg, not our parser): peer key -> fields."""
+        out = subprocess.run(
+            ["wg", "show", host.interface, "dump"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        peers: dict[str, dict[str, str]] = {}
+        for line in out[1:]:
+            key, _psk, endpoint, ips, handshake, rx, tx, keepalive = line.split("\t")
+            peers[key] = {
+                "endpoint": endpoint,
+                "allowed_ips": ips,
+                "handshake": handshake,
+                "rx": rx,
+                "tx": tx,
+                "keepalive": keepalive,
+            }
+        return peers
+
+    def public_key(self, host: Host) -> str:
+        return (host.key_dir / "public.key").read_text().strip()
+
+    def metrics(self, host: Host) -> str:
+        script = (
+            "import urllib.request;print(urllib.request.urlopen("
+            f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=5).read().decode())"
+        )
+        return subprocess.run(
+            ["ip", "netns", "exec", host.ns, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+
+    def generation_applied(self, host: Host, generation: int) -> bool:
+        return f"applied generation {generation}:" in host.agent_log.read_text(errors="replace")
+
+
+def _api_port(kubeconfig: Path) -> int:
+    doc = yaml.safe_load(kubeconfig.read_text())
+    server = urlparse(doc["clusters"][0]["cluster"]["server"])
+    if server.hostname not in ("127.0.0.1", "localhost"):
+        pytest.skip(f"the lab forwards only a loopback API server, not {server.hostname}")
+    return int(server.port or 443)
+
+
+def _ensure_crd(api: RestKubeApi) -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "gpumesh.io_gpunodes.yaml").read_text())
+    api.request(
+        "PATCH",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gpunodes.gpumesh.io"
+        "?fieldManager=gpumesh-e2e&force=true",
+        crd,
+        content_type="application/apply-patch+yaml",
+    )
+
+    def served() -> bool:
+        try:
+            api.request("GET", GPUNODES_PATH)
+        except KubeError:
+            return False
+        return True
+
+    wait_for("the GPUNode CRD to be served", served, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def mesh(kube: KubeTarget) -> Iterator[Mesh]:
+    why = missing_prerequisites()
+    if why:
+        pytest.skip(f"mesh lab: {why}")
+    api = RestKubeApi(kube.api)
+    _ensure_crd(api)
+    lab = Lab()
+    namespace = f"mesh-e2e-{lab.tag}"
+    controller: MeshController | None = None
+    try:
+        lab.open()  # checks the address ranges first; fails clearly when one is in use
+        api.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        )
+        controller = MeshController(
+            api,
+            namespace=namespace,
+            label_selector=f"gpumesh.io/mesh-e2e={lab.tag}",
+            config=CONFIG,
+        ).start()
+        m = Mesh(lab, api, controller, namespace, kube.kubeconfig, _api_port(kube.kubeconfig))
+        for i in range(INITIAL_HOSTS):
+            m.add(i, public=i not in NATD)
+        for host in lab.hosts:
+            wait_for(f"{host.name} to get its addresses", partial(m.assigned, host), timeout=30)
+        yield m
+    finally:
+        if controller is not None:
+            controller.stop()
+        for host in lab.hosts:
+            with contextlib.suppress(KubeError):
+                api.request("DELETE", f"{GPUNODES_PATH}/{host.name}")
+        with contextlib.suppress(KubeError):
+            api.request("DELETE", f"/api/v1/namespaces/{namespace}")
+        lab.close()
+        leftovers = lab.leftovers()
+        assert not leftovers, f"the lab left {leftovers} behind"
+
+
+def test_every_overlay_and_pod_address_answers_from_every_host(mesh: Mesh) -> None:
+    took = mesh.lab.wait_connected(mesh.alive, timeout=30)
+    print(f"full mesh of {len(mesh.alive)} hosts connected {took:.2f}s after the first probe")
+    for index in NATD:
+        natd = mesh.host(index)
+        peers = mesh.wg_dump(natd)
+        assert len(peers) == 1, f"{natd.name} should talk to its relay only: {peers}"
+        (relay_peer,) = peers.values()
+        assert relay_peer["keepalive"] == "25"
+        relay = next(h for h in mesh.alive if h.public and h.underlay_ip in relay_peer["endpoint"])
+        # The relay learned the NAT'd host's endpoint from its handshake only.
+        seen = mesh.wg_dump(relay)[mesh.public_key(natd)]
+        assert seen["endpoint"].startswith(natd.underlay_ip)
+        # ...and nobody else can open a path to it: the firewall drops new inbound.
+        assert not mesh.lab.ping(mesh.host(3), natd.underlay_ip)
+    relays = {mesh.wg_dump(mesh.host(i)).popitem()[1]["endpoint"] for i in NATD}
+    assert len(relays) == 2, "the two NAT'd hosts should be spread over two relays"
+    natd = mesh.host(NATD[0])
+    text = mesh.metrics(natd)
+    assert 'mode="relayed"' in text and "gpumesh_mesh_peer_handshake_age_seconds{" in text
+    assert f'gpumesh_mesh_peer_is_relay{{node="{natd.name}"' in text
+
+
+def test_key_rotation_reconnects_with_the_new_key(mesh: Mesh) -> None:
+    mesh.lab.wait_connected(mesh.alive, timeout=30)
+    host = mesh.host(3)
+    old = mesh.public_key(host)
+    started = time.monotonic()
+    mesh.lab.signal_agent(host, signal.SIGUSR1)
+    wait_for("the new key on disk", lambda: mesh.public_key(host) != old, timeout=10)
+    mesh.lab.wait_connected(mesh.alive, timeout=20)
+    print(f"reconnected {time.monotonic() - started:.2f}s after rotating {host.name}'s key")
+    for other in mesh.alive:
+        assert old not in mesh.wg_dump(other), f"{other.name} still has the old key"
+
+
+def test_reapplying_an_unchanged_plan_causes_no_new_handshake(mesh: Mesh) -> None:
+    mesh.lab.wait_connected(mesh.alive, timeout=30)
+    before = {h.name: mesh.wg_dump(h) for h in mesh.alive}
+    generation = mesh.controller.republish()
+    for host in mesh.alive:
+        mesh.lab.signal_agent(host, signal.SIGHUP)  # and a forced full sync on top
+    for host in mesh.alive:
+        wait_for(
+            f"{host.name} to apply generation {generation}",
+            partial(mesh.generation_applied, host, generation),
+            timeout=10,
+        )
+    time.sleep(1.5)  # a resync or two more
+    for host in mesh.alive:
+        after = mesh.wg_dump(host)
+        assert after.keys() == before[host.name].keys()
+        for key, peer in after.items():
+            assert peer["handshake"] == before[host.name][key]["handshake"], (
+                f"{host.name}: new handshake with {key} after re-applying the same plan"
+            )
+        assert (
+            "+0 ~0 -0 peers, +0 -0 routes"
+            in host.agent_log.read_text()
+            .split(f"applied generation {generation}:")[-1]
+            .splitlines()[0]
+        )
+
+
+def test_drift_is_repaired(mesh: Mesh) -> None:
+    mesh.lab.wait_connected(mesh.alive, timeout=30)
+    a, b = mesh.host(1), mesh.host(2)
+    b_key = mesh.public_key(b)
+    assert b.pod_cidr is not None
+    b_pods = b.pod_cidr
+    subprocess.run(["wg", "set", a.interface, "peer", b_key, "remove"], check=True)
+    subprocess.run(["ip", "netns", "exec", a.ns, "ip", "route", "del", b_pods], check=True)
+    assert b_key not in mesh.wg_dump(a)
+    wait_for(f"{a.name} to re-add {b.name}", lambda: b_key in mesh.wg_dump(a), timeout=10)
+    mesh.lab.wait_connected([a, b], timeout=10)
+
+
+def test_a_killed_relay_is_dropped_and_the_rest_stay_connected(mesh: Mesh) -> None:
+    mesh.lab.wait_connected(mesh.alive, timeout=30)
+    natd = mesh.host(NATD[0])
+    relay_endpoint = next(iter(mesh.wg_dump(natd).values()))["endpoint"]
+    relay = next(h for h in mesh.alive if h.public and h.endpoint == relay_endpoint)
+    relay_key = mesh.public_key(relay)
+    mesh.lab.kill(relay)
+    # Nodes that neither are the relay nor depend on it keep talking throughout.
+    unaffected = [h for h in mesh.alive if h is not natd]
+    assert not mesh.lab.unreachable_pairs(unaffected)
+    # The Lease lapses, the operator moves the NAT'd host to another relay, the agents
+    # drop the dead peer: full connectivity again among the survivors.
+    took = mesh.lab.wait_connected(mesh.alive, timeout=LEASE_S + 20)
+    print(f"survivors fully connected {took:.2f}s after the relay died")
+    for host in mesh.alive:
+        assert relay_key not in mesh.wg_dump(host), f"{host.name} still has the dead relay"
+    new_relay = next(iter(mesh.wg_dump(natd).values()))["endpoint"]
+    assert new_relay != relay_endpoint
+
+
+def test_a_new_host_is_reachable_from_all_within_5_s(mesh: Mesh) -> None:
+    mesh.lab.wait_connected(mesh.alive, timeout=30)
+    index = max(h.index for h in mesh.lab.hosts) + 1
+    started = time.monotonic()
+    host = mesh.add(index, public=True)
+    wait_for(f"{host.name} to get its addresses", lambda: mesh.assigned(host), timeout=10)
+    took = mesh.lab.wait_connected(mesh.alive, timeout=JOIN_DEADLINE_S + 10, involving=host)
+    total = time.monotonic() - started
+    print(f"new host reachable from all {total:.2f}s after its agent started")
+    assert total <= JOIN_DEADLINE_S, f"took {total:.2f}s (connectivity {took:.2f}s)"
+    mesh.lab.wait_connected(mesh.alive, timeout=10)  # and everyone else still is

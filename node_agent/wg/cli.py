@@ -1,0 +1,155 @@
+"""The mesh agent's command line: ``python -m gpumesh.node_agent.wg run ...``.
+
+Signals: SIGTERM/SIGINT stop the loop (the device and its sessions stay up), SIGHUP forces
+a sync now, SIGUSR1 rotates the key pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from gpumesh.node_agent.kube import RestKubeApi
+from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig
+from gpumesh.node_agent.wg.device import NetlinkBackend, UapiBackend, WgBackend
+from gpumesh.node_agent.wg.keys import KeyStore
+from gpumesh.node_agent.wg.links import LinkManager, host_addresses
+from gpumesh.node_agent.wg.metrics import MeshCollector, registry_with
+from gpumesh.node_agent.wg.peers import DEFAULT_KEEPALIVE_S
+from gpumesh.node_agent.wg.sync import DEFAULT_LISTEN_PORT, DEFAULT_MTU, MeshSyncer
+from gpumesh.operator.mesh.model import valid_endpoint
+from gpumesh.operator.mesh.publish import CATALOGUE_NAME
+
+app = typer.Typer(
+    name="mesh",
+    help="The gpumesh WireGuard mesh agent for one node.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+log = logging.getLogger("gpumesh.node_agent.wg")
+
+
+@app.callback()
+def main() -> None:
+    """The gpumesh WireGuard mesh agent."""
+
+
+@app.command()
+def run(
+    node: Annotated[str, typer.Option(envvar="NODE_NAME", help="This node's GPUNode name.")],
+    interface: Annotated[str, typer.Option(help="WireGuard interface name.")] = "gpumesh0",
+    backend: Annotated[
+        str, typer.Option(help="uapi (wireguard-go) or netlink (kernel module).")
+    ] = "uapi",
+    key_dir: Annotated[Path, typer.Option(help="Host path holding the private key (0600).")] = Path(
+        "/var/lib/gpumesh/wireguard"
+    ),
+    listen_port: Annotated[int, typer.Option(help="UDP port WireGuard listens on.")] = (
+        DEFAULT_LISTEN_PORT
+    ),
+    mtu: Annotated[int, typer.Option(help="1420 in a data centre, 1280 across the internet.")] = (
+        DEFAULT_MTU
+    ),
+    keepalive: Annotated[int, typer.Option(help="Persistent keepalive for NAT'd paths, s.")] = (
+        DEFAULT_KEEPALIVE_S
+    ),
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="Endpoint candidate host:port to publish (repeat; best first)."),
+    ] = None,
+    advertise_host_addresses: Annotated[
+        bool, typer.Option(help="Also publish this host's addresses as candidates.")
+    ] = False,
+    kubeconfig: Annotated[
+        str | None, typer.Option(envvar="KUBECONFIG", help="Else the in-cluster account.")
+    ] = None,
+    namespace: Annotated[str, typer.Option(help="Namespace of the catalogue.")] = (
+        "gpumesh-system"
+    ),
+    catalogue: Annotated[str, typer.Option(help="Catalogue ConfigMap name.")] = CATALOGUE_NAME,
+    resync: Annotated[float, typer.Option(help="Drift-repair sync period, s.")] = 30.0,
+    lease_duration: Annotated[
+        int, typer.Option(help="Renew our own heartbeat Lease (0: the node agent does).")
+    ] = 0,
+    lease_renew: Annotated[float, typer.Option(help="Lease renew period, s.")] = 10.0,
+    spawn_wireguard_go: Annotated[
+        bool, typer.Option(help="Start wireguard-go when its socket is missing.")
+    ] = False,
+    metrics_port: Annotated[int, typer.Option(help="Serve /metrics here (0: off).")] = 0,
+    metrics_address: Annotated[str, typer.Option(help="Metrics bind address.")] = "0.0.0.0",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Run the mesh loop until SIGTERM."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    kind = _backend_kind(backend)
+    endpoints = list(endpoint or [])
+    for e in endpoints:
+        if not valid_endpoint(e):
+            raise typer.BadParameter(f"{e!r} is not host:port", param_hint="--endpoint")
+    if advertise_host_addresses:
+        endpoints += [f"{a}:{listen_port}" for a in host_addresses(exclude=[interface])]
+    api = RestKubeApi.connect(kubeconfig)
+    if api is None:
+        raise typer.BadParameter("no --kubeconfig and not in a cluster", param_hint="--kubeconfig")
+    links = LinkManager(interface)
+    device: WgBackend
+    if kind == "netlink":
+        device = NetlinkBackend(interface, create_link=links.create_wireguard)
+    else:
+        device = UapiBackend(interface, spawn=spawn_wireguard_go)
+    syncer = MeshSyncer(
+        node,
+        device,
+        KeyStore(key_dir),
+        links,
+        listen_port=listen_port,
+        mtu=mtu,
+        keepalive_s=keepalive,
+    )
+    collector = MeshCollector(node)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, metrics_address, registry=registry_with(collector))
+    config = MeshAgentConfig(
+        node=node,
+        namespace=namespace,
+        catalogue=catalogue,
+        endpoints=tuple(dict.fromkeys(endpoints)),
+        resync_s=resync,
+        lease_duration_s=lease_duration or None,
+        lease_renew_s=lease_renew,
+    )
+    agent = MeshAgent(config, api, syncer, collector)
+    stop = threading.Event()
+
+    def on_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+        agent.wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_resync())
+    signal.signal(signal.SIGUSR1, lambda *_: agent.request_rotation())
+    try:
+        agent.run(stop)
+    finally:
+        api.close()
+    sys.exit(0)
+
+
+def _backend_kind(text: str) -> Literal["uapi", "netlink"]:
+    if text == "uapi":
+        return "uapi"
+    if text == "netlink":
+        return "netlink"
+    raise typer.BadParameter("choose uapi or netlink", param_hint="--backend")

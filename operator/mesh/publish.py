@@ -1,0 +1,131 @@
+"""Between API objects and the planner: GPUNodes and Leases in, ConfigMap and patches out.
+
+Pure functions over plain JSON dicts, so the operator's handler is a thin loop (list or
+watch, call these, write what they return) and the whole path is tested without a
+cluster. The catalogue and the planner's ledger live in one ConfigMap; the operator-owned
+``status.mesh`` fields (overlayIp, podCidr, relay) are written to each GPUNode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from gpumesh.operator.mesh.model import Catalogue, MeshNode, valid_endpoint, valid_public_key
+from gpumesh.operator.mesh.planner import Assignment, Ledger
+
+CATALOGUE_NAME: Final = "gpumesh-mesh"
+CATALOGUE_KEY: Final = "catalogue.json"
+LEDGER_KEY: Final = "ledger.json"
+LEASE_PREFIX: Final = "gpumesh-agent-"
+"""Heartbeat Lease names: ``gpumesh-agent-<node>`` (the node agent's reporter writes them)."""
+
+
+def lease_expiry(lease: Mapping[str, Any]) -> datetime | None:
+    """When the Lease lapses (renewTime + leaseDurationSeconds), or None if unreadable."""
+    spec = lease.get("spec") or {}
+    renew, duration = spec.get("renewTime"), spec.get("leaseDurationSeconds")
+    if not isinstance(renew, str) or not isinstance(duration, int):
+        return None
+    try:
+        renewed = datetime.fromisoformat(renew.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return renewed + timedelta(seconds=duration)
+
+
+def leases_by_node(leases: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    out: dict[str, Mapping[str, Any]] = {}
+    for lease in leases:
+        name = (lease.get("metadata") or {}).get("name", "")
+        if isinstance(name, str) and name.startswith(LEASE_PREFIX):
+            out[name[len(LEASE_PREFIX) :]] = lease
+    return out
+
+
+def mesh_node(
+    gpunode: Mapping[str, Any],
+    lease: Mapping[str, Any] | None,
+    now: datetime,
+    *,
+    require_lease: bool = True,
+) -> MeshNode:
+    """The planner's view of one GPUNode: its published key, public endpoint, liveness.
+
+    A malformed key or endpoint counts as absent (the node stays out of the mesh, or out
+    of the relay pool) rather than failing the whole plan. ``now`` must be timezone-aware.
+    """
+    name = str((gpunode.get("metadata") or {}).get("name", ""))
+    spec = gpunode.get("spec") or {}
+    mesh = (gpunode.get("status") or {}).get("mesh") or {}
+    key = mesh.get("publicKey")
+    endpoint = spec.get("publicEndpoint")
+    if not (isinstance(key, str) and valid_public_key(key)):
+        key = None
+    if not (isinstance(endpoint, str) and valid_endpoint(endpoint)):
+        endpoint = None
+    alive = not require_lease
+    if lease is not None:
+        expiry = lease_expiry(lease)
+        alive = expiry is not None and expiry > now
+    return MeshNode(
+        name=name,
+        public_key=key,
+        public_endpoint=endpoint,
+        alive=alive,
+    )
+
+
+def status_patch(assignment: Assignment) -> dict[str, Any]:
+    """Merge patch for the GPUNode status subresource: only the operator's mesh fields."""
+    return {
+        "status": {
+            "mesh": {
+                "overlayIp": assignment.overlay_ip,
+                "podCidr": assignment.pod_cidr,
+                "relay": assignment.relay,
+            }
+        }
+    }
+
+
+def catalogue_configmap(
+    catalogue: Catalogue,
+    ledger: Ledger,
+    *,
+    namespace: str,
+    name: str = CATALOGUE_NAME,
+    resource_version: str | None = None,
+) -> dict[str, Any]:
+    """The ConfigMap every agent watches: the catalogue, plus the planner's ledger."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/name": "gpumesh", "app.kubernetes.io/component": "mesh"},
+        "annotations": {"gpumesh.io/mesh-generation": str(catalogue.generation)},
+    }
+    if resource_version is not None:
+        metadata["resourceVersion"] = resource_version
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {CATALOGUE_KEY: catalogue.encode(), LEDGER_KEY: ledger.to_json()},
+    }
+
+
+def catalogue_from_configmap(configmap: Mapping[str, Any]) -> Catalogue | None:
+    """The catalogue in a ConfigMap, or None when it has none yet. Raises CatalogueError."""
+    text = (configmap.get("data") or {}).get(CATALOGUE_KEY)
+    return Catalogue.decode(text) if isinstance(text, str) else None
+
+
+def ledger_from_configmap(configmap: Mapping[str, Any] | None) -> Ledger | None:
+    text = ((configmap or {}).get("data") or {}).get(LEDGER_KEY)
+    if not isinstance(text, str):
+        return None
+    try:
+        return Ledger.from_json(text)
+    except ValueError:
+        return None

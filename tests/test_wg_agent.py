@@ -1,0 +1,356 @@
+"""The mesh loop and one sync, against an in-memory device, routes and API server.
+
+The fake device applies PeerChanges the way wireguard-go does (per peer, allowed IPs
+replaced only on request) and counts writes, so "nothing to do" is checked as "nothing
+written", and drift (a peer or route removed behind the agent's back) is repaired.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from gpumesh.node_agent.kube import JSON, KubeError
+from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig
+from gpumesh.node_agent.wg.diff import ObservedDevice, ObservedPeer, PeerChanges
+from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
+from gpumesh.node_agent.wg.links import RouteChanges
+from gpumesh.node_agent.wg.metrics import MeshCollector, registry_with
+from gpumesh.node_agent.wg.sync import CachingResolver, MeshSyncer
+from gpumesh.operator.mesh import (
+    Catalogue,
+    Ledger,
+    MeshConfig,
+    MeshNode,
+    catalogue_configmap,
+    plan,
+)
+
+CONFIG = MeshConfig(overlay_cidr="198.19.0.0/24", pod_cidr="198.19.128.0/17", pod_prefix=24)
+
+
+class FakeDevice:
+    kind = "fake"
+
+    def __init__(self, interface: str = "wgfake") -> None:
+        self.interface = interface
+        self.public_key: str | None = None
+        self.listen_port: int | None = None
+        self.peers: dict[str, ObservedPeer] = {}
+        self.writes = 0
+
+    def ensure(self) -> None:
+        pass
+
+    def observe(self) -> ObservedDevice:
+        return ObservedDevice(self.public_key, self.listen_port, dict(self.peers))
+
+    def apply(self, changes: PeerChanges, private_key: PrivateKey | None) -> None:
+        if not changes:
+            return
+        self.writes += 1
+        if changes.set_private_key:
+            assert private_key is not None
+            self.public_key = private_key.public_key
+        if changes.listen_port is not None:
+            self.listen_port = changes.listen_port
+        for key in changes.removals:
+            self.peers.pop(key, None)
+        for u in changes.updates:
+            peer = self.peers.get(u.public_key) or ObservedPeer(u.public_key)
+            if u.endpoint is not None:
+                peer = replace(peer, endpoint=u.endpoint)
+            if u.keepalive_s is not None:
+                peer = replace(peer, keepalive_s=u.keepalive_s)
+            if u.allowed_ips is not None:
+                peer = replace(peer, allowed_ips=tuple(sorted(u.allowed_ips)))
+            self.peers[u.public_key] = peer
+
+
+class FakeLinks:
+    def __init__(self) -> None:
+        self.address: str | None = None
+        self.mtu = 0
+        self.routes: set[str] = set()
+        self.forwarding = False
+
+    def configure(self, address: str, mtu: int) -> list[str]:
+        changes = []
+        if self.address != address:
+            changes.append(f"address +{address}")
+        if self.mtu != mtu:
+            changes.append(f"mtu {mtu}")
+        self.address, self.mtu = address, mtu
+        return changes
+
+    def sync_routes(self, cidrs: Iterable[str]) -> RouteChanges:
+        wanted = set(cidrs)
+        added, removed = sorted(wanted - self.routes), sorted(self.routes - wanted)
+        self.routes = wanted
+        return RouteChanges(tuple(added), tuple(removed))
+
+    def enable_forwarding(self) -> list[str]:
+        changed = not self.forwarding
+        self.forwarding = True
+        return ["ip_forward=1"] if changed else []
+
+
+class FakeApi:
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.down = False
+
+    def request(
+        self, method: str, path: str, body: Any = None, *, content_type: str = JSON
+    ) -> dict[str, Any]:
+        if self.down:
+            raise KubeError(method, path, None, "connection refused")
+        self.calls.append((method, path))
+        if method == "PATCH" and path.endswith("/status"):
+            obj: dict[str, Any] = self.objects[path.removesuffix("/status")]
+            obj.setdefault("status", {}).setdefault("mesh", {}).update(body["status"]["mesh"])
+            return obj
+        if method in ("POST", "PUT"):
+            stored: dict[str, Any] = dict(body)
+            name = stored["metadata"]["name"]
+            self.objects[path if method == "PUT" else f"{path}/{name}"] = stored
+            return stored
+        raise AssertionError(f"unexpected {method} {path}")
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        if self.down:
+            raise KubeError("GET", path, None, "connection refused")
+        self.calls.append(("GET", path))
+        return self.objects.get(path)
+
+    def watch(self, path: str, *, field_selector: str, timeout_s: int = 300) -> Iterator[Any]:
+        return iter(())
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] != "GET"]
+
+
+def key(name: str) -> str:
+    return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
+
+
+def catalogue_with(me: str, my_key: str, *, me_public: bool = True) -> Catalogue:
+    nodes = [
+        MeshNode(me, my_key, "198.51.100.10:51820" if me_public else None),
+        MeshNode("p1", key("p1"), "198.51.100.11:51820"),
+        MeshNode("p2", key("p2"), "198.51.100.12:51820"),
+        MeshNode("n1", key("n1"), None),
+        MeshNode("n2", key("n2"), None),
+    ]
+    return plan(nodes, CONFIG).catalogue()
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[MeshSyncer, FakeDevice, FakeLinks]:
+    device, links = FakeDevice(), FakeLinks()
+    syncer = MeshSyncer(
+        "me", device, KeyStore(tmp_path / "keys"), links, resolver=CachingResolver()
+    )
+    syncer.start()
+    return syncer, device, links
+
+
+def test_start_installs_key_and_port_but_keeps_existing_peers(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    syncer, device, _ = parts
+    assert device.public_key == syncer.public_key and device.listen_port == 51820
+    device.peers[key("x")] = ObservedPeer(key("x"))
+    syncer.start()  # an agent restart
+    assert key("x") in device.peers
+
+
+def test_sync_applies_then_an_unchanged_catalogue_writes_nothing(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    syncer, device, links = parts
+    cat = catalogue_with("me", syncer.public_key)
+    result = syncer.sync(cat)
+    assert result.changed and result.desired is not None
+    assert {p.public_key for p in result.desired.peers} == set(device.peers)
+    assert links.routes == set(result.desired.routes) and links.address == result.desired.address
+    assert links.forwarding  # "me" relays for a NAT'd node
+    writes = device.writes
+    again = syncer.sync(replace(cat, generation=cat.generation + 1))
+    assert not again.changed and device.writes == writes
+    assert "+0 ~0 -0 peers, +0 -0 routes" in again.summary()
+
+
+def test_sync_repairs_drift(parts: tuple[MeshSyncer, FakeDevice, FakeLinks]) -> None:
+    syncer, device, links = parts
+    cat = catalogue_with("me", syncer.public_key)
+    syncer.sync(cat)
+    victim = key("p1")
+    device.peers.pop(victim)
+    links.routes.discard(sorted(links.routes)[0])
+    stray = key("stray")
+    device.peers[stray] = ObservedPeer(stray, allowed_ips=("198.19.0.200/32",))
+    result = syncer.sync(cat)
+    assert result.changes.created == 1 and result.changes.removals == (stray,)
+    assert len(result.routes.added) == 1
+    assert victim in device.peers and stray not in device.peers
+
+
+def test_a_node_missing_from_the_catalogue_keeps_its_peers(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    syncer, device, _ = parts
+    syncer.sync(catalogue_with("me", syncer.public_key))
+    peers = dict(device.peers)
+    result = syncer.sync(catalogue_with("someone-else", key("else")))
+    assert result.desired is None and device.peers == peers
+
+
+def test_rotation_installs_a_new_key(parts: tuple[MeshSyncer, FakeDevice, FakeLinks]) -> None:
+    syncer, device, _ = parts
+    old = syncer.public_key
+    new = syncer.rotate_key()
+    assert new != old and device.public_key == new
+    assert KeyStore(syncer.keys.dir).load_or_create().public_key == new
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+GPUNODE = "/apis/gpumesh.io/v1alpha1/gpunodes/me"
+
+
+def make_agent(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks], **config: Any
+) -> tuple[MeshAgent, FakeApi, Clock, MeshCollector]:
+    syncer, _, _ = parts
+    api, clock = FakeApi(), Clock()
+    api.objects[GPUNODE] = {"metadata": {"name": "me"}, "spec": {}}
+    collector = MeshCollector("me", clock=lambda: 1_700_000_100.0)
+    agent = MeshAgent(
+        MeshAgentConfig(node="me", endpoints=("198.51.100.10:51820",), **config),
+        api,
+        syncer,
+        collector,
+        clock=clock,
+    )
+    return agent, api, clock, collector
+
+
+def configmap(cat: Catalogue) -> dict[str, Any]:
+    return catalogue_configmap(cat, Ledger(), namespace="gpumesh-system")
+
+
+def test_agent_publishes_its_key_once_and_repairs_it_later(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    agent, api, clock, _ = make_agent(parts, status_check_s=60)
+    agent.step()
+    mesh = api.objects[GPUNODE]["status"]["mesh"]
+    assert mesh == {"publicKey": parts[0].public_key, "endpoints": ["198.51.100.10:51820"]}
+    clock.t += 1
+    agent.step()
+    assert len(api.writes()) == 1
+    mesh["publicKey"] = key("tampered")
+    clock.t += 61
+    agent.step()
+    assert api.objects[GPUNODE]["status"]["mesh"]["publicKey"] == parts[0].public_key
+
+
+def test_agent_applies_each_new_catalogue_and_logs_it(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, _, clock, collector = make_agent(parts)
+    syncer, device, _ = parts
+    cat = catalogue_with("me", syncer.public_key)
+    with caplog.at_level(logging.INFO):
+        agent.offer(configmap(cat))
+        agent.step()
+        writes = device.writes
+        agent.offer(configmap(replace(cat, generation=cat.generation + 5)))
+        clock.t += 0.1
+        agent.step()
+    assert device.writes == writes
+    assert f"applied generation {cat.generation + 5}: +0 ~0 -0 peers" in caplog.text
+    assert syncer.keys.dir.as_posix() not in caplog.text
+    assert parts[0].key.reveal_base64() not in caplog.text
+    metrics = generate_latest(registry_with(collector)).decode()
+    assert 'gpumesh_mesh_member_path{member="n2",mode="relayed",node="me",via="p1"} 1.0' in metrics
+    assert f'gpumesh_mesh_catalogue_generation{{node="me"}} {cat.generation + 5}.0' in metrics
+
+
+def test_agent_ignores_a_malformed_catalogue(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, _, _, _ = make_agent(parts)
+    with caplog.at_level(logging.ERROR):
+        agent.offer({"data": {"catalogue.json": '{"version": 1, "nodes": "x"}'}})
+        agent.step()
+    assert "malformed mesh catalogue" in caplog.text
+    assert not parts[1].peers
+
+
+def test_agent_renews_its_lease_when_asked_and_survives_an_outage(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    agent, api, clock, _ = make_agent(parts, lease_duration_s=2, lease_renew_s=0.5)
+    agent.step()
+    lease = "/apis/coordination.k8s.io/v1/namespaces/gpumesh-system/leases"
+    assert ("POST", lease) in api.calls
+    clock.t += 0.6
+    agent.step()
+    assert ("PUT", f"{lease}/gpumesh-agent-me") in api.calls
+    api.down = True
+    clock.t += 0.6
+    delay = agent.step()  # no exception: retried with backoff
+    assert delay > 0
+    api.down = False
+    clock.t += 5
+    agent.step()
+    assert api.calls[-1][0] in ("POST", "PUT", "GET")
+
+
+def test_agent_rotates_and_republishes(parts: tuple[MeshSyncer, FakeDevice, FakeLinks]) -> None:
+    agent, api, clock, _ = make_agent(parts)
+    agent.step()
+    old = api.objects[GPUNODE]["status"]["mesh"]["publicKey"]
+    agent.request_rotation()
+    clock.t += 0.1
+    agent.step()
+    new = api.objects[GPUNODE]["status"]["mesh"]["publicKey"]
+    assert new != old and new == parts[1].public_key
+
+
+def test_metrics_show_handshake_age_bytes_and_relays(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    syncer, device, _ = parts
+    collector = MeshCollector("me", clock=lambda: 1_700_000_100.0)
+    cat = catalogue_with("me", syncer.public_key)
+    collector.record_sync(syncer.sync(cat))
+    p2 = key("p2")
+    device.peers[p2] = replace(
+        device.peers[p2], last_handshake=1_700_000_090.0, rx_bytes=5, tx_bytes=7
+    )
+    collector.record_observed(syncer.observe())
+    text = generate_latest(registry_with(collector)).decode()
+    assert 'gpumesh_mesh_peer_handshake_age_seconds{node="me",peer="p2"} 10.0' in text
+    assert 'gpumesh_mesh_peer_receive_bytes_total{node="me",peer="p2"} 5.0' in text
+    assert 'gpumesh_mesh_peer_transmit_bytes_total{node="me",peer="p2"} 7.0' in text
+    assert 'gpumesh_mesh_peer_is_relay{node="me",peer="p1"} 1.0' in text  # carries n2
+    assert 'gpumesh_mesh_peer_is_relay{node="me",peer="p2"} 0.0' in text
+    assert 'gpumesh_mesh_member_path{member="p2",mode="direct",node="me",via="p2"} 1.0' in text
