@@ -8,6 +8,7 @@ node agent per node, applies a sample GPUCluster and waits until it is Ready.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpumesh import devcluster
-from gpumesh.devcluster import mesh
+from gpumesh.devcluster import mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster
 
 app = typer.Typer(help="The local mesh: control plane, simulated suppliers, operator, agents.")
@@ -126,6 +127,19 @@ def kubeconfig(state_dir: StateDir = None) -> None:
     typer.echo(devcluster.kubeconfig_path(state_dir or devcluster.default_state_dir()))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def kubectl(ctx: typer.Context, state_dir: StateDir = None) -> None:
+    """Run the pinned kubectl (built with the toolchain) against the dev cluster."""
+    path = toolchain.binary_path("kubectl")
+    if not path.exists():
+        toolchain.ensure(["kubectl"], assets=False)
+    config = devcluster.kubeconfig_path(state_dir or devcluster.default_state_dir())
+    os.execv(str(path), [str(path), f"--kubeconfig={config}", *ctx.args])
+
+
 def _apply_sample(api: client.ApiClient, path: Path) -> None:
     doc: dict[str, Any] = yaml.safe_load(path.read_text())
     meta = doc["metadata"]
@@ -171,7 +185,8 @@ def _apply_sample(api: client.ApiClient, path: Path) -> None:
 
 def _print_next_steps(kubeconfig: Path, state: Path) -> None:
     console.print(
-        "\n[bold]The local mesh is up.[/] Try:\n"
+        "\n[bold]The local mesh is up.[/] Try (with your kubectl, or the pinned one:\n"
+        f"  alias kubectl={toolchain.binary_path('kubectl')}):\n"
         f"  export KUBECONFIG={kubeconfig}\n"
         "  kubectl get nodes -L nvidia.com/gpu.product,gpumesh.io/supplier,gpumesh.io/region\n"
         "  kubectl get gpumesh -A                 # GPUClusters, Jobs, GPUNodes, GPUQuotas\n"

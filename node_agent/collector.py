@@ -220,7 +220,7 @@ class Collector:
             node=self.node,
             taken_at=self.clock.now(),
             monotonic=now,
-            health=node_health(g.health for g in gpus),
+            health=node_health((g.health for g in gpus), nvml_ok=self._initialised),
             gpus=tuple(gpus),
             nvml_ok=self._initialised,
             nvml_error=None if self._initialised else self._init_error,

@@ -322,9 +322,13 @@ def step(
     )
 
 
-def node_health(gpus: Iterable[GPUHealth]) -> GPUHealth:
-    """The node is as healthy as its worst GPU; a node with no GPU seen is Unknown."""
-    return max(gpus, key=SEVERITY.__getitem__, default="Unknown")
+def node_health(gpus: Iterable[GPUHealth], *, nvml_ok: bool = False) -> GPUHealth:
+    """The node is as healthy as its worst GPU.
+
+    With no GPU seen it is Unknown, unless NVML answered and found none: then it is a
+    healthy CPU-only node (a Ray head host), not a GPU node in doubt.
+    """
+    return max(gpus, key=SEVERITY.__getitem__, default="Healthy" if nvml_ok else "Unknown")
 
 
 def needs_taint(gpus: Iterable[GPUHealth]) -> bool:

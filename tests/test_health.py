@@ -335,6 +335,8 @@ def test_node_health_is_its_worst_gpu() -> None:
     assert node_health(["Healthy", "Unknown"]) == "Unknown"
     assert node_health(["Unknown", "NeedsReset"]) == "NeedsReset"
     assert node_health([]) == "Unknown"
+    assert node_health([], nvml_ok=True) == "Healthy"  # a CPU-only head node
+    assert node_health(["Lost"], nvml_ok=True) == "Lost"
 
 
 def test_only_unhealthy_or_lost_gpus_taint_the_node() -> None:

@@ -110,6 +110,7 @@ BINARIES: Final[Mapping[str, Binary]] = {
         Binary("etcd", "etcd", versions.ETCD, versions.ETCD_MODULE, _PLAIN_LDFLAGS),
         _kube("kube-controller-manager"),
         _kube("kube-scheduler"),
+        _kube("kubectl"),
         Binary("kwok", "kwok", versions.KWOK, "./cmd/kwok", _PLAIN_LDFLAGS, versions.KWOK_MODULE),
         Binary(
             "ray-operator",
@@ -131,7 +132,7 @@ CLUSTER_BINARIES: Final = (
     "kwok",
     "ray-operator",
 )
-"""What ``LocalCluster`` runs; helm is only needed by the kind path."""
+"""What ``LocalCluster`` runs; helm is only needed by the kind path, kubectl by people."""
 
 
 @dataclass(frozen=True)
