@@ -43,11 +43,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors["ray.io", "rayclusters"] = (
         f"{names.MANAGED_BY}={names.MANAGER}"
     )
+    # Our heartbeat and the agents' heartbeats (the mesh handler) live in our namespace.
     settings.watching.field_selectors["coordination.k8s.io", "leases"] = (
-        f"metadata.name={HEARTBEAT_LEASE}"
+        f"metadata.namespace={SETTINGS.namespace}"
     )
     settings.execution.max_workers = SETTINGS.max_workers
     settings.posting.level = logging.INFO
+    settings.posting.reporting_component = "gpumesh-operator"
+    settings.posting.event_name_prefix = "gpumesh-"
     threading.Thread(target=_renew_heartbeat, name="heartbeat", daemon=True).start()
 
 
