@@ -2,8 +2,9 @@
 
 Each host runs ``python -m gpumesh.node_agent.wg run`` against the real control plane
 (reached through :class:`~netns.ApiForwarder`): it publishes its public key into its
-GPUNode status, renews its heartbeat Lease and watches the catalogue ConfigMap. The
-operator's mesh loop runs here (:class:`~netns.MeshController`, built on the pure planner).
+GPUNode status, renews its heartbeat Lease and watches the catalogue ConfigMap. The real
+operator (``python -m gpumesh operator run``) plans the mesh: its namespace is the lab's,
+and it takes only the lab's GPUNodes (``GPUMESH_MESH_NODE_SELECTOR``).
 
 Hosts h0-h3 have public endpoints; h4 and h5 accept nothing new from the underlay
 (nftables) and are reached through relays. The tests run in order on one lab, but each
@@ -13,6 +14,7 @@ first waits for the connectivity it builds on, so any one of them also runs alon
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -26,11 +28,13 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from netns import GPUNODES_PATH, Host, Lab, MeshController, missing_prerequisites
+from netns import GPUNODES_PATH, Host, Lab, missing_prerequisites
 
+from gpumesh.devcluster import mesh as devmesh
 from gpumesh.devcluster.testing import KubeTarget, wait_for
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
-from gpumesh.operator.mesh import MeshConfig
+from gpumesh.operator.mesh import CATALOGUE_NAME, MeshConfig
+from gpumesh.operator.mesh.publish import CATALOGUE_KEY
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -52,10 +56,25 @@ METRICS_PORT = 9464  # on 127.0.0.1 inside each host's namespace
 class Mesh:
     lab: Lab
     api: RestKubeApi
-    controller: MeshController
+    operator: subprocess.Popen[bytes]
+    operator_log: Path
     namespace: str
     kubeconfig: Path
     api_port: int
+
+    def republish(self) -> int:
+        """The operator's catalogue again, unchanged but under a new generation.
+
+        The operator writes only changes; this plays a republication (as after a restore
+        from backup) so the agents must compare and find nothing to do.
+        """
+        path = f"/api/v1/namespaces/{self.namespace}/configmaps/{CATALOGUE_NAME}"
+        configmap = self.api.request("GET", path)
+        doc = json.loads(configmap["data"][CATALOGUE_KEY])
+        doc["generation"] += 1
+        configmap["data"][CATALOGUE_KEY] = json.dumps(doc, separators=(",", ":"))
+        self.api.request("PUT", path, configmap)
+        return int(doc["generation"])
 
     @property
     def alive(self) -> list[Host]:
@@ -181,8 +200,20 @@ def _ensure_crd(api: RestKubeApi) -> None:
     wait_for("the GPUNode CRD to be served", served, timeout=60)
 
 
+def _operator_env(kubeconfig: Path, namespace: str, tag: str) -> dict[str, str]:
+    return {
+        "KUBECONFIG": str(kubeconfig),
+        "GPUMESH_NAMESPACE": namespace,
+        "GPUMESH_MESH_OVERLAY_CIDR": CONFIG.overlay_cidr,
+        "GPUMESH_MESH_POD_CIDR": CONFIG.pod_cidr,
+        "GPUMESH_MESH_POD_PREFIX": str(CONFIG.pod_prefix),
+        "GPUMESH_MESH_COOLDOWN_SECONDS": str(CONFIG.cooldown_s),
+        "GPUMESH_MESH_NODE_SELECTOR": f"gpumesh.io/mesh-e2e={tag}",
+    }
+
+
 @pytest.fixture(scope="module")
-def mesh(kube: KubeTarget) -> Iterator[Mesh]:
+def mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     why = missing_prerequisites()
     if why:
         pytest.skip(f"mesh lab: {why}")
@@ -190,7 +221,8 @@ def mesh(kube: KubeTarget) -> Iterator[Mesh]:
     _ensure_crd(api)
     lab = Lab()
     namespace = f"mesh-e2e-{lab.tag}"
-    controller: MeshController | None = None
+    logs = tmp_path_factory.mktemp("mesh-operator")
+    operator: subprocess.Popen[bytes] | None = None
     try:
         lab.open()  # checks the address ranges first; fails clearly when one is in use
         api.request(
@@ -198,21 +230,31 @@ def mesh(kube: KubeTarget) -> Iterator[Mesh]:
             "/api/v1/namespaces",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         )
-        controller = MeshController(
+        argv = [*devmesh.operator_argv(devmesh.free_port()), "--metrics-port=0"]
+        operator, _ = devmesh.spawn(
+            "operator", argv, logs, env=_operator_env(kube.kubeconfig, namespace, lab.tag)
+        )
+        m = Mesh(
+            lab,
             api,
-            namespace=namespace,
-            label_selector=f"gpumesh.io/mesh-e2e={lab.tag}",
-            config=CONFIG,
-        ).start()
-        m = Mesh(lab, api, controller, namespace, kube.kubeconfig, _api_port(kube.kubeconfig))
+            operator,
+            logs / "operator.log",
+            namespace,
+            kube.kubeconfig,
+            _api_port(kube.kubeconfig),
+        )
         for i in range(INITIAL_HOSTS):
             m.add(i, public=i not in NATD)
         for host in lab.hosts:
             wait_for(f"{host.name} to get its addresses", partial(m.assigned, host), timeout=30)
         yield m
     finally:
-        if controller is not None:
-            controller.stop()
+        if operator is not None:
+            devmesh.stop([devmesh.MeshProcess("operator", operator.pid, "")])
+            operator.wait(10)
+            text = (logs / "operator.log").read_text(errors="replace")
+            if "Traceback" in text:
+                print(f"operator log:\n{text[-20000:]}")
         for host in lab.hosts:
             with contextlib.suppress(KubeError):
                 api.request("DELETE", f"{GPUNODES_PATH}/{host.name}")
@@ -262,7 +304,7 @@ def test_key_rotation_reconnects_with_the_new_key(mesh: Mesh) -> None:
 def test_reapplying_an_unchanged_plan_causes_no_new_handshake(mesh: Mesh) -> None:
     mesh.lab.wait_connected(mesh.alive, timeout=30)
     before = {h.name: mesh.wg_dump(h) for h in mesh.alive}
-    generation = mesh.controller.republish()
+    generation = mesh.republish()
     for host in mesh.alive:
         mesh.lab.signal_agent(host, signal.SIGHUP)  # and a forced full sync on top
     for host in mesh.alive:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,6 +20,9 @@ import typer
 from gpumesh.node_agent.agent import Agent, AgentConfig
 from gpumesh.node_agent.health import DEFAULT_APP_XIDS, DEFAULT_RESET_XIDS, HealthPolicy
 from gpumesh.node_agent.nvml.types import NvmlBackend
+from gpumesh.node_agent.wg import cli as mesh_cli
+from gpumesh.node_agent.wg.agent import MeshAgent
+from gpumesh.operator.mesh.model import valid_endpoint
 
 app = typer.Typer(
     name="agent",
@@ -26,6 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+app.add_typer(mesh_cli.app, name="mesh")
 
 log = logging.getLogger("gpumesh.node_agent")
 
@@ -93,8 +99,18 @@ def run(
     price: Annotated[
         str | None, typer.Option(help='Price per GPU-hour, as "2.10", to create a GPUNode.')
     ] = None,
+    head_capable: Annotated[
+        bool, typer.Option(help="Mark a GPUNode the agent creates as able to host Ray heads.")
+    ] = False,
+    public_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port where this node's WireGuard is reachable from anywhere (sets "
+            "spec.publicEndpoint of a GPUNode the agent creates; first mesh endpoint)."
+        ),
+    ] = None,
     namespace: Annotated[
-        str, typer.Option(help="Namespace of the heartbeat Lease.")
+        str, typer.Option(help="Namespace of the heartbeat Lease and the mesh catalogue.")
     ] = "gpumesh-system",
     lease_renew: Annotated[float, typer.Option(min=1, help="Seconds between renewals.")] = 10.0,
     heartbeat: Annotated[
@@ -108,6 +124,34 @@ def run(
         typer.Option(help="Application XIDs, escalated only on repetition (comma-separated)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    mesh: Annotated[
+        bool, typer.Option("--mesh/--no-mesh", help="Also run the WireGuard mesh agent.")
+    ] = False,
+    mesh_interface: Annotated[str, typer.Option(help="WireGuard interface name.")] = "gpumesh0",
+    mesh_backend: Annotated[
+        str, typer.Option(help="uapi (wireguard-go) or netlink (kernel module).")
+    ] = "uapi",
+    mesh_key_dir: Annotated[
+        Path,
+        typer.Option(envvar="GPUMESH_KEY_DIR", help="Host path holding the private key (0600)."),
+    ] = Path("/var/lib/gpumesh/wireguard"),
+    mesh_listen_port: Annotated[int, typer.Option(help="UDP port WireGuard listens on.")] = 51820,
+    mesh_mtu: Annotated[
+        int, typer.Option(help="1420 in a data centre, 1280 across the internet.")
+    ] = 1420,
+    mesh_endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="More endpoint candidates host:port to publish (repeat; best first)."),
+    ] = None,
+    mesh_advertise_host_addresses: Annotated[
+        bool, typer.Option(help="Also publish this host's addresses as candidates.")
+    ] = False,
+    mesh_spawn_wireguard_go: Annotated[
+        bool, typer.Option(help="Start wireguard-go when its socket is missing.")
+    ] = False,
+    mesh_metrics_port: Annotated[
+        int, typer.Option(help="Serve the mesh's /metrics here (0: off).")
+    ] = 0,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     from gpumesh.node_agent.kube import RestKubeApi
@@ -158,19 +202,78 @@ def run(
         supplier=supplier,
         region=region,
         price_per_gpu_hour=price,
+        head_capable=head_capable,
+        public_endpoint=public_endpoint,
         namespace=namespace,
         lease_renew_s=lease_renew,
         heartbeat_s=heartbeat,
     )
+    mesh_agent: MeshAgent | None = None
+    if mesh:
+        if api is None:
+            raise typer.BadParameter("--mesh needs the Kubernetes API", param_hint="--kubeconfig")
+        if public_endpoint is not None and not valid_endpoint(public_endpoint):
+            raise typer.BadParameter(f"{public_endpoint!r} is not host:port")
+        mesh_agent = mesh_cli.build_mesh_agent(
+            api,
+            node=node_name,
+            interface=mesh_interface,
+            backend=mesh_backend,
+            key_dir=mesh_key_dir,
+            listen_port=mesh_listen_port,
+            mtu=mesh_mtu,
+            endpoints=[*([public_endpoint] if public_endpoint else []), *(mesh_endpoint or [])],
+            advertise_host_addresses=mesh_advertise_host_addresses,
+            namespace=namespace,
+            spawn_wireguard_go=mesh_spawn_wireguard_go,
+        )
+        if mesh_metrics_port and mesh_agent.collector is not None:
+            from prometheus_client import start_http_server
+
+            from gpumesh.node_agent.wg.metrics import registry_with
+
+            registry = registry_with(mesh_agent.collector)
+            start_http_server(mesh_metrics_port, metrics_host, registry=registry)
     agent = Agent(config, backend, api=api, report=report)
-    asyncio.run(_serve(agent))
+    asyncio.run(_serve(agent, mesh_agent))
 
 
-async def _serve(agent: Agent) -> None:
+async def _serve(agent: Agent, mesh: MeshAgent | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("agent for node %s starting (pid %d)", agent.config.node, os.getpid())
-    await agent.run(stop)
+    mesh_stop = threading.Event()
+    mesh_thread: threading.Thread | None = None
+    if mesh is not None:
+        # The mesh loop blocks (device I/O, its own catalogue watch): its own thread. The
+        # heartbeat Lease stays the reporter's; the mesh loop renews none of its own.
+        mesh_thread = threading.Thread(
+            target=_run_mesh, args=(mesh, mesh_stop, stop, loop), name="mesh", daemon=True
+        )
+        mesh_thread.start()
+        loop.add_signal_handler(signal.SIGHUP, mesh.request_resync)
+        loop.add_signal_handler(signal.SIGUSR1, mesh.request_rotation)
+    try:
+        await agent.run(stop)
+    finally:
+        mesh_stop.set()
+        if mesh is not None and mesh_thread is not None:
+            mesh.wake.set()
+            await loop.run_in_executor(None, mesh_thread.join, 10.0)
     log.info("agent stopped")
+
+
+def _run_mesh(
+    mesh: MeshAgent,
+    mesh_stop: threading.Event,
+    stop: asyncio.Event,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The mesh loop; if it dies, the whole agent stops (and Kubernetes restarts it)."""
+    try:
+        mesh.run(mesh_stop)
+    except Exception:
+        log.exception("mesh agent failed: stopping the node agent")
+        loop.call_soon_threadsafe(stop.set)

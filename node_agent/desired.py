@@ -67,11 +67,25 @@ def lease_name(node: str) -> str:
 # --- GPUNode ---------------------------------------------------------------------------------
 
 
-def new_gpunode(node: str, supplier: str, region: str, price_per_gpu_hour: str) -> dict[str, Any]:
+def new_gpunode(
+    node: str,
+    supplier: str,
+    region: str,
+    price_per_gpu_hour: str,
+    *,
+    head_capable: bool = False,
+    public_endpoint: str | None = None,
+) -> dict[str, Any]:
     """A GPUNode for a node whose supplier side has not created one (validated here)."""
-    spec = GPUNodeSpec.model_validate(
-        {"supplier": supplier, "region": region, "pricePerGpuHour": price_per_gpu_hour}
-    )
+    fields: dict[str, Any] = {
+        "supplier": supplier,
+        "region": region,
+        "pricePerGpuHour": price_per_gpu_hour,
+        "headCapable": head_capable,
+    }
+    if public_endpoint is not None:
+        fields["publicEndpoint"] = public_endpoint
+    spec = GPUNodeSpec.model_validate(fields)
     return GPUNode(metadata=ObjectMeta(name=node), spec=spec).to_api()
 
 

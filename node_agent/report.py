@@ -51,6 +51,10 @@ class ReportConfig:
     supplier: str | None = None
     region: str | None = None
     price_per_gpu_hour: str | None = None
+    head_capable: bool = False
+    """spec.headCapable of a GPUNode the agent creates (an existing one is left alone)."""
+    public_endpoint: str | None = None
+    """spec.publicEndpoint of a GPUNode the agent creates."""
     namespace: str = "gpumesh-system"
     lease_duration_s: int = 40
     lease_renew_s: float = 10.0
@@ -201,7 +205,14 @@ class Reporter:
                 cfg.node,
             )
             return None
-        body = new_gpunode(cfg.node, cfg.supplier, cfg.region, cfg.price_per_gpu_hour)
+        body = new_gpunode(
+            cfg.node,
+            cfg.supplier,
+            cfg.region,
+            cfg.price_per_gpu_hour,
+            head_capable=cfg.head_capable,
+            public_endpoint=cfg.public_endpoint,
+        )
         try:
             created = self._write("POST", GPUNODES, body, "application/json")
         except KubeError as err:

@@ -18,11 +18,22 @@ def run(
     ] = "http://127.0.0.1:8080/healthz",
     json_logs: Annotated[bool, typer.Option("--json-logs/--text-logs", help="Log format.")] = True,
     verbose: Annotated[bool, typer.Option(help="Debug logging.")] = False,
+    metrics_port: Annotated[
+        int,
+        typer.Option(help="Port of the Prometheus /metrics endpoint (GPU time, cost); 0 is off."),
+    ] = 9090,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics endpoint listens on.")
+    ] = "0.0.0.0",
 ) -> None:
     """Watch the whole cluster and reconcile gpumesh objects until stopped."""
     import kopf
 
     import gpumesh.operator.handlers  # noqa: F401  (registers the handlers)
+    from gpumesh.operator.jobs import metrics
+
+    # Served by a kopf startup handler, once the operator really starts.
+    metrics.ENDPOINT.host, metrics.ENDPOINT.port = metrics_host, metrics_port
 
     kopf.configure(
         verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL

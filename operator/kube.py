@@ -25,6 +25,7 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
 
     def apply_custom(
         self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
@@ -89,6 +90,65 @@ class Kube:
         except ApiException as err:
             if err.status != 404:
                 raise
+
+    def patch_cluster_status(
+        self, group: str, version: str, plural: str, name: str, patch: Mapping[str, Any]
+    ) -> bool:
+        """Merge-patch a cluster-scoped object's status subresource with ``patch`` (the
+        whole ``{"status": ...}`` document). False when the object is gone."""
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                group, version, plural, name, dict(patch), _content_type=MERGE
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def list_cluster_custom(self, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+        found = cast(dict[str, Any], self.custom.list_cluster_custom_object(group, version, plural))
+        return cast(list[dict[str, Any]], found.get("items", []))
+
+    def list_leases(self, namespace: str) -> list[dict[str, Any]]:
+        """Leases of one namespace, as plain JSON (camelCase keys, like a watch delivers)."""
+        found = self.coordination.list_namespaced_lease(namespace)
+        return cast(list[dict[str, Any]], self._plain(found).get("items", []))
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Lease as plain JSON, or None when it does not exist."""
+        try:
+            found = self.coordination.read_namespaced_lease(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return self._plain(found)
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ConfigMap as plain JSON, or None when it does not exist."""
+        try:
+            found = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return self._plain(found)
+
+    def _plain(self, model: Any) -> dict[str, Any]:
+        return cast(dict[str, Any], self.core.api_client.sanitize_for_serialization(model))
+
+    def apply_configmap(self, manifest: Mapping[str, Any]) -> None:
+        """Server-side apply a ConfigMap as gpumesh-operator, forcing."""
+        meta = manifest["metadata"]
+        self.core.patch_namespaced_config_map(
+            meta["name"],
+            meta["namespace"],
+            dict(manifest),
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
 
     def force_delete_pod(self, namespace: str, name: str) -> None:
         """Grace 0: a pod stuck Terminating on a dead node otherwise blocks replacement."""

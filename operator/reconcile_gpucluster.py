@@ -24,11 +24,14 @@ from pydantic import ValidationError
 from gpumesh.api.conditions import STALLED, set_condition
 from gpumesh.api.gpucluster import GPUClusterSpec, GPUClusterStatus, WorkerPlacement
 from gpumesh.api.manifests import field_path
+from gpumesh.operator.jobs.metering import meter
+from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
+from gpumesh.operator.jobs.settings import JOB_SETTINGS
 from gpumesh.operator.placement import (
     Assignment,
     Decision,
+    InventoryIndex,
     NodeOffer,
-    build_inventory,
     place_cluster,
 )
 from gpumesh.operator.render import labels as names
@@ -76,27 +79,39 @@ EventFn = Callable[[Obj, str, str, str], None]
 class Snapshot:
     """The indexed world one reconcile reads; taken fresh for each call."""
 
-    gpunodes: Sequence[Obj]
-    nodes: Sequence[Obj]
-    foreign_gpu_pods: Sequence[Obj]
+    offers: InventoryIndex
     rayclusters: Mapping[ClusterKey, Obj]
     cluster_pods: Mapping[ClusterKey, Sequence[Obj]]
 
 
 class Reconciler:
-    """Holds what outlives one call: the ledger and the locks."""
+    """Holds what outlives one call: the ledger and the locks.
 
-    def __init__(self, writer: Writer, post_event: EventFn) -> None:
+    The ledger and the placement lock are shared with the Job reconcile, so GPUs given to
+    a Job's own cluster are never given to a GPUCluster too, and the other way round.
+    """
+
+    def __init__(
+        self,
+        writer: Writer,
+        post_event: EventFn,
+        *,
+        counters: UsageCounters = COUNTERS,
+        meter_flush_seconds: float = JOB_SETTINGS.meter_flush_seconds,
+    ) -> None:
         self.writer = writer
         self.post_event = post_event
         self.ledger = Ledger()
-        self._placement_lock = threading.Lock()
+        self.placement_lock = threading.Lock()
+        self.counters = counters
+        self.meter_flush_seconds = meter_flush_seconds
         self._cluster_locks: defaultdict[ClusterKey, threading.Lock] = defaultdict(threading.Lock)
 
     def forget(self, key: ClusterKey) -> None:
         """The cluster is gone: release what the ledger held for it."""
         self.ledger.forget(key)
         self._cluster_locks.pop(key, None)
+        self.counters.forget(key.namespace, "GPUCluster", key.name)
 
     def reconcile(self, body: Obj, snapshot: Snapshot, now: datetime | None = None) -> None:
         meta = body["metadata"]
@@ -120,11 +135,10 @@ class Reconciler:
 
         existing = snap.rayclusters.get(key)
         current_groups = groups_on_nodes(existing) if existing else []
-        offers = build_inventory(list(snap.gpunodes), list(snap.nodes), list(snap.foreign_gpu_pods))
-        offer_by_node = {o.name: o for o in offers}
-        current = _current_assignments(current_groups, offer_by_node)
+        offers = snap.offers
+        current = _current_assignments(current_groups, offers.by_name)
 
-        with self._placement_lock:
+        with self.placement_lock:
             reserved = reserved_gpus(key, snap.rayclusters, self.ledger.snapshot())
             current_head = _current_head(snap, key)
             decision = place_cluster(
@@ -164,7 +178,9 @@ class Reconciler:
                 selector=f"{names.CLUSTER}={key.name},{names.GROUP}=workers",
             )
         )
+        status, flush = meter(previous, status, now, self.meter_flush_seconds)
         self._write_status(key, previous, status)
+        self.counters.record(key.namespace, "GPUCluster", key.name, flush)
 
     def _apply(
         self,

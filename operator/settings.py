@@ -16,6 +16,15 @@ class OperatorSettings:
     liveness_stale_seconds: float = 90.0
     max_workers: int = 16
     watch_server_timeout: int = 300
+    mesh: bool = True
+    """Plan the WireGuard mesh (GPUNode status.mesh and the catalogue ConfigMap)."""
+    mesh_overlay_cidr: str = "10.90.0.0/16"
+    mesh_pod_cidr: str = "10.128.0.0/11"
+    mesh_pod_prefix: int = 24
+    mesh_cooldown_seconds: float = 3600.0
+    mesh_catalogue: str = "gpumesh-mesh"
+    mesh_node_selector: str = ""
+    """Only GPUNodes with these labels join the mesh, as "k=v,k2=v2" (empty: all)."""
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -31,6 +40,15 @@ class OperatorSettings:
             watch_server_timeout=int(
                 env.get("GPUMESH_WATCH_SERVER_TIMEOUT", cls.watch_server_timeout)
             ),
+            mesh=env.get("GPUMESH_MESH", "true").lower() not in ("0", "false", "no", "off"),
+            mesh_overlay_cidr=env.get("GPUMESH_MESH_OVERLAY_CIDR", cls.mesh_overlay_cidr),
+            mesh_pod_cidr=env.get("GPUMESH_MESH_POD_CIDR", cls.mesh_pod_cidr),
+            mesh_pod_prefix=int(env.get("GPUMESH_MESH_POD_PREFIX", cls.mesh_pod_prefix)),
+            mesh_cooldown_seconds=float(
+                env.get("GPUMESH_MESH_COOLDOWN_SECONDS", cls.mesh_cooldown_seconds)
+            ),
+            mesh_catalogue=env.get("GPUMESH_MESH_CATALOGUE", cls.mesh_catalogue),
+            mesh_node_selector=env.get("GPUMESH_MESH_NODE_SELECTOR", cls.mesh_node_selector),
         )
 
 

@@ -5,12 +5,17 @@ trims them and derives what placement needs: which GPUs other work already holds
 GPUs promised to a RayCluster count from the moment it is applied, so two clusters
 placed back to back never get the same GPU while pods are still starting, and the
 promise survives an operator restart because it lives in the RayCluster itself.
+
+A Job with a cluster template holds GPUs through the RayCluster KubeRay makes for its
+RayJob. That RayCluster inherits the RayJob's labels, ``gpumesh.io/job`` among them, so
+it is indexed under the Job's key (kind ``Job``) and counts like any other gpumesh
+cluster; the ledger covers the time before KubeRay creates it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +24,17 @@ from gpumesh.operator.render import labels as names
 Obj = Mapping[str, Any]
 
 
+#: Label on a Job's RayJobs, their RayClusters and pods: the Job's name.
+JOB_LABEL = "gpumesh.io/job"
+
+
 @dataclass(frozen=True, order=True)
 class ClusterKey:
+    """A gpumesh workload that holds GPUs: a GPUCluster, or a Job's own cluster."""
+
     namespace: str
     name: str
+    kind: str = "GPUCluster"
 
 
 def _meta(body: Obj, *keys: str) -> dict[str, Any]:
@@ -75,6 +87,12 @@ def pod_gpus(pod: Obj) -> int:
     return total
 
 
+def workload_key(namespace: str, name: str, labels: Mapping[str, str]) -> ClusterKey:
+    """The workload an object labelled ``labels`` belongs to: its Job if it names one."""
+    job = labels.get(JOB_LABEL)
+    return ClusterKey(namespace, job, "Job") if job else ClusterKey(namespace, name)
+
+
 def is_gpumesh_pod(pod: Obj) -> bool:
     return names.CLUSTER in ((pod.get("metadata") or {}).get("labels") or {})
 
@@ -120,6 +138,28 @@ def _group_on_node(group_spec: Obj) -> GroupOnNode:
         gpus_per_worker=gpus,
         ray_group_name=str(group_spec.get("groupName", "")),
     )
+
+
+def trim_rayjob(body: Obj) -> dict[str, Any]:
+    """The parts of a gpumesh-managed RayJob the Job reconcile reads."""
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    kept = (
+        "jobStatus",
+        "jobDeploymentStatus",
+        "reason",
+        "message",
+        "jobId",
+        "rayClusterName",
+        "dashboardURL",
+        "startTime",
+        "endTime",
+    )
+    return {
+        "metadata": _meta(body, "name", "namespace", "labels", "annotations", "deletionTimestamp"),
+        "spec": {"suspend": bool(spec.get("suspend"))},
+        "status": {k: status[k] for k in kept if k in status},
+    }
 
 
 def groups_on_nodes(trimmed_raycluster: Obj) -> list[GroupOnNode]:
@@ -171,13 +211,23 @@ def reserved_gpus(
     Per cluster the ledger wins over the index (it is newer). Pods gpumesh did not
     create are counted by the inventory itself.
     """
+    return held_gpus(rayclusters, ledger, lambda key: key != exclude)
+
+
+def held_gpus(
+    rayclusters: Mapping[ClusterKey, Obj],
+    ledger: Mapping[ClusterKey, Mapping[str, int]],
+    counted: Callable[[ClusterKey], bool],
+) -> dict[str, int]:
+    """GPUs per node held by the gpumesh workloads ``counted`` accepts; the ledger wins."""
     per_cluster: dict[ClusterKey, Mapping[str, int]] = {
         key: committed_gpus(rc) for key, rc in rayclusters.items()
     }
     per_cluster.update(ledger)
-    per_cluster.pop(exclude, None)
     reserved: dict[str, int] = {}
-    for per_node in per_cluster.values():
+    for key, per_node in per_cluster.items():
+        if not counted(key):
+            continue
         for node, gpus in per_node.items():
             reserved[node] = reserved.get(node, 0) + gpus
     return reserved

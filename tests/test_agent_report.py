@@ -161,7 +161,13 @@ def test_new_gpunode_is_validated() -> None:
         "pricePerGpuHour": "2.1",
         "headCapable": False,
         "cordoned": False,
+        "meshRelay": True,
     }
+    head = new_gpunode(
+        "n1", "acme", "eu-west", "2.10", head_capable=True, public_endpoint="198.51.100.1:51820"
+    )
+    assert head["spec"]["headCapable"] is True
+    assert head["spec"]["publicEndpoint"] == "198.51.100.1:51820"
     with pytest.raises(ValueError, match="decimal string"):
         new_gpunode("n1", "acme", "eu-west", "cheap")
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from gpumesh.api.base import (
     API_VERSION,
@@ -272,6 +282,40 @@ class WorkerPlacement(StatusModel):
     price_per_gpu_hour: Price = Field(description="Node's price per GPU-hour.")
 
 
+EXACT_DECIMAL_PATTERN = r"^[0-9]{1,24}(\.[0-9]{1,12})?$"
+
+
+def _exact_decimal(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, str) and re.fullmatch(EXACT_DECIMAL_PATTERN, value):
+        return Decimal(value)
+    raise ValueError('should be a non-negative decimal string such as "4644.0000"')
+
+
+ExactDecimal = Annotated[
+    Decimal,
+    BeforeValidator(_exact_decimal),
+    PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": EXACT_DECIMAL_PATTERN, "maxLength": 37}),
+]
+"""A decimal kept exact in a string (no float rounding across reconciles)."""
+
+
+class Metering(StatusModel):
+    """Bookkeeping that counts GPU time exactly once, across reconciles and restarts."""
+
+    metered_until: datetime = Field(
+        description="GPU time before this instant is counted in gpuSeconds and cost."
+    )
+    price_seconds: ExactDecimal = Field(
+        default=Decimal(0),
+        description=(
+            "Sum of price per GPU-hour x GPUs x seconds held, unrounded; cost is this / 3600."
+        ),
+    )
+
+
 class HeadStatus(StatusModel):
     """Where the Ray head runs and how to reach it."""
 
@@ -306,6 +350,9 @@ class GPUClusterStatus(StatusModel):
     price_per_hour: Price | None = Field(default=None, description="US dollars per hour now.")
     gpu_seconds: float | None = Field(default=None, ge=0, description="GPU-seconds used so far.")
     cost: Price | None = Field(default=None, description="US dollars spent so far.")
+    metering: Metering | None = Field(
+        default=None, description="Where GPU-time metering stands (for the operator)."
+    )
     head: HeadStatus | None = Field(default=None, description="The Ray head.")
     migrations: int = Field(default=0, ge=0, description="Migrations so far.")
     last_scheduled_time: datetime | None = Field(

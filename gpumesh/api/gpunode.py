@@ -7,9 +7,9 @@ the supplier chart); the node agent writes the status; the operator reads both.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from gpumesh.api.base import (
     API_VERSION,
@@ -26,7 +26,10 @@ ENDPOINT_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
 NONCE_PATTERN = r"^[0-9a-f]{16,128}$"
 WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 
+NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+
 Endpoint = Annotated[str, StringConstraints(max_length=262, pattern=ENDPOINT_PATTERN)]
+NodeName = Annotated[str, StringConstraints(max_length=253, pattern=NODE_NAME_PATTERN)]
 
 GPUHealth = Literal["Healthy", "Degraded", "NeedsReset", "Unhealthy", "Lost", "Unknown"]
 """Per-GPU health. Unhealthy, Lost and Unknown GPUs get no work; Degraded ranks lower."""
@@ -50,6 +53,13 @@ class GPUNodeSpec(ApiModel):
         default=None,
         description="host:port where the node's WireGuard listens publicly; unset behind NAT.",
     )
+    mesh_relay: bool = Field(
+        default=True,
+        description=(
+            "May relay WireGuard traffic for NAT'd nodes (only with a publicEndpoint); "
+            "false opts the node out of relaying."
+        ),
+    )
 
 
 class GPUInfo(StatusModel):
@@ -69,6 +79,13 @@ class GPUInfo(StatusModel):
     power_w: float | None = Field(default=None, description="Power draw, watts.")
 
 
+class PeerEndpoint(StatusModel):
+    """A peer's endpoint as this node saw it after a handshake (the peer's NAT mapping)."""
+
+    node: NodeName = Field(description="The peer's GPUNode name.")
+    endpoint: Endpoint = Field(description="host:port the peer's packets came from.")
+
+
 class MeshStatus(StatusModel):
     """The node's place in the WireGuard mesh. Never holds a private key."""
 
@@ -84,6 +101,29 @@ class MeshStatus(StatusModel):
     overlay_ip: str | None = Field(default=None, description="Overlay address, by the operator.")
     pod_cidr: str | None = Field(default=None, description="Pod range routed over the mesh.")
     relay: str | None = Field(default=None, description="Relay node used when not reachable.")
+    peer_endpoints: Annotated[
+        list[PeerEndpoint], Field(max_length=5000, json_schema_extra=list_map("node"))
+    ] = Field(
+        default_factory=list,
+        description=(
+            "NAT mappings this node (as a relay) observed for the peers it relays, by the "
+            "agent; the operator copies each into that peer's observedEndpoint."
+        ),
+    )
+    rtt_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Round-trip time to each peer node over the mesh, in ms, by the agent.",
+    )
+
+    @field_validator("rtt_ms", mode="before")
+    @classmethod
+    def _numeric_rtts(cls, value: Any) -> Any:
+        """Skip unreadable entries rather than reject the status (placement reads the rest)."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            k: v for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
 
 
 class VerificationStatus(StatusModel):

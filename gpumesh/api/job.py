@@ -23,7 +23,7 @@ from gpumesh.api.base import (
     StatusModel,
     cel,
 )
-from gpumesh.api.gpucluster import GPUClusterSpec, PreemptionPolicy
+from gpumesh.api.gpucluster import GPUClusterSpec, Metering, PreemptionPolicy, WorkerPlacement
 
 THIRTY_DAYS = 30 * 24 * 3600
 URI_PATTERN = r"^[a-z][a-z0-9+.-]*://[^\s]+$"
@@ -136,8 +136,36 @@ class JobStatus(StatusModel):
     ray_job_id: str | None = Field(default=None, description="The Ray job's submission id.")
     ray_cluster_name: str | None = Field(default=None, description="The RayCluster it runs on.")
     dashboard_url: str | None = Field(default=None, description="Ray dashboard address.")
+    placements: Annotated[list[WorkerPlacement], Field(max_length=1000)] = Field(
+        default_factory=list,
+        description="Supplier nodes the current attempt holds, per worker group; empty when none.",
+    )
+    head_node: str | None = Field(default=None, description="Node chosen for the Ray head.")
+    gpus: int = Field(default=0, ge=0, description="GPUs held now.")
+    price_per_hour: Price | None = Field(default=None, description="US dollars per hour now.")
+    active_since: datetime | None = Field(
+        default=None,
+        description="Since when the current attempt holds its cluster; unset while waiting.",
+    )
+    active_seconds: float = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Seconds attempts held their clusters before activeSince; activeDeadlineSeconds "
+            "counts these plus the current stretch (time queued or suspended does not count)."
+        ),
+    )
+    next_attempt_time: datetime | None = Field(
+        default=None, description="Retry backoff: the next attempt may not start before this."
+    )
+    preempted_by: str | None = Field(
+        default=None, description="The workload that preempted this job, until it runs again."
+    )
     gpu_seconds: float = Field(default=0, ge=0, description="GPU-seconds held so far.")
     cost: Price | None = Field(default=None, description="US dollars spent so far.")
+    metering: Metering | None = Field(
+        default=None, description="Where GPU-time metering stands (for the operator)."
+    )
     message: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
         default=None, description="Last noteworthy event, for people."
     )

@@ -89,46 +89,31 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    kind = _backend_kind(backend)
-    endpoints = list(endpoint or [])
-    for e in endpoints:
-        if not valid_endpoint(e):
-            raise typer.BadParameter(f"{e!r} is not host:port", param_hint="--endpoint")
-    if advertise_host_addresses:
-        endpoints += [f"{a}:{listen_port}" for a in host_addresses(exclude=[interface])]
     api = RestKubeApi.connect(kubeconfig)
     if api is None:
         raise typer.BadParameter("no --kubeconfig and not in a cluster", param_hint="--kubeconfig")
-    links = LinkManager(interface)
-    device: WgBackend
-    if kind == "netlink":
-        device = NetlinkBackend(interface, create_link=links.create_wireguard)
-    else:
-        device = UapiBackend(interface, spawn=spawn_wireguard_go)
-    syncer = MeshSyncer(
-        node,
-        device,
-        KeyStore(key_dir),
-        links,
+    agent = build_mesh_agent(
+        api,
+        node=node,
+        interface=interface,
+        backend=backend,
+        key_dir=key_dir,
         listen_port=listen_port,
         mtu=mtu,
-        keepalive_s=keepalive,
-    )
-    collector = MeshCollector(node)
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port, metrics_address, registry=registry_with(collector))
-    config = MeshAgentConfig(
-        node=node,
+        keepalive=keepalive,
+        endpoints=list(endpoint or []),
+        advertise_host_addresses=advertise_host_addresses,
         namespace=namespace,
         catalogue=catalogue,
-        endpoints=tuple(dict.fromkeys(endpoints)),
-        resync_s=resync,
-        lease_duration_s=lease_duration or None,
-        lease_renew_s=lease_renew,
+        resync=resync,
+        lease_duration=lease_duration,
+        lease_renew=lease_renew,
+        spawn_wireguard_go=spawn_wireguard_go,
     )
-    agent = MeshAgent(config, api, syncer, collector)
+    if metrics_port and agent.collector is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, metrics_address, registry=registry_with(agent.collector))
     stop = threading.Event()
 
     def on_stop(signum: int, _frame: object) -> None:
@@ -145,6 +130,61 @@ def run(
     finally:
         api.close()
     sys.exit(0)
+
+
+def build_mesh_agent(
+    api: RestKubeApi,
+    *,
+    node: str,
+    interface: str = "gpumesh0",
+    backend: str = "uapi",
+    key_dir: Path = Path("/var/lib/gpumesh/wireguard"),
+    listen_port: int = DEFAULT_LISTEN_PORT,
+    mtu: int = DEFAULT_MTU,
+    keepalive: int = DEFAULT_KEEPALIVE_S,
+    endpoints: list[str] | None = None,
+    advertise_host_addresses: bool = False,
+    namespace: str = "gpumesh-system",
+    catalogue: str = CATALOGUE_NAME,
+    resync: float = 30.0,
+    lease_duration: int = 0,
+    lease_renew: float = 10.0,
+    spawn_wireguard_go: bool = False,
+) -> MeshAgent:
+    """The mesh loop for one node, from command-line values (``gpumesh agent run --mesh``
+    builds it the same way). Raises typer.BadParameter for unusable values."""
+    kind = _backend_kind(backend)
+    candidates = list(endpoints or [])
+    for e in candidates:
+        if not valid_endpoint(e):
+            raise typer.BadParameter(f"{e!r} is not host:port", param_hint="--endpoint")
+    if advertise_host_addresses:
+        candidates += [f"{a}:{listen_port}" for a in host_addresses(exclude=[interface])]
+    links = LinkManager(interface)
+    device: WgBackend
+    if kind == "netlink":
+        device = NetlinkBackend(interface, create_link=links.create_wireguard)
+    else:
+        device = UapiBackend(interface, spawn=spawn_wireguard_go)
+    syncer = MeshSyncer(
+        node,
+        device,
+        KeyStore(key_dir),
+        links,
+        listen_port=listen_port,
+        mtu=mtu,
+        keepalive_s=keepalive,
+    )
+    config = MeshAgentConfig(
+        node=node,
+        namespace=namespace,
+        catalogue=catalogue,
+        endpoints=tuple(dict.fromkeys(candidates)),
+        resync_s=resync,
+        lease_duration_s=lease_duration or None,
+        lease_renew_s=lease_renew,
+    )
+    return MeshAgent(config, api, syncer, MeshCollector(node))
 
 
 def _backend_kind(text: str) -> Literal["uapi", "netlink"]:

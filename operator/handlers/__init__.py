@@ -1,5 +1,5 @@
 """kopf handlers: the only operator code that reacts to the API. Importing registers them."""
 
-from gpumesh.operator.handlers import gpucluster, indexes, lifecycle
+from gpumesh.operator.handlers import gpucluster, indexes, job, lifecycle, mesh
 
-__all__ = ["gpucluster", "indexes", "lifecycle"]
+__all__ = ["gpucluster", "indexes", "job", "lifecycle", "mesh"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 
 from gpumesh.operator import kube
+from gpumesh.operator.handlers.indexes import INVENTORY_VERSION
+from gpumesh.operator.placement import InventoryIndex, build_inventory
 from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
     PLURAL,
@@ -44,13 +47,38 @@ def _values(index: kopf.Index[Any, Any]) -> list[Any]:
     return [value for store in index.values() for value in store]
 
 
+_inventory_lock = threading.Lock()
+_inventory: tuple[tuple[int, ...], InventoryIndex] | None = None
+
+
+def inventory(indexes: Mapping[str, Any]) -> InventoryIndex:
+    """The placement inventory, rebuilt only when an input really changed.
+
+    Building it reads every node, so sharing one build between reconciles is what keeps
+    a reconcile cheap when a thousand GPUClusters share a thousand nodes.
+    """
+    global _inventory
+    pods = indexes["foreign_gpu_pod_index"]
+    key = (
+        INVENTORY_VERSION.value,
+        len(indexes["node_index"]),
+        len(indexes["gpunode_index"]),
+        sum(len(store) for store in pods.values()),
+    )
+    with _inventory_lock:
+        if _inventory is None or _inventory[0] != key:
+            offers = build_inventory(
+                _values(indexes["gpunode_index"]), _values(indexes["node_index"]), _values(pods)
+            )
+            _inventory = (key, InventoryIndex(offers))
+        return _inventory[1]
+
+
 def snapshot(indexes: Mapping[str, Any]) -> Snapshot:
     """Freeze the kopf indexes handed to a handler into reconcile input."""
     cluster_pods = indexes["cluster_pod_index"]
     return Snapshot(
-        gpunodes=_values(indexes["gpunode_index"]),
-        nodes=_values(indexes["node_index"]),
-        foreign_gpu_pods=_values(indexes["foreign_gpu_pod_index"]),
+        offers=inventory(indexes),
         rayclusters={key: next(iter(store)) for key, store in indexes["raycluster_index"].items()},
         cluster_pods={key: list(store) for key, store in cluster_pods.items()},
     )

@@ -6,19 +6,46 @@ however many other objects exist.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import kopf
 
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.world import (
+    JOB_LABEL,
     ClusterKey,
     is_gpumesh_pod,
     pod_gpus,
     trim_node,
     trim_pod,
     trim_raycluster,
+    trim_rayjob,
+    workload_key,
 )
+
+
+class InventoryVersion:
+    """Bumps whenever an indexed input of placement really changes.
+
+    kopf calls index functions on every event, heartbeats included; comparing the
+    trimmed copy with the last one seen keeps the version (and the inventory built from
+    it) stable while nothing placement reads has changed.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._seen: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, kind: str, key: str, trimmed: Any) -> None:
+        with self._lock:
+            if self._seen.get((kind, key)) != trimmed:
+                self._seen[(kind, key)] = trimmed
+                self.value += 1
+
+
+INVENTORY_VERSION = InventoryVersion()
 
 
 def _is_foreign_gpu_pod(body: kopf.Body, **_: Any) -> bool:
@@ -27,34 +54,44 @@ def _is_foreign_gpu_pod(body: kopf.Body, **_: Any) -> bool:
 
 @kopf.index("", "v1", "nodes")
 def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-    return {name: trim_node(body)}
+    trimmed = trim_node(body)
+    INVENTORY_VERSION.observe("node", name, trimmed)
+    return {name: trimmed}
 
 
 @kopf.index("gpumesh.io", "v1alpha1", "gpunodes")
 def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-    return {
-        name: {"metadata": {"name": name}, "spec": dict(body.spec), "status": dict(body.status)}
-    }
+    status = dict(body.status)
+    trimmed = {"metadata": {"name": name}, "spec": dict(body.spec), "status": status}
+    # The heartbeat moves every few seconds and tells placement nothing new.
+    relevant = {**trimmed, "status": {k: v for k, v in status.items() if k != "heartbeatTime"}}
+    INVENTORY_VERSION.observe("gpunode", name, relevant)
+    return {name: trimmed}
 
 
 @kopf.index("", "v1", "pods", when=_is_foreign_gpu_pod)
 def foreign_gpu_pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     node = body.spec.get("nodeName") or ""
-    return {node: trim_pod(body)}
+    trimmed = trim_pod(body)
+    INVENTORY_VERSION.observe("pod", f"{body.metadata.namespace}/{body.metadata.name}", trimmed)
+    return {node: trimmed}
 
 
 @kopf.index("", "v1", "pods", labels={names.CLUSTER: kopf.PRESENT})
 def cluster_pod_index(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
-    return {ClusterKey(namespace or "", labels[names.CLUSTER]): trim_pod(body)}
+    # A Job's pods carry gpumesh.io/job too: keyed by the Job, never mixed with a
+    # GPUCluster of the same name.
+    return {workload_key(namespace or "", labels[names.CLUSTER], labels): trim_pod(body)}
 
 
 @kopf.index("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
 def raycluster_index(
-    namespace: str | None, name: str, body: kopf.Body, **_: Any
+    namespace: str | None, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
-    return {ClusterKey(namespace or "", name): trim_raycluster(body)}
+    # A Job's RayCluster inherits its RayJob's labels: keyed by the Job (kind "Job").
+    return {workload_key(namespace or "", name, labels): trim_raycluster(body)}
 
 
 @kopf.index("gpumesh.io", "v1alpha1", "gpuclusters")
@@ -62,3 +99,34 @@ def gpucluster_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
     return {ClusterKey(namespace or "", name): dict(body)}
+
+
+@kopf.index("gpumesh.io", "v1alpha1", "jobs")
+def job_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[ClusterKey, Any]:
+    meta = body.metadata
+    kept = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp")
+    trimmed = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in kept if k in meta},
+        "spec": dict(body.spec),
+        "status": dict(body.status),
+    }
+    return {ClusterKey(namespace or "", name, "Job"): trimmed}
+
+
+@kopf.index(
+    "ray.io",
+    "v1",
+    "rayjobs",
+    labels={names.MANAGED_BY: names.MANAGER, JOB_LABEL: kopf.PRESENT},
+)
+def rayjob_index(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[ClusterKey, Any]:
+    return {ClusterKey(namespace or "", labels[JOB_LABEL], "Job"): trim_rayjob(body)}
+
+
+@kopf.index("gpumesh.io", "v1alpha1", "gpuquotas")
+def gpuquota_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
+    return {namespace or "": dict(body)}

@@ -55,13 +55,15 @@ class MeshNode:
     ``public_endpoint`` is the supplier's ``spec.publicEndpoint``: a node with one is
     reachable from anywhere and may relay for nodes without one. ``alive`` is False once
     the node's heartbeat Lease has expired: it leaves the catalogue but keeps its
-    addresses, so it returns with the same ones.
+    addresses, so it returns with the same ones. ``relay`` False (``spec.meshRelay``) keeps
+    a node with a public endpoint out of the relay pool.
     """
 
     name: str
     public_key: str | None = None
     public_endpoint: str | None = None
     alive: bool = True
+    relay: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -185,6 +185,12 @@ class MeshPlanner:
         self._catalogue = None
         return self.generation
 
+    def adopt_generation(self, generation: int) -> None:
+        """Number the current plan ``generation`` (a restarted operator whose plan equals
+        the published one keeps its number, so nothing is written again)."""
+        self.generation = generation
+        self._catalogue = None
+
     def ledger(self) -> Ledger:
         allocations: dict[str, tuple[str, str, str | None]] = {}
         for name in sorted(self._alloc):
@@ -288,7 +294,7 @@ class MeshPlanner:
             self._leave(name, out)
             return
         member = node.alive and node.public_key is not None
-        capable = member and node.public_endpoint is not None
+        capable = member and node.public_endpoint is not None and node.relay
         if name in self._relays and not capable:
             self._retire_relay(name, out)
         elif capable:

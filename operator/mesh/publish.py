@@ -74,6 +74,7 @@ def mesh_node(
         public_key=key,
         public_endpoint=endpoint,
         alive=alive,
+        relay=spec.get("meshRelay", True) is not False,
     )
 
 

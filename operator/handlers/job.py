@@ -1,0 +1,329 @@
+"""kopf glue for Job: every trigger ends in the same idempotent reconcile.
+
+Triggers: create, spec change, operator restart, a resync timer, the Job's RayJobs
+changing, the referenced GPUCluster changing, and alarms the reconcile asks for (retry
+backoff, deadline, TTL, failover grace). When GPUs are freed or taken (a Job finished, was
+suspended or deleted, a GPUCluster went away, supply or a GPUQuota changed) a queue pass
+reconciles the waiting Jobs in queue order, coalesced so a burst of events costs one pass.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, cast
+
+import kopf
+
+from gpumesh.operator import kube
+from gpumesh.operator.handlers import gpucluster
+from gpumesh.operator.jobs import metrics
+from gpumesh.operator.jobs.naming import JOB
+from gpumesh.operator.jobs.settings import JOB_SETTINGS
+from gpumesh.operator.reconcile_job import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    JobReconciler,
+    JobSnapshot,
+    Outcome,
+    job_key,
+)
+from gpumesh.operator.render import labels as names
+from gpumesh.operator.settings import SETTINGS
+from gpumesh.operator.world import ClusterKey, trim_node
+
+log = logging.getLogger(__name__)
+
+#: Delay that lets a burst of freeing events share one queue pass.
+QUEUE_PASS_DELAY = 0.2
+
+
+def _post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1024])
+
+
+_reconciler: JobReconciler | None = None
+_reconciler_lock = threading.Lock()
+
+
+def reconciler() -> JobReconciler:
+    """The process's Job reconciler, sharing ledger and placement lock with GPUClusters."""
+    global _reconciler
+    with _reconciler_lock:
+        if _reconciler is None:
+            clusters = gpucluster.reconciler()
+            _reconciler = JobReconciler(
+                kube.shared(),
+                _post_event,
+                ledger=clusters.ledger,
+                placement_lock=clusters.placement_lock,
+                settings=JOB_SETTINGS,
+            )
+        return _reconciler
+
+
+# --- the indexed world ----------------------------------------------------------------------
+
+_indexes: Mapping[str, Any] | None = None
+_kopf_context: contextvars.Context | None = None
+
+
+def _remember(indexes: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Keep the (live) kopf indexes, so alarms and queue passes can read them too.
+
+    Also keep kopf's context of a resource handler: ``kopf.event`` finds the operator's
+    settings and event queue there, and the alarm thread has no context of its own.
+    """
+    global _indexes, _kopf_context
+    _indexes = {k: v for k, v in indexes.items() if k.endswith("_index")}
+    if _kopf_context is None:
+        _kopf_context = contextvars.copy_context()
+    return _indexes
+
+
+def _first(index: Any) -> dict[Any, Any]:
+    return {key: next(iter(store)) for key, store in list(index.items()) if store}
+
+
+def snapshot(indexes: Mapping[str, Any]) -> JobSnapshot:
+    """Freeze the kopf indexes into reconcile input (they change while we read)."""
+    for attempt in range(3):
+        try:
+            return JobSnapshot(
+                jobs=_first(indexes["job_index"]),
+                rayjobs={k: list(s) for k, s in list(indexes["rayjob_index"].items())},
+                gpuclusters=_first(indexes["gpucluster_index"]),
+                gpuquotas=[q for s in list(indexes["gpuquota_index"].values()) for q in s],
+                offers=gpucluster.inventory(indexes),
+                node_names=frozenset(indexes["node_index"].keys()),
+                rayclusters=_first(indexes["raycluster_index"]),
+            )
+        except RuntimeError:  # an index changed size while we copied it
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+# --- alarms and queue passes ------------------------------------------------------------------
+
+
+class Alarms:
+    """Calls ``fire(key)`` at the times asked for; ``key`` None means a queue pass.
+
+    One daemon thread and a heap: cheap for thousands of Jobs. Duplicate alarms are
+    harmless (reconciles are idempotent) and equal ones are merged.
+    """
+
+    def __init__(self, fire: Callable[[ClusterKey | None], None]) -> None:
+        self._fire = fire
+        self._heap: list[tuple[float, int, ClusterKey | None]] = []
+        self._pending: set[tuple[float, ClusterKey | None]] = set()
+        self._queue_pass_due = False
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="job-alarms", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(5)
+
+    def at(self, key: ClusterKey, when: datetime) -> None:
+        self._push(key, when.timestamp())
+
+    def queue_pass(self) -> None:
+        with self._cond:
+            if self._queue_pass_due:
+                return
+            self._queue_pass_due = True
+        self._push(None, time.time() + QUEUE_PASS_DELAY)
+
+    def _push(self, key: ClusterKey | None, at: float) -> None:
+        with self._cond:
+            if (at, key) in self._pending:
+                return
+            self._pending.add((at, key))
+            self._seq += 1
+            heapq.heappush(self._heap, (at, self._seq, key))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (not self._heap or self._heap[0][0] > time.time()):
+                    timeout = self._heap[0][0] - time.time() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._stop:
+                    return
+                at, _, key = heapq.heappop(self._heap)
+                self._pending.discard((at, key))
+                if key is None:
+                    self._queue_pass_due = False
+            try:
+                self._fire(key)
+            except Exception:  # an alarm must never kill the thread
+                log.exception("job alarm for %s failed", key or "the queue")
+
+
+def _fire(key: ClusterKey | None) -> None:
+    context = _kopf_context
+    if context is not None:
+        context.copy().run(_fire_in_context, key)
+
+
+def _fire_in_context(key: ClusterKey | None) -> None:
+    indexes = _indexes
+    if indexes is None:
+        return
+    if key is None:
+        for job, outcome in reconciler().reconcile_queue(snapshot(indexes)):
+            _follow_up(outcome, job)
+        return
+    store = indexes["job_index"].get(key)
+    body = next(iter(store), None) if store else None
+    if body is not None:
+        _follow_up(reconciler().reconcile(body, snapshot(indexes)), key)
+
+
+ALARMS = Alarms(_fire)
+
+
+def _follow_up(outcome: Outcome, key: ClusterKey) -> None:
+    if outcome.wake_at is not None:
+        ALARMS.at(key, outcome.wake_at)
+    if outcome.queue_moved:
+        ALARMS.queue_pass()
+
+
+def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
+    live = _remember(indexes)
+    meta = body["metadata"]
+    key = job_key(meta["namespace"], meta["name"])
+    _follow_up(reconciler().reconcile(body, snapshot(live)), key)
+
+
+def _job_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] | None:
+    store = indexes["job_index"].get(key)
+    return next(iter(store), None) if store else None
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def start_jobs(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Watch only gpumesh's RayJobs; serve the metrics; start the alarm clock."""
+    settings.watching.label_selectors["ray.io", "rayjobs"] = f"{names.MANAGED_BY}={names.MANAGER}"
+    metrics.serve()
+    ALARMS.start()
+
+
+@kopf.on.cleanup()
+def stop_jobs(**_: Any) -> None:
+    ALARMS.stop()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def reconcile_job(body: kopf.Body, **indexes: Any) -> None:
+    """Create, spec change, operator restart."""
+    _reconcile(body, indexes)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds)
+def resync_job(body: kopf.Body, **indexes: Any) -> None:
+    """Periodic resync: repairs drift and catches anything an alarm missed."""
+    _reconcile(body, indexes)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def job_deleted(namespace: str | None, name: str, **indexes: Any) -> None:
+    """Release what the Job held; the garbage collector removes its RayJobs."""
+    _remember(indexes)
+    reconciler().forget(job_key(namespace or "", name))
+    ALARMS.queue_pass()
+
+
+@kopf.on.event("ray.io", "v1", "rayjobs", labels={names.MANAGED_BY: names.MANAGER})
+def rayjob_changed(namespace: str | None, labels: kopf.Labels, **indexes: Any) -> None:
+    """KubeRay moved an attempt on: follow it in the Job's status at once."""
+    job = labels.get(JOB)
+    body = _job_body(indexes, job_key(namespace or "", job)) if job else None
+    if body is not None:
+        _reconcile(body, indexes)
+
+
+_cluster_gpus: dict[ClusterKey, int] = {}
+
+
+@kopf.on.event(GROUP, VERSION, "gpuclusters")
+def gpucluster_changed(namespace: str | None, name: str, body: kopf.Body, **kwargs: Any) -> None:
+    """A referenced cluster got Ready or went away; or a cluster gave GPUs back."""
+    live = _remember(kwargs)
+    key = ClusterKey(namespace or "", name)
+    deleted = kwargs.get("type") == "DELETED"
+    gpus = 0 if deleted else int(body.get("status", {}).get("gpus") or 0)
+    before = _cluster_gpus.get(key, 0)
+    if deleted:
+        _cluster_gpus.pop(key, None)
+    else:
+        _cluster_gpus[key] = gpus
+    for store in list(live["job_index"].values()):
+        for job in list(store):
+            ref = (job.get("spec") or {}).get("clusterRef") or {}
+            same = job["metadata"].get("namespace") == key.namespace
+            if same and ref.get("name") == name:
+                _reconcile(job, live)
+    if gpus < before:
+        ALARMS.queue_pass()
+
+
+@kopf.on.event(GROUP, VERSION, "gpuquotas")
+def gpuquota_changed(**indexes: Any) -> None:
+    """Quota limits moved: waiting Jobs may fit now."""
+    _remember(indexes)
+    ALARMS.queue_pass()
+
+
+_inventory_fingerprints: dict[str, str] = {}
+
+
+@kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
+@kopf.on.event("", "v1", "nodes")
+def supply_changed(name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any) -> None:
+    """Supply changed: running Jobs on that node may have to move; waiting ones may fit."""
+    relevant = (
+        repr(trim_node(body))
+        if resource.plural == "nodes"
+        else repr((dict(body.spec), body.status.get("health"), body.status.get("gpuCount")))
+    )
+    fingerprint = f"{resource.plural}/{name}"
+    if _inventory_fingerprints.get(fingerprint) == relevant:
+        return
+    _inventory_fingerprints[fingerprint] = relevant
+    live = _remember(indexes)
+    for store in list(live["job_index"].values()):
+        for job in list(store):
+            status = job.get("status") or {}
+            nodes = {p.get("node") for p in status.get("placements") or []}
+            if name in nodes or status.get("headNode") == name:
+                _reconcile(job, live)
+    ALARMS.queue_pass()

@@ -1,0 +1,243 @@
+"""Jobs in the admission queue, and trouble under the ones that hold GPUs (pure).
+
+Every Job with a cluster template that is neither finished, nor holding its cluster, nor
+suspended, nor in a retry's backoff is a :class:`~gpumesh.operator.placement.Request`;
+every one holding its cluster is a :class:`~gpumesh.operator.placement.Running` that a
+higher-priority request may preempt. GPUClusters are never preempted by Jobs: they enter
+as GPUs already reserved, and their use of a namespace's GPUQuota is taken off its limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from gpumesh.api.gpucluster import FailoverPolicy, GPUClusterStatus, WorkerPlacement
+from gpumesh.api.gpuquota import GPUQuota
+from gpumesh.api.job import JobSpec, JobStatus
+from gpumesh.operator.jobs.machine import TERMINAL, JobRef
+from gpumesh.operator.placement import (
+    AdmissionPolicy,
+    AdmissionResult,
+    Assignment,
+    NodeOffer,
+    QuotaLimit,
+    Request,
+    Running,
+    admit,
+    quota_limits,
+)
+from gpumesh.operator.placement.decision import REASON_NO_HEAD
+from gpumesh.operator.placement.explain import REASON_UNSATISFIABLE
+
+#: Queue reasons no amount of waiting fixes: the request itself must change.
+STALLED_REASONS: Final = frozenset({REASON_UNSATISFIABLE, REASON_NO_HEAD})
+#: Node health that ends a placement at once; the others wait out failover's grace.
+LOST: Final = "Lost"
+TROUBLED: Final = frozenset({"NeedsReset", "Unhealthy"})
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """One Job as admission sees it."""
+
+    ref: JobRef
+    spec: JobSpec
+    status: JobStatus
+
+    @property
+    def holds_cluster(self) -> bool:
+        return self.status.active_since is not None
+
+    def waiting(self, now: datetime) -> bool:
+        """Wants GPUs now: a template, not finished, not holding, not held back."""
+        s = self.status
+        return (
+            self.spec.cluster_template is not None
+            and s.phase not in TERMINAL
+            and s.active_since is None
+            and not self.spec.suspend
+            and (s.next_attempt_time is None or s.next_attempt_time <= now)
+        )
+
+    def request(self) -> Request | None:
+        return Request.for_job(self.ref.namespace, self.ref.name, self.spec, self.ref.created)
+
+    def running(self) -> Running | None:
+        template = self.spec.cluster_template
+        if template is None or not self.holds_cluster or self.status.phase in TERMINAL:
+            return None
+        return Running(
+            "Job",
+            self.ref.namespace,
+            self.ref.name,
+            template,
+            self.ref.created,
+            assignments(self.status.placements),
+            self.status.head_node,
+            self.spec.priority,
+        )
+
+
+def assignments(placements: Sequence[WorkerPlacement]) -> tuple[Assignment, ...]:
+    """Status placements back into placement's assignments."""
+    return tuple(
+        Assignment(
+            group=p.group,
+            node=p.node,
+            workers=p.workers,
+            gpus_per_worker=p.gpus // p.workers if p.workers else 0,
+            supplier=p.supplier,
+            region=p.region,
+            gpu_model=p.gpu_model,
+            price_per_gpu_hour=p.price_per_gpu_hour,
+        )
+        for p in placements
+    )
+
+
+def placements(chosen: Iterable[Assignment]) -> list[WorkerPlacement]:
+    """Placement's assignments as status placements (workers > 0 only)."""
+    return [
+        WorkerPlacement(
+            group=a.group,
+            node=a.node,
+            supplier=a.supplier,
+            region=a.region,
+            gpu_model=a.gpu_model,
+            workers=a.workers,
+            gpus=a.gpus,
+            price_per_gpu_hour=a.price_per_gpu_hour,
+        )
+        for a in chosen
+        if a.workers > 0
+    ]
+
+
+def namespace_quotas(
+    quotas: Iterable[GPUQuota], gpuclusters: Iterable[Mapping[str, Any]]
+) -> dict[str, QuotaLimit]:
+    """Each namespace's GPUQuota limits less what its GPUClusters hold now."""
+    limits = quota_limits(quotas)
+    used_gpus: dict[str, int] = {}
+    used_price: dict[str, Decimal] = {}
+    for cluster in gpuclusters:
+        namespace = str((cluster.get("metadata") or {}).get("namespace") or "")
+        if namespace not in limits:
+            continue
+        try:
+            status = GPUClusterStatus.model_validate(cluster.get("status") or {})
+        except ValidationError:
+            continue
+        used_gpus[namespace] = used_gpus.get(namespace, 0) + status.gpus
+        used_price[namespace] = used_price.get(namespace, Decimal(0)) + (
+            status.price_per_hour or Decimal(0)
+        )
+    left: dict[str, QuotaLimit] = {}
+    for namespace, limit in limits.items():
+        gpus = used_gpus.get(namespace, 0)
+        price = used_price.get(namespace, Decimal(0))
+        left[namespace] = QuotaLimit(
+            gpus=None if limit.gpus is None else max(0, limit.gpus - gpus),
+            price_per_hour=(
+                None
+                if limit.price_per_hour is None
+                else max(Decimal(0), limit.price_per_hour - price)
+            ),
+        )
+    return left
+
+
+def admission_pass(
+    entries: Iterable[JobEntry],
+    offers: Sequence[NodeOffer],
+    *,
+    now: datetime,
+    reserved: Mapping[str, int],
+    quotas: Mapping[str, QuotaLimit],
+    policy: AdmissionPolicy | None = None,
+) -> AdmissionResult:
+    """One pass over every waiting Job, priority first, then age."""
+    backlog: list[Request] = []
+    running: list[Running] = []
+    for entry in entries:
+        if entry.waiting(now):
+            request = entry.request()
+            if request is not None:
+                backlog.append(request)
+        else:
+            held = entry.running()
+            if held is not None:
+                running.append(held)
+    return admit(
+        backlog,
+        offers,
+        now=now,
+        running=running,
+        quotas=quotas,
+        reserved=reserved,
+        policy=policy or AdmissionPolicy(),
+    )
+
+
+@dataclass(frozen=True)
+class Trouble:
+    """Why a placement cannot go on (None if it can), and when to look again."""
+
+    reason: str | None
+    wake_at: datetime | None
+    unhealthy_since: dict[str, datetime]
+
+
+def placement_trouble(
+    nodes: Iterable[str],
+    offers: Mapping[str, NodeOffer],
+    known_nodes: frozenset[str],
+    failover: FailoverPolicy,
+    unhealthy_since: Mapping[str, datetime],
+    now: datetime,
+) -> Trouble:
+    """Nodes under a running attempt that it must leave, following the failover policy.
+
+    A node that is Lost (or whose Kubernetes Node is gone) is left at once. One that
+    needs a reset, is unhealthy or stopped reporting is left once it stays so for the
+    policy's grace period (never with mode Never); ``unhealthy_since`` remembers since
+    when, and the returned copy is the caller's to keep.
+    """
+    since = dict(unhealthy_since)
+    lost: list[str] = []
+    failing: list[str] = []
+    wake: datetime | None = None
+    grace = timedelta(seconds=failover.unhealthy_grace_seconds)
+    wanted = sorted(set(nodes))
+    for node in wanted:
+        offer = offers.get(node)
+        if node not in known_nodes or (offer is not None and offer.health == LOST):
+            lost.append(node)
+            continue
+        if offer is not None and offer.health not in TROUBLED:
+            since.pop(node, None)
+            continue
+        if failover.mode == "Never":
+            continue
+        first = since.setdefault(node, now)
+        if now - first >= grace:
+            failing.append(node)
+        elif wake is None or first + grace < wake:
+            wake = first + grace
+    for node in list(since):
+        if node not in wanted:
+            del since[node]
+    parts = []
+    if lost:
+        parts.append(f"node {', '.join(lost)} lost")
+    if failing:
+        parts.append(
+            f"node {', '.join(failing)} unhealthy for over {failover.unhealthy_grace_seconds}s"
+        )
+    return Trouble("; ".join(parts) or None, wake, since)

@@ -1,0 +1,535 @@
+"""One idempotent reconcile for a Job: observe, step, admit, apply if changed, report.
+
+Called by kopf for create, update and resume, by a timer, by alarms the Job asked for
+(backoff, deadline, TTL, grace periods), when its RayJob changes, and in queue passes
+when GPUs are freed. The pure parts decide (:mod:`gpumesh.operator.jobs`); this module
+only reads the snapshot and writes: the RayJob (server-side apply, only when its
+rendering changed), RayJob deletions, the status (only when changed) and events.
+
+Job reconciles run one at a time under the placement lock they share with GPUCluster
+placement, so an admission pass sees every GPU promised so far, and a preemption may
+rewrite its victims' state without racing their own reconciles. The process also keeps
+the last status it wrote per Job: the watch may not have delivered it yet, and a retry
+counter or a meter must never step back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from gpumesh.api.gpuquota import GPUQuota
+from gpumesh.api.job import JobSpec, JobStatus
+from gpumesh.api.manifests import field_path
+from gpumesh.operator.jobs.admission import (
+    STALLED_REASONS,
+    JobEntry,
+    admission_pass,
+    namespace_quotas,
+    placement_trouble,
+    placements,
+)
+from gpumesh.operator.jobs.machine import (
+    TERMINAL,
+    Event,
+    JobRef,
+    Step,
+    World,
+    admitted,
+    advance,
+    invalid,
+    preempted,
+    queued,
+)
+from gpumesh.operator.jobs.metering import meter
+from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
+from gpumesh.operator.jobs.observe import ClusterView, RayJobView
+from gpumesh.operator.jobs.settings import JobSettings
+from gpumesh.operator.placement import NodeOffer, Preemption
+from gpumesh.operator.placement.workload import workload_key
+from gpumesh.operator.render.raycluster import Owner, WorkerSlot
+from gpumesh.operator.render.rayjob import rayjob
+from gpumesh.operator.world import ClusterKey, Ledger, held_gpus
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "jobs"
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+APPLIED_HASH = "gpumesh.io/applied-hash"
+
+Obj = Mapping[str, Any]
+EventFn = Callable[[Obj, str, str, str], None]
+"""(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
+
+
+class Writer(Protocol):
+    """The API writes a Job reconcile makes (kube.Kube in production)."""
+
+    def apply_custom(
+        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
+
+    def patch_status(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+    ) -> None: ...
+
+    def delete_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """The indexed world one Job reconcile reads; taken fresh for each call."""
+
+    jobs: Mapping[ClusterKey, Obj]
+    rayjobs: Mapping[ClusterKey, Sequence[Obj]] = field(default_factory=dict)
+    gpuclusters: Mapping[ClusterKey, Obj] = field(default_factory=dict)
+    gpuquotas: Sequence[Obj] = ()
+    offers: Sequence[NodeOffer] = ()
+    """The placement inventory (an InventoryIndex shared with GPUCluster reconciles)."""
+    node_names: frozenset[str] = frozenset()
+    """Every Kubernetes Node there is: a placement on any other node has lost it."""
+    rayclusters: Mapping[ClusterKey, Obj] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the caller should arrange after a reconcile."""
+
+    wake_at: datetime | None = None
+    """Reconcile this Job again at this time."""
+    queue_moved: bool = False
+    """GPUs were freed or taken: give the other waiting Jobs a pass."""
+
+
+def job_key(namespace: str, name: str) -> ClusterKey:
+    return ClusterKey(namespace, name, "Job")
+
+
+class JobReconciler:
+    """Holds what outlives one call: caches of what was written, and the shared locks."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        post_event: EventFn,
+        *,
+        ledger: Ledger | None = None,
+        placement_lock: threading.Lock | None = None,
+        counters: UsageCounters = COUNTERS,
+        settings: JobSettings | None = None,
+    ) -> None:
+        self.writer = writer
+        self.post_event = post_event
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.lock = placement_lock if placement_lock is not None else threading.Lock()
+        self.counters = counters
+        self.settings = settings or JobSettings()
+        self._written: dict[ClusterKey, tuple[str, JobStatus]] = {}
+        self._applied: dict[ClusterKey, dict[str, str]] = {}
+        """Per Job, the hash last applied per RayJob (the index may lag behind)."""
+        self._specs: dict[tuple[str, int], JobSpec] = {}
+        self._unhealthy_since: dict[ClusterKey, dict[str, datetime]] = {}
+
+    # -- entry points --------------------------------------------------------------------
+
+    def reconcile(self, body: Obj, snap: JobSnapshot, now: datetime | None = None) -> Outcome:
+        meta = body["metadata"]
+        key = job_key(meta["namespace"], meta["name"])
+        with self.lock:
+            return self._reconcile(key, body, snap, now or datetime.now(UTC))
+
+    def reconcile_queue(
+        self, snap: JobSnapshot, now: datetime | None = None
+    ) -> list[tuple[ClusterKey, Outcome]]:
+        """Reconcile every Job waiting for admission, in queue order.
+
+        What a pass admits counts for the rest of the pass (the statuses just written are
+        read back from this process's cache), so one pass can fill the free GPUs.
+        """
+        outcomes = []
+        with self.lock:
+            when = now or datetime.now(UTC)
+            for key, body in self._waiting(snap, when):
+                try:
+                    outcome = self._reconcile(key, body, snap, when)
+                except Exception:  # one Job's failure must not stall the queue behind it
+                    log.exception(
+                        "queue pass: reconciling Job %s/%s failed", key.namespace, key.name
+                    )
+                    continue
+                outcomes.append((key, replace(outcome, queue_moved=False)))
+        return outcomes
+
+    def forget(self, key: ClusterKey) -> None:
+        """The Job is gone: drop what this process kept for it."""
+        with self.lock:
+            self.ledger.forget(key)
+            self._written.pop(key, None)
+            self._unhealthy_since.pop(key, None)
+            self._applied.pop(key, None)
+        self.counters.forget(key.namespace, "Job", key.name)
+
+    # -- the reconcile ---------------------------------------------------------------------
+
+    def _reconcile(self, key: ClusterKey, body: Obj, snap: JobSnapshot, now: datetime) -> Outcome:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return Outcome()
+        ref = _ref(body)
+        previous = self._previous(key, body)
+        try:
+            spec = self._spec(body)
+        except ValidationError as err:
+            self._report_invalid(key, body, ref, previous, err, now)
+            return Outcome()
+
+        view = _attempt(snap, key, previous.ray_job_name)
+        world = self._world(key, spec, previous, view, snap, now)
+        step = advance(ref, spec, previous, world)
+        admitted_now = False
+        if step.wants_admission:
+            step, admitted_now = self._admit(key, ref, spec, step, snap, now)
+
+        if spec.cluster_template is not None:
+            self.ledger.record(key, _gpus_per_node(step.status))
+        self._sync_rayjob(ref, spec, step.status, view, snap)
+        if step.stop_rayjob:
+            self.writer.delete_custom(
+                RAY_GROUP, RAY_VERSION, RAY_PLURAL, ref.namespace, step.stop_rayjob
+            )
+        self._commit(key, ref, previous, step.status, now)
+        self._post(body, step.events)
+        if step.delete_job:
+            self.writer.delete_custom(GROUP, VERSION, PLURAL, ref.namespace, ref.name)
+        return Outcome(step.wake_at, step.released or admitted_now)
+
+    def _world(
+        self,
+        key: ClusterKey,
+        spec: JobSpec,
+        status: JobStatus,
+        view: RayJobView | None,
+        snap: JobSnapshot,
+        now: datetime,
+    ) -> World:
+        if spec.cluster_ref is not None:
+            found = snap.gpuclusters.get(ClusterKey(key.namespace, spec.cluster_ref.name))
+            cluster = ClusterView.from_object(found) if found is not None else None
+            return World(now, view, cluster=cluster)
+        template = spec.cluster_template
+        if template is None or status.active_since is None or status.phase in TERMINAL:
+            self._unhealthy_since.pop(key, None)
+            return World(now, view)
+        nodes = [p.node for p in status.placements]
+        if status.head_node:
+            nodes.append(status.head_node)
+        trouble = placement_trouble(
+            nodes,
+            _by_name(snap.offers),
+            snap.node_names,
+            template.failover,
+            self._unhealthy_since.get(key, {}),
+            now,
+        )
+        self._unhealthy_since[key] = trouble.unhealthy_since
+        return World(now, view, trouble=trouble.reason, trouble_wake=trouble.wake_at)
+
+    def _admit(
+        self,
+        key: ClusterKey,
+        ref: JobRef,
+        spec: JobSpec,
+        step: Step,
+        snap: JobSnapshot,
+        now: datetime,
+    ) -> tuple[Step, bool]:
+        """Run an admission pass; apply this Job's verdict and any preemption it needs."""
+        entries = self._entries(snap, override=(key, JobEntry(ref, spec, step.status)))
+        reserved = held_gpus(snap.rayclusters, self.ledger.snapshot(), lambda k: k.kind != "Job")
+        result = admission_pass(
+            entries,
+            snap.offers,
+            now=now,
+            reserved=reserved,
+            quotas=namespace_quotas(_quotas(snap), snap.gpuclusters.values()),
+        )
+        verdict = result.outcome_of(workload_key("Job", ref.namespace, ref.name))
+        if verdict is None:
+            return step, False
+        decision = verdict.decision
+        if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
+            for preemption in verdict.preemptions:
+                self._preempt(preemption, snap, now)
+            chosen = placements(decision.assignments)
+            after = admitted(
+                ref, spec, step.status, chosen, decision.head_node, verdict.explanation, now
+            )
+            extra: tuple[Event, ...] = ()
+            if verdict.preemptions:
+                extra = (Event("Normal", "Preempting", verdict.explanation),)
+            return _merge(step, after, extra), True
+        after = queued(
+            ref,
+            spec,
+            step.status,
+            verdict.reason,
+            verdict.explanation,
+            verdict.position,
+            verdict.reason in STALLED_REASONS,
+            now,
+        )
+        return _merge(step, after), False
+
+    def _preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> None:
+        """Suspend a running Job for a higher-priority one (we hold the lock: no race)."""
+        victim = preemption.victim
+        key = job_key(victim.namespace, victim.name)
+        body = snap.jobs.get(key)
+        if body is None or victim.kind != "Job":
+            return
+        ref = _ref(body)
+        spec = self._spec(body)
+        previous = self._previous(key, body)
+        by = preemption.preemptor
+        step = preempted(ref, spec, previous, by, preemption.victim_message, now)
+        self.ledger.record(key, {})
+        self._sync_rayjob(ref, spec, step.status, _attempt(snap, key, previous.ray_job_name), snap)
+        self._commit(key, ref, previous, step.status, now)
+        self._post(body, step.events)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _sync_rayjob(
+        self,
+        ref: JobRef,
+        spec: JobSpec,
+        status: JobStatus,
+        view: RayJobView | None,
+        snap: JobSnapshot,
+    ) -> None:
+        """Server-side apply the attempt's RayJob when its rendering changed."""
+        manifest = self._desired_rayjob(ref, spec, status, view)
+        if manifest is None:
+            return
+        name = manifest["metadata"]["name"]
+        digest = _digest(manifest)
+        key = job_key(ref.namespace, ref.name)
+        indexed = _rayjob_object(snap, key, name)
+        seen = (indexed or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
+        applied = self._applied.setdefault(key, {})
+        if digest in (seen, applied.get(name)):
+            return
+        manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
+        self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
+        applied[name] = digest
+
+    def _desired_rayjob(
+        self, ref: JobRef, spec: JobSpec, status: JobStatus, view: RayJobView | None
+    ) -> dict[str, Any] | None:
+        name = status.ray_job_name
+        if name is None or status.attempts == 0:
+            return None
+        finished = status.phase in TERMINAL
+        owner = Owner(f"{GROUP}/{VERSION}", "Job", ref.name, ref.uid)
+        common: dict[str, Any] = {
+            "name": name,
+            "namespace": ref.namespace,
+            "owner": owner,
+            "attempt": status.attempts,
+            "submission_mode": self.settings.submission_mode,
+        }
+        if spec.cluster_template is None:
+            active = status.active_since is not None
+            if finished or not active or status.ray_cluster_name is None:
+                return None
+            return rayjob(spec, ray_cluster=status.ray_cluster_name, **common)
+        if finished and (view is None or view.finished):
+            return None  # KubeRay is done with it; nothing left to stop
+        active = status.active_since is not None
+        slots = [WorkerSlot(p.group, p.node, p.workers) for p in status.placements]
+        return rayjob(
+            spec,
+            suspend=not active,
+            slots=slots if active else (),
+            head_node=status.head_node if active else None,
+            **common,
+        )
+
+    def _commit(
+        self, key: ClusterKey, ref: JobRef, previous: JobStatus, status: JobStatus, now: datetime
+    ) -> None:
+        """Meter, then patch the status if it changed; count what the meter flushed."""
+        status, flush = meter(previous, status, now, self.settings.meter_flush_seconds)
+        old, new = previous.to_api(), status.to_api()
+        if old != new:
+            patch: dict[str, Any] = dict(new)
+            for gone in old.keys() - new.keys():
+                patch[gone] = None
+            self.writer.patch_status(GROUP, VERSION, PLURAL, ref.namespace, ref.name, patch)
+        self._written[key] = (ref.uid, status)
+        self.counters.record(ref.namespace, "Job", ref.name, flush)
+
+    def _report_invalid(
+        self,
+        key: ClusterKey,
+        body: Obj,
+        ref: JobRef,
+        previous: JobStatus,
+        err: ValidationError,
+        now: datetime,
+    ) -> None:
+        problems = "; ".join(
+            f"spec.{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        status = invalid(ref, previous, problems, now)
+        if status.to_api() != previous.to_api():
+            self.post_event(body, "Warning", "InvalidSpec", problems)
+        self._commit(key, ref, previous, status, now)
+
+    def _post(self, body: Obj, events: Sequence[Event]) -> None:
+        for event in events:
+            try:
+                self.post_event(body, event.type, event.reason, event.message)
+            except Exception:  # the writes are done; a lost event must not undo them
+                log.exception("event %s on Job %s not posted", event.reason, body["metadata"])
+
+    # -- reading the snapshot ----------------------------------------------------------------
+
+    def _previous(self, key: ClusterKey, body: Obj) -> JobStatus:
+        """The last status written: ours if the watch has not caught up with it yet."""
+        uid = str(body["metadata"].get("uid") or "")
+        cached = self._written.get(key)
+        if cached is not None and cached[0] == uid:
+            return cached[1]
+        try:
+            return JobStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            return JobStatus()
+
+    def _spec(self, body: Obj) -> JobSpec:
+        meta = body["metadata"]
+        cache_key = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
+        spec = self._specs.get(cache_key)
+        if spec is None:
+            spec = JobSpec.model_validate(body.get("spec") or {})
+            if len(self._specs) > 10_000:
+                self._specs.clear()
+            self._specs[cache_key] = spec
+        return spec
+
+    def _entries(
+        self, snap: JobSnapshot, override: tuple[ClusterKey, JobEntry] | None = None
+    ) -> list[JobEntry]:
+        entries = []
+        for key, body in snap.jobs.items():
+            if override is not None and key == override[0]:
+                entries.append(override[1])
+                continue
+            if body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                spec = self._spec(body)
+            except ValidationError:
+                continue
+            entries.append(JobEntry(_ref(body), spec, self._previous(key, body)))
+        if override is not None and override[0] not in snap.jobs:
+            entries.append(override[1])
+        return entries
+
+    def _waiting(self, snap: JobSnapshot, now: datetime) -> list[tuple[ClusterKey, Obj]]:
+        """Jobs whose template waits for GPUs, highest priority then oldest first."""
+        found = []
+        for entry in self._entries(snap):
+            if entry.waiting(now):
+                key = job_key(entry.ref.namespace, entry.ref.name)
+                order = (-entry.spec.priority, entry.ref.created, key)
+                found.append((order, key))
+        return [(key, snap.jobs[key]) for _, key in sorted(found)]
+
+
+def _merge(before: Step, after: Step, extra: tuple[Event, ...] = ()) -> Step:
+    wakes = [w for w in (before.wake_at, after.wake_at) if w is not None]
+    return Step(
+        status=after.status,
+        events=before.events + extra + after.events,
+        wants_admission=False,
+        stop_rayjob=before.stop_rayjob or after.stop_rayjob,
+        delete_job=before.delete_job or after.delete_job,
+        wake_at=min(wakes, default=None),
+        released=before.released or after.released,
+    )
+
+
+def _ref(body: Obj) -> JobRef:
+    meta = body["metadata"]
+    created = meta.get("creationTimestamp")
+    if isinstance(created, str):
+        when = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    elif isinstance(created, datetime):
+        when = created
+    else:
+        when = datetime.now(UTC)
+    return JobRef(
+        namespace=str(meta["namespace"]),
+        name=str(meta["name"]),
+        uid=str(meta.get("uid") or ""),
+        generation=int(meta.get("generation") or 0),
+        created=when,
+    )
+
+
+def _rayjob_object(snap: JobSnapshot, key: ClusterKey, name: str | None) -> Obj | None:
+    if name is None:
+        return None
+    return next((r for r in snap.rayjobs.get(key, ()) if r["metadata"]["name"] == name), None)
+
+
+def _attempt(snap: JobSnapshot, key: ClusterKey, name: str | None) -> RayJobView | None:
+    found = _rayjob_object(snap, key, name)
+    return RayJobView.from_object(found) if found is not None else None
+
+
+def _quotas(snap: JobSnapshot) -> list[GPUQuota]:
+    quotas = []
+    for body in snap.gpuquotas:
+        try:
+            quotas.append(GPUQuota.model_validate(dict(body)))
+        except ValidationError:
+            log.warning("ignoring a GPUQuota that does not parse: %s", body.get("metadata"))
+    return quotas
+
+
+def _gpus_per_node(status: JobStatus) -> dict[str, int]:
+    """What the ledger should hold for a Job: its placements while it holds them."""
+    if status.active_since is None:
+        return {}
+    per_node: dict[str, int] = {}
+    for p in status.placements:
+        per_node[p.node] = per_node.get(p.node, 0) + p.gpus
+    return per_node
+
+
+def _by_name(offers: Sequence[NodeOffer]) -> Mapping[str, NodeOffer]:
+    found: Mapping[str, NodeOffer] | None = getattr(offers, "by_name", None)
+    return found if found is not None else {o.name: o for o in offers}
+
+
+def _digest(manifest: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,392 @@
+"""The Job reconcile against a fake API: admission in queue order, quotas, preemption and
+resumption, GPUs shared with GPUCluster placement, writes only on change, metering."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from gpumesh.operator.jobs.metrics import UsageCounters
+from gpumesh.operator.jobs.settings import JobSettings
+from gpumesh.operator.placement import NodeOffer
+from gpumesh.operator.placement.synthetic import make_offer
+from gpumesh.operator.reconcile_job import JobReconciler, JobSnapshot, job_key
+from gpumesh.operator.world import ClusterKey, Ledger, reserved_gpus, trim_rayjob
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+NS = "team-a"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class FakeApi:
+    """Records writes and plays the index that reflects them (and KubeRay's statuses)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.rayjobs: dict[str, dict[str, Any]] = {}
+        self.deleted: list[tuple[str, str]] = []
+        self.applies: list[str] = []
+        self.patches: list[str] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.gpuclusters: dict[ClusterKey, dict[str, Any]] = {}
+        self.gpuquotas: list[dict[str, Any]] = []
+
+    # Writer
+    def apply_custom(
+        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        assert plural == "rayjobs"
+        name = manifest["metadata"]["name"]
+        old = self.rayjobs.get(name, {})
+        self.rayjobs[name] = {**copy.deepcopy(dict(manifest)), "status": old.get("status", {})}
+        self.applies.append(name)
+        return self.rayjobs[name]
+
+    def patch_status(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+    ) -> None:
+        merged = {**self.jobs[name].get("status", {}), **status}
+        self.jobs[name]["status"] = {k: v for k, v in merged.items() if v is not None}
+        self.patches.append(name)
+
+    def delete_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> None:
+        self.deleted.append((plural, name))
+        (self.jobs if plural == "jobs" else self.rayjobs).pop(name, None)
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((obj["metadata"]["name"], reason, message))
+
+    # the world
+    def create(self, name: str, spec: dict[str, Any], age_s: float = 0) -> dict[str, Any]:
+        created = (T0 - timedelta(hours=1) + timedelta(seconds=age_s)).isoformat()
+        self.jobs[name] = {
+            "apiVersion": "gpumesh.io/v1alpha1",
+            "kind": "Job",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "uid": f"uid-{name}",
+                "generation": 1,
+                "creationTimestamp": created,
+            },
+            "spec": {"entrypoint": "python train.py", **spec},
+        }
+        return self.jobs[name]
+
+    def kuberay(self, rayjob: str, deployment: str, job_status: str = "", **more: str) -> None:
+        self.rayjobs[rayjob]["status"] = {
+            "jobDeploymentStatus": deployment,
+            "jobStatus": job_status,
+            **more,
+        }
+
+    def snapshot(self, offers: list[NodeOffer]) -> JobSnapshot:
+        rayjobs: dict[ClusterKey, list[Any]] = {}
+        for body in self.rayjobs.values():
+            key = job_key(NS, body["metadata"]["labels"]["gpumesh.io/job"])
+            rayjobs.setdefault(key, []).append(trim_rayjob(body))
+        return JobSnapshot(
+            jobs={job_key(NS, n): copy.deepcopy(b) for n, b in self.jobs.items()},
+            rayjobs=rayjobs,
+            gpuclusters=dict(self.gpuclusters),
+            gpuquotas=list(self.gpuquotas),
+            offers=offers,
+            node_names=frozenset(o.name for o in offers),
+        )
+
+
+def mesh(*gpu_nodes: NodeOffer) -> list[NodeOffer]:
+    head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
+    return [*gpu_nodes, head]
+
+
+def template(gpus: int, replicas: int = 1, **fields: Any) -> dict[str, Any]:
+    return {"clusterTemplate": {"workers": {"gpusPerWorker": gpus, "replicas": replicas}}, **fields}
+
+
+def setup(
+    *offers: NodeOffer, ledger: Ledger | None = None
+) -> tuple[FakeApi, JobReconciler, list[NodeOffer], CollectorRegistry]:
+    api = FakeApi()
+    registry = CollectorRegistry()
+    reconciler = JobReconciler(
+        api,
+        api.post_event,
+        ledger=ledger,
+        counters=UsageCounters(registry),
+        settings=JobSettings(meter_flush_seconds=60),
+    )
+    return api, reconciler, mesh(*offers), registry
+
+
+def run(
+    api: FakeApi, reconciler: JobReconciler, inventory: list[NodeOffer], name: str, now: datetime
+) -> Any:
+    return reconciler.reconcile(api.jobs[name], api.snapshot(inventory), now)
+
+
+def status(api: FakeApi, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = api.jobs[name]["status"]
+    return found
+
+
+def suspended(api: FakeApi, rayjob: str) -> bool:
+    return bool(api.rayjobs[rayjob]["spec"]["suspend"])
+
+
+def reasons(api: FakeApi, name: str) -> list[str]:
+    return [reason for who, reason, _ in api.events if who == name]
+
+
+def test_a_job_that_fits_is_admitted_with_its_placed_rayjob_at_once() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("train", template(2, replicas=2, checkpointUri="s3://b/ckpt"))
+    outcome = run(api, reconciler, inventory, "train", T0)
+    s = status(api, "train")
+    assert s["phase"] == "Admitted" and s["attempts"] == 1 and s["rayJobName"] == "train"
+    assert [(p["node"], p["workers"]) for p in s["placements"]] == [("node-a", 2)]
+    assert s["headNode"] == "head-0" and s["gpus"] == 4
+    rj = api.rayjobs["train"]
+    assert rj["spec"]["suspend"] is False
+    assert rj["metadata"]["annotations"]["gpumesh.io/applied-hash"]
+    assert outcome.queue_moved
+    assert reasons(api, "train") == ["Queued", "Admitted"]
+
+
+def test_a_reconcile_that_changes_nothing_writes_nothing() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("train", template(2))
+    run(api, reconciler, inventory, "train", T0)
+    api.applies.clear()
+    api.patches.clear()
+    run(api, reconciler, inventory, "train", at(1))
+    assert api.applies == [] and api.patches == []
+    # The index lagging behind our own writes must not undo them or write twice.
+    stale = copy.deepcopy(api.jobs["train"])
+    stale.pop("status")
+    reconciler.reconcile(stale, api.snapshot(inventory), at(2))
+    assert api.applies == [] and api.patches == []
+
+
+def test_queue_order_is_priority_then_age_and_waiting_jobs_show_their_place() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("holder", template(4, priority=100), age_s=0)  # not preemptable here
+    run(api, reconciler, inventory, "holder", T0)
+    api.create("old-low", template(4), age_s=1)
+    api.create("young-high", template(4, priority=10), age_s=50)
+    api.create("young-low", template(4), age_s=60)
+    for name in ("young-low", "old-low", "young-high"):
+        run(api, reconciler, inventory, name, at(1))
+    positions = {n: status(api, n)["queuePosition"] for n in ("young-high", "old-low", "young-low")}
+    assert positions == {"young-high": 0, "old-low": 1, "young-low": 2}
+    assert all(status(api, n)["phase"] == "Queued" for n in positions)
+    assert suspended(api, "old-low")  # created suspended
+
+    api.kuberay("holder", "Complete", "SUCCEEDED")
+    outcome = run(api, reconciler, inventory, "holder", at(100))
+    assert outcome.queue_moved and status(api, "holder")["phase"] == "Succeeded"
+    reconciler.reconcile_queue(api.snapshot(inventory), at(101))
+    assert status(api, "young-high")["phase"] == "Admitted"
+    assert not suspended(api, "young-high")
+    assert status(api, "old-low")["queuePosition"] == 0
+    assert status(api, "young-low")["queuePosition"] == 1
+
+
+def test_a_namespace_quota_keeps_a_job_queued() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8))
+    api.gpuquotas.append(
+        {
+            "apiVersion": "gpumesh.io/v1alpha1",
+            "kind": "GPUQuota",
+            "metadata": {"name": "q", "namespace": NS},
+            "spec": {"hard": {"gpus": 6}},
+        }
+    )
+    api.gpuclusters[ClusterKey(NS, "shared")] = {
+        "metadata": {"name": "shared", "namespace": NS},
+        "status": {"phase": "Ready", "gpus": 2, "pricePerHour": "4.00"},
+    }
+    api.create("big", template(8))
+    api.create("fits", template(4))
+    run(api, reconciler, inventory, "big", T0)
+    run(api, reconciler, inventory, "fits", T0)
+    assert status(api, "big")["phase"] == "Queued"
+    stalled = {c["type"]: c for c in status(api, "big")["conditions"]}["Stalled"]
+    assert stalled["status"] == "False"
+    assert "GPUQuota" in status(api, "big")["message"]
+    # the GPUCluster's 2 GPUs come off the namespace's 6
+    assert "0 of 4 GPUs in use and this needs 8" in status(api, "big")["message"]
+    assert status(api, "fits")["phase"] == "Admitted"
+
+
+def test_preemption_suspends_the_lower_priority_job_and_resumes_it_later() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("batch", template(4, priority=0))
+    run(api, reconciler, inventory, "batch", T0)
+    api.kuberay("batch", "Running", "RUNNING")
+    run(api, reconciler, inventory, "batch", at(10))
+    assert status(api, "batch")["phase"] == "Running"
+
+    api.create("urgent", template(4, priority=100))
+    run(api, reconciler, inventory, "urgent", at(20))
+    victim = status(api, "batch")
+    assert victim["phase"] == "Suspended"
+    assert victim["preemptedBy"] == "Job/team-a/urgent"
+    assert victim["infrastructureRetries"] == 1 and victim.get("failedAttempts", 0) == 0
+    assert "placements" not in victim or victim["placements"] == []
+    assert suspended(api, "batch")
+    assert status(api, "urgent")["phase"] == "Admitted"
+    assert "Preempted" in reasons(api, "batch")
+    assert "Preempting" in reasons(api, "urgent")
+
+    # KubeRay suspends the victim; the preemptor finishes; the victim comes back.
+    api.kuberay("batch", "Suspended")
+    run(api, reconciler, inventory, "batch", at(30))
+    assert status(api, "batch")["phase"] == "Suspended"
+    api.kuberay("urgent", "Complete", "SUCCEEDED")
+    run(api, reconciler, inventory, "urgent", at(40))
+    reconciler.reconcile_queue(api.snapshot(inventory), at(41))
+    back = status(api, "batch")
+    assert back["phase"] == "Admitted" and "preemptedBy" not in back
+    assert not suspended(api, "batch")
+    assert "Resumed" in reasons(api, "batch")
+    assert back["attempts"] == 1  # the same RayJob, re-placed
+
+
+def test_job_gpus_count_for_gpucluster_placement_through_the_shared_ledger() -> None:
+    ledger = Ledger()
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4), ledger=ledger)
+    api.create("train", template(3))
+    run(api, reconciler, inventory, "train", T0)
+    held = reserved_gpus(ClusterKey(NS, "some-gpucluster"), {}, ledger.snapshot())
+    assert held == {"node-a": 3}
+    api.kuberay("train", "Complete", "SUCCEEDED")
+    run(api, reconciler, inventory, "train", at(5))
+    assert reserved_gpus(ClusterKey(NS, "x"), {}, ledger.snapshot()) == {}
+
+
+def test_gpucluster_gpus_are_not_given_to_a_job() -> None:
+    ledger = Ledger()
+    ledger.record(ClusterKey(NS, "resident"), {"node-a": 6})
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8), ledger=ledger)
+    api.create("train", template(4))
+    run(api, reconciler, inventory, "train", T0)
+    assert status(api, "train")["phase"] == "Queued"
+
+
+def test_a_program_failure_makes_a_new_suspended_rayjob_after_backoff() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("train", template(4, maxRetries=1, retryBackoffSeconds=5))
+    run(api, reconciler, inventory, "train", T0)
+    api.kuberay("train", "Failed", "FAILED", reason="AppFailed", message="exit 1")
+    outcome = run(api, reconciler, inventory, "train", at(10))
+    s = status(api, "train")
+    assert s["phase"] == "Queued" and s["attempts"] == 2 and s["failedAttempts"] == 1
+    assert outcome.wake_at == at(15)
+    assert suspended(api, "train-a2")
+    assert "GPUMESH_ATTEMPT: '2'" in api.rayjobs["train-a2"]["spec"]["runtimeEnvYAML"]
+    run(api, reconciler, inventory, "train", at(15))
+    assert status(api, "train")["phase"] == "Admitted"
+    assert not suspended(api, "train-a2")
+    assert "train" in api.rayjobs  # the failed attempt stays for its history
+
+
+def test_deadline_suspends_a_templates_rayjob() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("train", template(4, activeDeadlineSeconds=30))
+    assert run(api, reconciler, inventory, "train", T0).wake_at == at(30)
+    api.kuberay("train", "Running", "RUNNING")
+    run(api, reconciler, inventory, "train", at(30))
+    assert status(api, "train")["phase"] == "Failed"
+    assert suspended(api, "train")
+
+
+def test_ttl_deletes_the_finished_job() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("train", template(4, ttlSecondsAfterFinished=60))
+    run(api, reconciler, inventory, "train", T0)
+    api.kuberay("train", "Complete", "SUCCEEDED")
+    assert run(api, reconciler, inventory, "train", at(10)).wake_at == at(70)
+    run(api, reconciler, inventory, "train", at(70))
+    assert ("jobs", "train") in api.deleted
+
+
+def test_a_job_on_a_gpucluster_runs_once_it_is_ready_and_is_deleted_to_stop() -> None:
+    api, reconciler, inventory, _ = setup()
+    api.create("eval", {"clusterRef": {"name": "shared"}, "activeDeadlineSeconds": 60})
+    run(api, reconciler, inventory, "eval", T0)
+    assert status(api, "eval")["phase"] == "Queued" and "eval" not in api.rayjobs
+    api.gpuclusters[ClusterKey(NS, "shared")] = {
+        "metadata": {"name": "shared", "namespace": NS},
+        "status": {"phase": "Ready", "rayClusterName": "shared"},
+    }
+    run(api, reconciler, inventory, "eval", at(5))
+    assert api.rayjobs["eval"]["spec"]["clusterSelector"] == {"ray.io/cluster": "shared"}
+    assert status(api, "eval")["phase"] == "Admitted"
+    run(api, reconciler, inventory, "eval", at(65))
+    assert status(api, "eval")["phase"] == "Failed"
+    assert ("rayjobs", "eval") in api.deleted
+
+
+def test_gpu_time_is_metered_into_status_and_counters() -> None:
+    api, reconciler, inventory, registry = setup(
+        make_offer("node-a", gpus_total=4, supplier="nordic", price_per_gpu_hour=Decimal("1.29"))
+    )
+    api.create("train", template(2, replicas=2))
+    run(api, reconciler, inventory, "train", T0)
+    run(api, reconciler, inventory, "train", at(3600))
+    s = status(api, "train")
+    assert s["gpuSeconds"] == 4 * 3600 and s["cost"] == "5.16"
+    labels = {"namespace": NS, "kind": "Job", "name": "train", "node": "node-a"}
+    assert registry.get_sample_value(
+        "gpumesh_gpu_seconds_total", labels | {"supplier": "nordic"}
+    ) == (4 * 3600)
+    api.kuberay("train", "Complete", "SUCCEEDED")
+    run(api, reconciler, inventory, "train", at(3630))
+    s = status(api, "train")
+    assert s["gpuSeconds"] == 4 * 3630 and s["cost"] == "5.203"
+    assert s["phase"] == "Succeeded" and s.get("gpus", 0) == 0
+
+
+def test_an_invalid_spec_is_reported_once() -> None:
+    api, reconciler, inventory, _ = setup()
+    api.create("bad", {"clusterRef": {"name": "x"}, "clusterTemplate": {"workers": {}}})
+    run(api, reconciler, inventory, "bad", T0)
+    run(api, reconciler, inventory, "bad", at(1))
+    stalled = {c["type"]: c for c in status(api, "bad")["conditions"]}["Stalled"]
+    assert stalled["reason"] == "InvalidSpec"
+    assert reasons(api, "bad") == ["InvalidSpec"]
+
+
+def test_reconciles_from_many_threads_never_give_a_gpu_twice() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8))
+    for i in range(12):
+        api.create(f"j{i}", template(2), age_s=i)
+    snap = api.snapshot(inventory)
+    threads = [
+        threading.Thread(target=reconciler.reconcile, args=(api.jobs[f"j{i}"], snap, T0))
+        for i in range(12)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    admitted = [n for n in api.jobs if status(api, n)["phase"] == "Admitted"]
+    assert len(admitted) == 4

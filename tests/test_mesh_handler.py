@@ -1,0 +1,212 @@
+"""The operator's mesh handler, pure part: MeshState from API events to writes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from gpumesh.operator.handlers.mesh import parse_selector, selected
+from gpumesh.operator.mesh import Catalogue, MeshConfig, catalogue_from_configmap
+from gpumesh.operator.mesh.state import MeshState, lease_node
+
+NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+CONFIG = MeshConfig(overlay_cidr="198.19.0.0/24", pod_cidr="198.19.128.0/17", cooldown_s=600)
+NS = "gpumesh-system"
+
+
+def key(i: int) -> str:
+    return base64.b64encode(bytes([i]) * 32).decode()
+
+
+def gpunode(
+    name: str,
+    i: int,
+    endpoint: str | None = None,
+    *,
+    mesh: dict[str, Any] | None = None,
+    relay: bool = True,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"supplier": "s", "region": "eu", "pricePerGpuHour": "1.00"}
+    if endpoint:
+        spec["publicEndpoint"] = endpoint
+    if not relay:
+        spec["meshRelay"] = False
+    return {
+        "metadata": {"name": name},
+        "spec": spec,
+        "status": {"health": "Healthy", "mesh": {"publicKey": key(i), **(mesh or {})}},
+    }
+
+
+def lease(node: str, renewed: datetime = NOW, seconds: int = 40) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"gpumesh-agent-{node}", "namespace": NS},
+        "spec": {"renewTime": renewed.isoformat(), "leaseDurationSeconds": seconds},
+    }
+
+
+def catalogue(state: MeshState, configmap: dict[str, Any] | None = None) -> Catalogue:
+    cm = configmap or {"data": dict(state._data or {})}
+    found = catalogue_from_configmap(cm)
+    assert found is not None
+    return found
+
+
+def fleet() -> tuple[MeshState, list[dict[str, Any]]]:
+    nodes = [
+        gpunode("a", 1, "198.51.100.1:51820"),
+        gpunode("b", 2, "198.51.100.2:51820"),
+        gpunode("n", 3),  # NAT'd
+    ]
+    state = MeshState(CONFIG, NS)
+    state.sync(nodes, [lease(n["metadata"]["name"]) for n in nodes], NOW)
+    return state, nodes
+
+
+def test_first_plan_writes_every_status_and_the_catalogue_once() -> None:
+    state, _ = fleet()
+    writes = state.take_writes()
+    assert [name for name, _ in writes.statuses] == ["a", "b", "n"]
+    patch = dict(writes.statuses)["n"]["status"]["mesh"]
+    assert patch["overlayIp"].startswith("198.19.0.") and patch["relay"] in ("a", "b")
+    assert writes.configmap is not None
+    assert writes.configmap["metadata"]["namespace"] == NS
+    assert [e.name for e in catalogue(state, writes.configmap).entries] == ["a", "b", "n"]
+    # Nothing changed: nothing to write.
+    assert not state.take_writes()
+
+
+def test_status_written_only_when_it_differs_from_the_body() -> None:
+    state, nodes = fleet()
+    writes = state.take_writes()
+    patches = dict(writes.statuses)
+    # The watch delivers the bodies with our fields in them: no new writes.
+    for node in nodes:
+        node["status"]["mesh"].update(patches[node["metadata"]["name"]]["status"]["mesh"])
+        state.gpunode(node, NOW)
+    assert not state.take_writes()
+    # Someone wiped a node's status (or it was recreated): written again, only that one.
+    nodes[0]["status"]["mesh"] = {"publicKey": key(1)}
+    state.gpunode(nodes[0], NOW)
+    again = state.take_writes()
+    assert [name for name, _ in again.statuses] == ["a"] and again.configmap is None
+
+
+def test_heartbeat_renewals_change_nothing_and_lapsed_leases_drop_the_peer() -> None:
+    state, _ = fleet()
+    state.take_writes()
+    for name in ("a", "b", "n"):
+        state.lease(lease(name, NOW + timedelta(seconds=10)), NOW + timedelta(seconds=10))
+    assert not state.take_writes()
+    # a stops renewing: at its expiry it leaves the catalogue; n moves to b.
+    for name in ("b", "n"):
+        state.lease(lease(name, NOW + timedelta(seconds=45)), NOW + timedelta(seconds=45))
+    later = NOW + timedelta(seconds=51)
+    assert state.next_expiry() is not None
+    state.expire(later)
+    writes = state.take_writes()
+    assert writes.configmap is not None
+    members = catalogue(state, writes.configmap).by_name()
+    assert set(members) == {"b", "n"} and members["n"].relay == "b"
+    # a keeps its addresses while it is gone, and comes back with the same ones.
+    before = state.planner.assignment("a")
+    state.lease(lease("a", later), later)
+    assert state.planner.assignment("a") == before
+    assert "a" in catalogue(state, state.take_writes().configmap).by_name()
+
+
+def test_deleted_gpunode_leaves_and_its_lease_is_ignored() -> None:
+    state, _ = fleet()
+    state.take_writes()
+    state.gpunode_deleted("b", NOW)
+    state.lease(lease("b"), NOW)
+    writes = state.take_writes()
+    assert "b" not in catalogue(state, writes.configmap).by_name()
+    assert all(name != "b" for name, _ in writes.statuses)
+
+
+def test_other_leases_are_not_agents() -> None:
+    assert lease_node({"metadata": {"name": "gpumesh-operator"}}) is None
+    assert lease_node({"metadata": {"name": "gpumesh-agent-"}}) is None
+    assert lease_node(lease("x")) == "x"
+
+
+def test_restart_from_the_published_configmap_writes_nothing() -> None:
+    state, nodes = fleet()
+    writes = state.take_writes()
+    assert writes.configmap is not None
+    for node in nodes:
+        node["status"]["mesh"].update(
+            dict(writes.statuses)[node["metadata"]["name"]]["status"]["mesh"]
+        )
+    restarted = MeshState(CONFIG, NS, published=json.loads(json.dumps(writes.configmap)))
+    restarted.sync(nodes, [lease(n["metadata"]["name"]) for n in nodes], NOW)
+    assert not restarted.take_writes()
+
+
+def test_relay_observations_become_observed_endpoints() -> None:
+    state, _ = fleet()
+    writes = state.take_writes()
+    relay = dict(writes.statuses)["n"]["status"]["mesh"]["relay"]
+    other = "b" if relay == "a" else "a"
+    seen = [{"node": "n", "endpoint": "203.0.113.9:40000"}]
+    # Only the node's own relay is believed.
+    state.gpunode(gpunode(other, 1 if other == "a" else 2, mesh={"peerEndpoints": seen}), NOW)
+    assert not any(name == "n" for name, _ in state.take_writes().statuses)
+    endpoint = f"198.51.100.{1 if relay == 'a' else 2}:51820"
+    index = 1 if relay == "a" else 2
+    state.gpunode(gpunode(relay, index, endpoint, mesh={"peerEndpoints": seen}), NOW)
+    patches = dict(state.take_writes().statuses)
+    assert patches["n"] == {"status": {"mesh": {"observedEndpoint": "203.0.113.9:40000"}}}
+
+
+def test_mesh_relay_false_keeps_a_public_node_out_of_the_relay_pool() -> None:
+    nodes = [gpunode("a", 1, "198.51.100.1:51820", relay=False), gpunode("n", 3)]
+    state = MeshState(CONFIG, NS)
+    state.sync(nodes, [lease("a"), lease("n")], NOW)
+    members = catalogue(state, state.take_writes().configmap).by_name()
+    assert members["n"].relay is None and members["a"].endpoint == "198.51.100.1:51820"
+
+
+def test_failed_writes_are_retried() -> None:
+    state, _ = fleet()
+    writes = state.take_writes()
+    state.failed(nodes=["n"], configmap=True)
+    retry = state.take_writes()
+    assert [name for name, _ in retry.statuses] == ["n"]
+    assert retry.configmap == writes.configmap
+
+
+def test_selector() -> None:
+    sel = parse_selector("gpumesh.io/mesh-e2e=ab12, tier=x")
+    assert selected({"gpumesh.io/mesh-e2e": "ab12", "tier": "x"}, sel)
+    assert not selected({"tier": "x"}, sel)
+    assert selected(None, parse_selector(""))
+    with pytest.raises(ValueError, match="key=value"):
+        parse_selector("novalue")
+
+
+def test_a_lapsed_lease_is_confirmed_once_before_the_node_leaves() -> None:
+    state, _ = fleet()
+    state.take_writes()
+    later = NOW + timedelta(seconds=41)
+    reads: list[str] = []
+    renewed: dict[str, dict[str, Any]] = {
+        "a": lease("a", later)
+    }  # a renewed, but its event has not arrived yet
+
+    def confirm(node: str) -> dict[str, Any] | None:
+        reads.append(node)
+        found: dict[str, Any] = renewed.get(node) or lease(node)
+        return found
+
+    state.expire(later, confirm)
+    assert sorted(reads) == ["a", "b", "n"]
+    members = catalogue(state, state.take_writes().configmap).by_name()
+    assert set(members) == {"a"}
+    state.expire(later, confirm)  # nothing due again: no more reads
+    assert len(reads) == 3
