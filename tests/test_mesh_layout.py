@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-
 import pytest
+from test_layout import forbidden_imports, imports_of
 
 from corpus import ROOT
 
@@ -26,20 +25,9 @@ IO = (
 )
 
 
-def imports_of(path: str) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse((ROOT / path).read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
-
-
 @pytest.mark.parametrize("path", PURE)
 def test_mesh_core_does_no_io(path: str) -> None:
-    bad = {n for n in imports_of(path) if any(n == i or n.startswith(i + ".") for i in IO)}
-    assert not bad, f"{path} imports {bad}"
+    assert not forbidden_imports(path, IO)
 
 
 def test_mesh_packages_have_init_but_the_top_folders_do_not() -> None:
