@@ -1,0 +1,1072 @@
+"""GPUCluster reconciliation at scale: N GPUClusters through gpumesh against N RayClusters.
+
+One run starts an ephemeral local control plane (etcd, kube-apiserver, controller-manager,
+scheduler, kwok, KubeRay) in its own temporary state directory, creates 1,000 kwok GPU
+nodes (a mix of models, regions, suppliers and prices, 8 GPUs each) plus one head-capable
+CPU node per region, and one GPUNode per node whose status is written through the status
+subresource as a node agent would (Healthy, its GPUs, verification Passed): 1,000 agent
+processes do not fit two cores, so the agents are simulated by their writes.
+
+For each N the baseline applies N RayClusters directly, shaped as gpumesh renders them
+(gpumesh's own renderer: one head pinned to a head node, one worker with one GPU pinned
+to a node through its hostname), and times from the first create until every one is
+Ready: HeadPodReady True and readyWorkerReplicas at the desired count. Then the operator
+(``python -m gpumesh operator run``) gets N GPUClusters of the same shape, timed until
+every one shows ``status.phase == Ready`` (which gpumesh computes from the same two
+fields). Each phase runs in its own namespace, deleted (and waited for) afterwards.
+
+Last, the latency from a GPUCluster's creation to its RayCluster existing, at a paced
+10 creations per second, from a watch on RayClusters (the ADDED event).
+
+Knobs (environment): ``BENCH_RECONCILE_SIZES`` (default ``100,1000``),
+``BENCH_RECONCILE_PHASE_TIMEOUT`` (seconds, default 600), ``BENCH_RECONCILE_LATENCY``
+(clusters in the paced run, default 200; 0 skips it), ``BENCH_RECONCILE_PROFILE`` (a path:
+the operator runs under cProfile, all threads, and its stats are written there),
+``BENCH_RECONCILE_KEEP=1`` keeps the state directory (component and operator logs).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import inspect
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from bench.harness import Report, Row, Stats
+from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec
+from gpumesh.api.gpunode import GPUNodeStatus
+from gpumesh.devcluster import mesh
+from gpumesh.devcluster.cluster import LocalCluster
+from gpumesh.devcluster.fleet import FleetNode, Supplier, node_manifest
+from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
+
+COMMAND = "python -m bench reconcile"
+ROOT = Path(__file__).resolve().parent.parent
+GROUP, VERSION = "gpumesh.io", "v1alpha1"
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
+MERGE = "application/merge-patch+json"
+PHASE_LABEL = "bench.gpumesh.io/phase"
+
+GPU_NODES = int(os.environ.get("BENCH_RECONCILE_NODES", 1000))
+NODES_PER_SUPPLIER = 20
+GPUS_PER_NODE = 8
+CREATE_THREADS = 8
+LATENCY_RATE = 10.0  # GPUClusters created per second in the paced run
+TARGET_OVERHEAD = 1.25
+TARGET_P99_S = 2.0
+RESYNC_SECONDS = "60"
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+SIZES = tuple(int(s) for s in os.environ.get("BENCH_RECONCILE_SIZES", "100,1000").split(","))
+PHASE_TIMEOUT_S = float(_env_int("BENCH_RECONCILE_PHASE_TIMEOUT", 600))
+LATENCY_COUNT = _env_int("BENCH_RECONCILE_LATENCY", 200)
+
+
+# --- the simulated fleet -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """One kind of supplier machine: its GPU, its size and a typical price."""
+
+    product: str
+    selector: str  # what a renter writes in spec.workers.gpu.models
+    slug: str
+    memory_mib: int
+    compute_capability: str
+    cpu: str
+    memory: str
+    price: Decimal
+
+
+MODELS = (
+    GpuModel(
+        "NVIDIA H100 80GB HBM3", "H100", "h100", 81559, "9.0", "192", "2000Gi", Decimal("2.49")
+    ),
+    GpuModel(
+        "NVIDIA A100-SXM4-80GB", "A100 80GB", "a100", 81920, "8.0", "128", "1000Gi",
+        Decimal("1.49"),
+    ),
+    GpuModel("NVIDIA L40S", "L40S", "l40s", 46068, "8.9", "64", "512Gi", Decimal("0.99")),
+    GpuModel(
+        "NVIDIA GeForce RTX 4090", "RTX 4090", "4090", 24564, "8.9", "32", "256Gi",
+        Decimal("0.44"),
+    ),
+)  # fmt: skip
+REGIONS = ("us-east", "us-west", "eu-west", "eu-north", "ap-south")
+# All heads of a region land on its first head node (see the report notes), so each one
+# is sized to hold every head of the run: 2 CPU and 8Gi per head by default.
+HEAD_NODE = {"cpu": "4096", "memory": "16Ti", "pods": 2500}
+
+
+@dataclass(frozen=True)
+class SimNode:
+    """A node of the simulated fleet, with what its GPUNode and renters need to know."""
+
+    supplier: Supplier
+    node: FleetNode
+    model: GpuModel | None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def region(self) -> str:
+        return self.supplier.region
+
+
+def fleet(gpu_nodes: int = GPU_NODES) -> list[SimNode]:
+    """``gpu_nodes`` GPU nodes from suppliers of 20 nodes each (one model and region per
+    supplier, prices around the model's typical one), and one head node per region."""
+    nodes: list[SimNode] = []
+    for k in range(-(-gpu_nodes // NODES_PER_SUPPLIER)):
+        model = MODELS[k % len(MODELS)]
+        factor = Decimal("0.80") + Decimal((k * 7) % 40) / 100
+        count = min(NODES_PER_SUPPLIER, gpu_nodes - k * NODES_PER_SUPPLIER)
+        members = tuple(
+            FleetNode.model_validate(
+                {
+                    "name": f"s{k:02d}-{model.slug}-{i:02d}",
+                    "gpuModel": model.product,
+                    "gpuCount": GPUS_PER_NODE,
+                    "gpuMemoryMiB": model.memory_mib,
+                    "computeCapability": model.compute_capability,
+                    "cpu": model.cpu,
+                    "memory": model.memory,
+                }
+            )
+            for i in range(count)
+        )
+        supplier = Supplier.model_validate(
+            {
+                "name": f"supplier-{k:02d}",
+                "region": REGIONS[k % len(REGIONS)],
+                "pricePerGpuHour": str((model.price * factor).quantize(Decimal("0.01"))),
+                "verified": True,
+                "nodes": members,
+            }
+        )
+        nodes += [SimNode(supplier, n, model) for n in members]
+    for region in REGIONS:
+        head = FleetNode.model_validate({"name": f"head-{region}-0", **HEAD_NODE})
+        supplier = Supplier.model_validate(
+            {
+                "name": f"dc-{region}",
+                "region": region,
+                "pricePerGpuHour": "0",
+                "verified": True,
+                "headCapable": True,
+                "nodes": (head,),
+            }
+        )
+        nodes.append(SimNode(supplier, head, None))
+    return nodes
+
+
+def gpunode(sim: SimNode) -> dict[str, Any]:
+    spec = {
+        "supplier": sim.supplier.name,
+        "region": sim.region,
+        "pricePerGpuHour": str(sim.supplier.price_per_gpu_hour),
+        "headCapable": sim.supplier.head_capable,
+    }
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "GPUNode",
+        "metadata": {"name": sim.name},
+        "spec": spec,
+    }
+
+
+def agent_status(sim: SimNode, now: datetime) -> dict[str, Any]:
+    """What a node agent on healthy, verified GPUs reports (validated by the API model)."""
+    model = sim.model
+    gpus = [
+        {
+            "index": i,
+            "uuid": "GPU-" + hashlib.sha256(f"{sim.name}/{i}".encode()).hexdigest()[:32],
+            "model": model.product,
+            "memoryMib": model.memory_mib,
+            "computeCapability": model.compute_capability,
+            "pciBusId": f"00000000:{0x18 + i:02X}:00.0",
+            "health": "Healthy",
+            "temperatureC": 41,
+            "powerW": 88.0,
+        }
+        for i in range(sim.node.gpu_count)
+        if model is not None
+    ]
+    status = {
+        "health": "Healthy",
+        "gpuCount": len(gpus),
+        "gpus": gpus,
+        "driverVersion": "570.124.06",
+        "cudaVersion": "12.8",
+        "heartbeatTime": now.isoformat(),
+        "verification": {
+            "result": "Passed",
+            "checkedTime": now.isoformat(),
+            "message": "bench: simulated agent",
+        },
+    }
+    if model is not None:
+        status["gpuModel"] = model.product
+    return GPUNodeStatus.model_validate(status).to_api()
+
+
+# --- the cluster under test ----------------------------------------------------------------
+
+
+def api_client(kubeconfig: Path) -> client.ApiClient:
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
+    cfg.connection_pool_maxsize = 32
+    return client.ApiClient(cfg)
+
+
+def _any(value: object) -> Any:
+    """The client's loosely typed answers (and bodies) as what they are: JSON objects."""
+    return value
+
+
+def parallel(fn: Callable[[Any], object], items: Iterable[Any], threads: int) -> None:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def create_fleet(api: client.ApiClient, nodes: Sequence[SimNode]) -> None:
+    """Nodes (kwok plays their kubelets), then GPUNodes with an agent-written status."""
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    parallel(
+        lambda s: core.create_node(_any(node_manifest(s.supplier, s.node))), nodes, CREATE_THREADS
+    )
+    names = {s.name for s in nodes}
+    wait_until(f"{len(nodes)} nodes Ready", lambda: ready_nodes(core) >= names, 300)
+
+    def register(sim: SimNode) -> None:
+        custom.create_cluster_custom_object(GROUP, VERSION, "gpunodes", gpunode(sim))
+        status = agent_status(sim, datetime.now(UTC))
+        custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, "gpunodes", sim.name, {"status": status}, _content_type=MERGE
+        )
+
+    parallel(register, nodes, CREATE_THREADS)
+
+
+def settle_kwok(api: client.ApiClient, nodes: Sequence[SimNode]) -> float:
+    """Wait until kwok really plays pods on the nodes; the seconds it took.
+
+    kwok takes nodes over one at a time after they are created (a lease, then a listing of
+    the pods on the node) and ignores their pods until then, well after the nodes show
+    Ready. A pod pinned to every head node and to every 25th GPU node tells when that is
+    over, so the first timed phase does not pay for it.
+    """
+    ns = "bench-probe"
+    mesh.ensure_namespace(api, ns)
+    core = client.CoreV1Api(api)
+    sample = {s.name: s for s in [*nodes[::25], nodes[-1]]}
+    sample |= {s.name: s for s in nodes if s.model is None}
+    started = time.monotonic()
+
+    def probe(name: str) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"probe-{name}", "namespace": ns},
+            "spec": {
+                "nodeName": name,
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "probe", "image": "registry.invalid/probe"}],
+            },
+        }
+        core.create_namespaced_pod(ns, _any(body))
+
+    parallel(probe, sample, CREATE_THREADS)
+
+    def all_ready() -> bool:
+        pods: list[Any] = core.list_namespaced_pod(ns).items
+        ready = [
+            p
+            for p in pods
+            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+        return len(ready) == len(sample)
+
+    wait_until("kwok to run a probe pod on every sampled node", all_ready, 600)
+    took = time.monotonic() - started
+    delete_namespace(api, ns)
+    return took
+
+
+def ready_nodes(core: Any) -> set[str]:
+    return {
+        n.metadata.name
+        for n in core.list_node().items
+        if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])
+    }
+
+
+def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def delete_namespace(api: client.ApiClient, name: str, timeout: float = 900) -> float:
+    """Delete a namespace and wait until it is gone; the seconds it took."""
+    core = client.CoreV1Api(api)
+    started = time.monotonic()
+    with contextlib.suppress(ApiException):
+        core.delete_namespace(name)
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(name)
+        except ApiException as err:
+            if err.status == 404:
+                return True
+            raise
+        return False
+
+    wait_until(f"namespace {name} deleted", gone, timeout, every=2.0)
+    return time.monotonic() - started
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}/{five:.2f}/{fifteen:.2f}"
+
+
+def log(text: str) -> None:
+    print(f"   [{time.strftime('%H:%M:%S')} load {load()}] {text}", file=sys.stderr, flush=True)
+
+
+# --- watching ------------------------------------------------------------------------------
+
+
+Obj = Mapping[str, Any]
+
+
+class Watcher:
+    """Watches one namespaced kind; per name, when it was first seen and when ``done``
+    first held. Times are ``time.monotonic()`` in this process."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        group: str,
+        version: str,
+        plural: str,
+        done: Callable[[Obj], bool] | None = None,
+    ) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.args = (group, version, namespace, plural)
+        self.done = done
+        self.seen: dict[str, float] = {}
+        self.done_at: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{plural}", daemon=True)
+        self._rv = ""
+
+    def __enter__(self) -> Watcher:
+        self._rv = self._list()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _observe(self, obj: Obj, now: float) -> None:
+        name = obj["metadata"]["name"]
+        with self._cond:
+            self.seen.setdefault(name, now)
+            if self.done is not None and name not in self.done_at and self.done(obj):
+                self.done_at[name] = now
+            self._cond.notify_all()
+
+    def _list(self) -> str:
+        listed = _any(self.custom.list_namespaced_custom_object(*self.args))
+        now = time.monotonic()
+        for obj in listed["items"]:
+            self._observe(obj, now)
+        return str(listed["metadata"]["resourceVersion"])
+
+    def _run(self) -> None:
+        rv = self._rv
+        while not self._stop.is_set():
+            stream = watch.Watch()  # type: ignore[no-untyped-call]
+            try:
+                for event in stream.stream(  # type: ignore[no-untyped-call]
+                    self.custom.list_namespaced_custom_object,
+                    *self.args,
+                    resource_version=rv,
+                    timeout_seconds=10,
+                    allow_watch_bookmarks=True,
+                ):
+                    now = time.monotonic()
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        rv = self._list()
+                        break
+                    rv = obj["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._observe(obj, now)
+                    if self._stop.is_set():
+                        break
+            except ApiException as err:
+                if err.status == 410:
+                    rv = self._list()
+                else:
+                    time.sleep(0.5)
+            except Exception:  # a dropped connection: resume from the last version
+                time.sleep(0.5)
+
+    def wait(self, names: set[str], deadline: float, *, seen: bool = False, label: str) -> bool:
+        """Until every name is done (or seen); False at the deadline. Logs progress."""
+        table = self.seen if seen else self.done_at
+        next_log = time.monotonic() + 30
+        with self._cond:
+            while not names <= table.keys():
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if now >= next_log:
+                    log(f"{label}: {len(names & table.keys())}/{len(names)}")
+                    next_log = now + 30
+                self._cond.wait(timeout=min(5.0, deadline - now))
+        return True
+
+
+def raycluster_ready(obj: Obj) -> bool:
+    """KubeRay alone: head pod ready and every desired worker ready."""
+    status = obj.get("status") or {}
+    groups = (obj.get("spec") or {}).get("workerGroupSpecs") or []
+    desired = sum(int(g.get("replicas") or 0) for g in groups)
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    ready = int(status.get("readyWorkerReplicas") or 0)
+    return conditions.get("HeadPodReady") == "True" and ready >= desired
+
+
+def gpucluster_ready(obj: Obj) -> bool:
+    status = obj.get("status") or {}
+    return bool(
+        status.get("phase") == "Ready"
+        and status.get("observedGeneration") == obj["metadata"].get("generation")
+    )
+
+
+# --- what is created ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One renter's ask: a head and one worker with one GPU of ``model``."""
+
+    name: str
+    model: GpuModel
+
+    def spec(self) -> dict[str, Any]:
+        return {"workers": {"gpu": {"models": [self.model.selector]}, "replicas": 1}}
+
+
+def requests(n: int, prefix: str = "c") -> list[Request]:
+    return [Request(f"{prefix}{i:04d}", MODELS[i % len(MODELS)]) for i in range(n)]
+
+
+def gpucluster_body(req: Request) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "GPUCluster",
+        "metadata": {"name": req.name},
+        "spec": req.spec(),
+    }
+
+
+def baseline_bodies(
+    reqs: Sequence[Request], nodes: Sequence[SimNode], ns: str
+) -> list[dict[str, Any]]:
+    """The RayClusters gpumesh would render, placed by hand: each worker on its own node
+    of the asked model, the head on the head node of that node's region."""
+    by_model: dict[str, list[SimNode]] = {}
+    for sim in nodes:
+        if sim.model is not None:
+            by_model.setdefault(sim.model.slug, []).append(sim)
+    taken: dict[str, int] = {}
+    bodies = []
+    for req in reqs:
+        pool = by_model[req.model.slug]
+        k = taken.get(req.model.slug, 0)
+        taken[req.model.slug] = k + 1
+        bodies.append(baseline_manifest(req, pool[k % len(pool)], nodes, ns))
+    return bodies
+
+
+def baseline_manifest(
+    req: Request, node: SimNode, nodes: Sequence[SimNode], ns: str
+) -> dict[str, Any]:
+    """gpumesh's rendering of ``req`` with its worker on ``node``, owned by nothing."""
+    head = next(s.name for s in nodes if s.model is None and s.region == node.region)
+    spec = GPUClusterSpec.model_validate(req.spec())
+    owner = Owner(f"{GROUP}/{VERSION}", "GPUCluster", req.name, "none")
+    manifest = raycluster(
+        spec,
+        [WorkerSlot(PRIMARY_GROUP, node.name, 1)],
+        name=req.name,
+        namespace=ns,
+        owner=owner,
+        head_node=head,
+    )
+    # Nothing owns these: an owner reference to a missing object is garbage.
+    manifest["metadata"].pop("ownerReferences")
+    manifest["metadata"]["labels"] = {PHASE_LABEL: "baseline"}
+    return manifest
+
+
+def warm_up_kuberay(api: client.ApiClient, nodes: Sequence[SimNode]) -> float:
+    """RayClusters on every head node and a GPU node of each model in every region, to
+    Ready and deleted, untimed: in the first minutes after 1,000 nodes appear, pods on
+    some nodes (the head nodes, created last) wait minutes for kwok, which would be
+    charged to whichever phase runs first."""
+    ns = "bench-warmup-kuberay"
+    picked: dict[tuple[str, str], SimNode] = {}
+    for sim in nodes:
+        if sim.model is not None:
+            picked.setdefault((sim.region, sim.model.slug), sim)
+    bodies = [
+        baseline_manifest(Request(f"w-{sim.name}", sim.model), sim, nodes, ns)
+        for sim in picked.values()
+        if sim.model is not None
+    ]
+    result = timed_phase(
+        api, "warm-up KubeRay", ns, (RAY_GROUP, RAY_VERSION, RAY_PLURAL), bodies, raycluster_ready
+    )
+    delete_namespace(api, ns)
+    if not result.complete:
+        raise RuntimeError(f"warm-up RayClusters not Ready in {PHASE_TIMEOUT_S:.0f} s")
+    return result.total_s
+
+
+def create_all(
+    api: client.ApiClient, ns: str, plural: str, group: str, version: str, bodies: Sequence[Obj]
+) -> dict[str, float]:
+    """Create every object from ``CREATE_THREADS`` threads; name -> when its create was sent."""
+    custom = client.CustomObjectsApi(api)
+    sent: dict[str, float] = {}
+
+    def create(body: Obj) -> None:
+        sent[body["metadata"]["name"]] = time.monotonic()
+        custom.create_namespaced_custom_object(group, version, ns, plural, dict(body))
+
+    parallel(create, bodies, CREATE_THREADS)
+    return sent
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    """All-Ready time of one phase, and each cluster's create -> Ready."""
+
+    what: str
+    n: int
+    ready: int
+    total_s: float
+    per_cluster: Stats
+    load_before: str
+    load_after: str
+    create_s: float
+    cleanup_s: float = 0.0
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.ready == self.n
+
+
+def timed_phase(
+    api: client.ApiClient,
+    what: str,
+    ns: str,
+    kind: tuple[str, str, str],
+    bodies: Sequence[Obj],
+    ready: Callable[[Obj], bool],
+) -> PhaseResult:
+    group, version, plural = kind
+    mesh.ensure_namespace(api, ns)
+    before = load()
+    log(f"{what}: creating {len(bodies)} {plural}")
+    names = {b["metadata"]["name"] for b in bodies}
+    with Watcher(api, ns, group, version, plural, ready) as watcher:
+        started = time.monotonic()
+        sent = create_all(api, ns, plural, group, version, bodies)
+        create_s = time.monotonic() - started
+        log(f"{what}: created in {create_s:.1f} s; waiting for Ready")
+        watcher.wait(names, started + PHASE_TIMEOUT_S, label=f"{what} Ready")
+        done = dict(watcher.done_at)
+    finished = max(done.values(), default=time.monotonic())
+    per = tuple(done[n] - sent[n] for n in names if n in done)
+    result = PhaseResult(
+        what=what,
+        n=len(names),
+        ready=len(done),
+        total_s=(finished if len(done) == len(names) else started + PHASE_TIMEOUT_S) - started,
+        per_cluster=Stats(per or (float("nan"),)),
+        load_before=before,
+        load_after=load(),
+        create_s=create_s,
+    )
+    log(f"{what}: {result.ready}/{result.n} Ready in {result.total_s:.1f} s")
+    return result
+
+
+def creation_spread(api: client.ApiClient, ns: str) -> str:
+    """When the operator created the last RayCluster, after the first GPUCluster was created
+    (API-server timestamps, to the second)."""
+    custom = client.CustomObjectsApi(api)
+
+    def stamps(group: str, version: str, plural: str) -> list[datetime]:
+        items = _any(custom.list_namespaced_custom_object(group, version, ns, plural))["items"]
+        return [
+            datetime.fromisoformat(i["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+            for i in items
+        ]
+
+    clusters = stamps(GROUP, VERSION, "gpuclusters")
+    rays = stamps(RAY_GROUP, RAY_VERSION, RAY_PLURAL)
+    if not clusters or not rays:
+        return "no RayClusters"
+    first = min(clusters)
+    return (
+        f"GPUClusters created over {(max(clusters) - first).total_seconds():.0f} s, "
+        f"their {len(rays)} RayClusters over {(max(rays) - first).total_seconds():.0f} s "
+        "from the first GPUCluster (API timestamps, 1 s resolution)"
+    )
+
+
+# --- the operator --------------------------------------------------------------------------
+
+
+class Operator:
+    """``python -m gpumesh operator run`` against the bench cluster (optionally profiled)."""
+
+    def __init__(self, kubeconfig: Path, logs: Path, profile: str | None) -> None:
+        self.kubeconfig = kubeconfig
+        self.logs = logs
+        self.profile = profile
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.liveness = mesh.free_port()
+        self.log_path = logs / "operator.log"
+        self.start_s = 0.0
+
+    def argv(self) -> list[str]:
+        argv = mesh.operator_argv(self.liveness)
+        if _supports_metrics_port():
+            argv.append("--metrics-port=0")  # several operators may share this machine
+        if self.profile:
+            # python -m gpumesh ARGS  ->  python -m bench.reconcile profile OUT ARGS
+            argv = [sys.executable, "-m", "bench.reconcile", "profile", self.profile, *argv[3:]]
+        return argv
+
+    def __enter__(self) -> Operator:
+        env = {
+            "KUBECONFIG": str(self.kubeconfig),
+            "GPUMESH_RESYNC_SECONDS": RESYNC_SECONDS,
+            "PYTHONPATH": str(ROOT),
+        }
+        started = time.monotonic()
+        self.proc, _ = mesh.spawn("operator", self.argv(), self.logs, env)
+        url = f"http://127.0.0.1:{self.liveness}/healthz"
+        try:
+            wait_until("operator liveness endpoint", lambda: self._alive() and _http_ok(url), 180)
+        except BaseException:
+            self.__exit__()
+            raise
+        self.start_s = time.monotonic() - started
+        return self
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited: see {self.log_path}")
+        return True
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(60 if self.profile else 20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _supports_metrics_port() -> bool:
+    from gpumesh.operator import cli
+
+    return "metrics_port" in inspect.signature(cli.run).parameters
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def warm_up(api: client.ApiClient) -> float:
+    """One GPUCluster to Ready, created as soon as the operator answers its liveness probe,
+    before anything is timed; the seconds that took (the cost of an operator start)."""
+    ns = "bench-warmup"
+    mesh.ensure_namespace(api, ns)
+    body = gpucluster_body(Request("warmup", MODELS[0]))
+    with Watcher(api, ns, GROUP, VERSION, "gpuclusters", gpucluster_ready) as watcher:
+        started = time.monotonic()
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, ns, "gpuclusters", body
+        )
+        if not watcher.wait({"warmup"}, started + 900, label="warm-up"):
+            raise RuntimeError("the warm-up GPUCluster did not become Ready in 900 s")
+        took = watcher.done_at["warmup"] - started
+    delete_namespace(api, ns)
+    return took
+
+
+def operator_log_summary(path: Path) -> str:
+    """How often each handler ran, and the errors it logged, most frequent first."""
+    text = path.read_text(errors="replace") if path.exists() else ""
+    ran = Counter(re.findall(r"(?:Handler|Timer) '(\w+)' succeeded", text))
+    failed: Counter[str] = Counter()
+    for m in re.finditer(r"(?:Handler|Timer) '(\w+)' failed with an exception[^:]*: (.*)", text):
+        reason = m.group(2)
+        if "being terminated" in text[m.end() : m.end() + 2000] and "(403)" in reason:
+            reason = "403 namespace is being terminated"
+        failed[f"{m.group(1)}: {reason[:60]}"] += 1
+    runs = ", ".join(f"{name} {count}" for name, count in ran.most_common(6))
+    errors = "; ".join(f"{count}x {what}" for what, count in failed.most_common(4))
+    return f"handlers run: {runs}. Errors: {errors or 'none'}."
+
+
+def lease_pace(kwok_log: Path, nodes: int) -> str:
+    """Node leases kwok renewed per second, overall and in its slowest minute."""
+    per_minute: Counter[str] = Counter()
+    with contextlib.suppress(FileNotFoundError), kwok_log.open(errors="replace") as fh:
+        for line in fh:
+            if '"msg":"Syncing lease"' in line:
+                m = re.search(r'"time":"[^T]*T(\d\d:\d\d)', line)
+                if m:
+                    per_minute[m.group(1)] += 1
+    minutes = sorted(per_minute)[1:-1]  # the first and last minute are partial
+    if not minutes:
+        return "no lease renewals logged"
+    rates = [per_minute[m] / 60 for m in minutes]
+    return (
+        f"kwok renewed {sum(rates) / len(rates):.0f} node leases/s on average (slowest "
+        f"minute {min(rates):.0f}/s); {nodes} nodes at kwok's 10 s renew interval need "
+        f"{nodes / 10:.0f}/s"
+    )
+
+
+def paced_latency(api: client.ApiClient, count: int) -> tuple[Stats, float]:
+    """GPUClusters at LATENCY_RATE per second; creation -> RayCluster ADDED, per cluster."""
+    ns = "bench-latency"
+    mesh.ensure_namespace(api, ns)
+    bodies = [gpucluster_body(r) for r in requests(count, prefix="l")]
+    custom = client.CustomObjectsApi(api)
+    sent: dict[str, float] = {}
+
+    def create(body: Obj) -> None:
+        sent[body["metadata"]["name"]] = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, "gpuclusters", dict(body))
+
+    log(f"latency: {count} GPUClusters at {LATENCY_RATE:.0f}/s")
+    with (
+        Watcher(api, ns, RAY_GROUP, RAY_VERSION, RAY_PLURAL) as watcher,
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
+        started = time.monotonic()
+        futures = []
+        for i, body in enumerate(bodies):
+            time.sleep(max(0.0, started + i / LATENCY_RATE - time.monotonic()))
+            futures.append(pool.submit(create, body))
+        for future in futures:
+            future.result()
+        achieved = count / (time.monotonic() - started)
+        names = {b["metadata"]["name"] for b in bodies}
+        watcher.wait(names, time.monotonic() + 120, seen=True, label="latency RayClusters")
+        seen = dict(watcher.seen)
+    latencies = tuple(seen[n] - sent[n] for n in names if n in seen)
+    missing = count - len(latencies)
+    if missing:
+        log(f"latency: {missing} RayClusters never appeared within 120 s")
+        latencies += (float("inf"),) * missing
+    return Stats(latencies), achieved
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    baseline: dict[int, PhaseResult] = field(default_factory=dict)
+    gpumesh: dict[int, PhaseResult] = field(default_factory=dict)
+    latency: Stats | None = None
+    latency_rate: float = 0.0
+    operator_log: str = ""
+    kwok_leases: str = ""
+    warm_up_s: float = 0.0
+    setup_s: float = 0.0
+    kwok_settle_s: float = 0.0
+    kuberay_warm_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(state_dir: Path, nodes: Sequence[SimNode], profile: str | None) -> Outcome:
+    out = Outcome()
+    cluster = LocalCluster(state_dir, ephemeral=True)
+    logs = state_dir / "bench-logs"
+    try:
+        started = time.monotonic()
+        cluster.up()
+        api = api_client(cluster.kubeconfig)
+        mesh.apply_crds(api)
+        mesh.ensure_namespace(api, "gpumesh-system")
+        log(f"creating {len(nodes)} nodes and GPUNodes")
+        create_fleet(api, nodes)
+        out.kwok_settle_s = settle_kwok(api, nodes)
+        out.kuberay_warm_s = warm_up_kuberay(api, nodes)
+        out.setup_s = time.monotonic() - started
+        log(f"cluster and fleet ready in {out.setup_s:.0f} s")
+        for n in SIZES:
+            ns = f"bench-baseline-{n}"
+            base = timed_phase(
+                api,
+                f"KubeRay alone N={n}",
+                ns,
+                (RAY_GROUP, RAY_VERSION, RAY_PLURAL),
+                baseline_bodies(requests(n), nodes, ns),
+                raycluster_ready,
+            )
+            base.cleanup_s = delete_namespace(api, ns)
+            out.baseline[n] = base
+        with Operator(cluster.kubeconfig, logs, profile) as operator:
+            out.warm_up_s = warm_up(api) + operator.start_s
+            log(f"operator up and first GPUCluster Ready in {out.warm_up_s:.0f} s")
+            for i, n in enumerate(SIZES):
+                ns = f"bench-gpumesh-{n}"
+                ours = timed_phase(
+                    api,
+                    f"gpumesh N={n}",
+                    ns,
+                    (GROUP, VERSION, "gpuclusters"),
+                    [gpucluster_body(r) for r in requests(n)],
+                    gpucluster_ready,
+                )
+                ours.extra.append(creation_spread(api, ns))
+                ours.cleanup_s = delete_namespace(api, ns)
+                out.gpumesh[n] = ours
+                # Before the largest run, whose backlog could still be draining after it.
+                if i == len(SIZES) - 2 or (len(SIZES) == 1 and LATENCY_COUNT > 0):
+                    out.latency, out.latency_rate = paced_latency(api, LATENCY_COUNT)
+                    delete_namespace(api, "bench-latency")
+        out.operator_log = operator_log_summary(operator.log_path)
+        out.kwok_leases = lease_pace(Path(cluster.logs_dir) / "kwok.log", len(nodes))
+        api.close()  # type: ignore[no-untyped-call]
+    finally:
+        cluster.down()
+    return out
+
+
+def run() -> Report:
+    nodes = fleet()
+    state_dir = Path(tempfile.mkdtemp(prefix="gpumesh-bench-reconcile-"))
+    keep = os.environ.get("BENCH_RECONCILE_KEEP") == "1"
+    profile = os.environ.get("BENCH_RECONCILE_PROFILE") or None
+    if profile:
+        profile = str(Path(profile).resolve())
+    load_start = load()
+    try:
+        out = measure(state_dir, nodes, profile)
+    except BaseException:
+        print(f"bench/reconcile: state and logs kept in {state_dir}", file=sys.stderr)
+        raise
+    if keep:
+        print(f"bench/reconcile: state and logs kept in {state_dir}", file=sys.stderr)
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return report(out, nodes, load_start)
+
+
+def report(out: Outcome, nodes: Sequence[SimNode], load_start: str) -> Report:
+    rep = Report("GPUCluster reconcile: gpumesh against KubeRay alone (kwok nodes)", COMMAND)
+    for n, ours in out.gpumesh.items():
+        base = out.baseline[n]
+        ratio = ours.total_s / base.total_s
+        complete = ours.complete and base.complete
+        timed_out = "" if complete else f" (TIMED OUT at {PHASE_TIMEOUT_S:.0f} s)"
+        rep.rows.append(
+            Row(
+                f"all {n} Ready, total{timed_out}",
+                Stats((ours.total_s,)),
+                Stats((base.total_s,)),
+                target=f"<= {TARGET_OVERHEAD:.2f}x",
+                met=complete and ratio <= TARGET_OVERHEAD,
+            )
+        )
+        rep.rows.append(
+            Row(
+                f"per cluster create -> Ready, N={n} ({ours.ready}/{base.ready} of {n} Ready)",
+                ours.per_cluster,
+                base.per_cluster,
+            )
+        )
+    if out.latency is not None:
+        rep.rows.append(
+            Row(
+                f"GPUCluster create -> RayCluster exists, {len(out.latency.samples)} at "
+                f"{out.latency_rate:.1f}/s",
+                out.latency,
+                target=f"p99 <= {TARGET_P99_S * 1e3:.0f} ms",
+                met=out.latency.p99 <= TARGET_P99_S,
+            )
+        )
+    gpu_nodes = sum(1 for s in nodes if s.model is not None)
+    rep.notes += [
+        f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), shared with other work; "
+        f"load average (1/5/15 min) {load_start} at the start. Every component runs on it: "
+        "etcd, kube-apiserver, controller-manager, scheduler, kwok, KubeRay v1.6.1, the "
+        "operator and this benchmark.",
+        f"Fleet: {gpu_nodes} kwok GPU nodes with {GPUS_PER_NODE} `nvidia.com/gpu` each "
+        f"({', '.join(m.slug for m in MODELS)}; {len(REGIONS)} regions; "
+        f"{-(-gpu_nodes // NODES_PER_SUPPLIER)} suppliers with prices around each model's) "
+        f"and {len(nodes) - gpu_nodes} head-capable CPU nodes, one per region. Set up in "
+        f"{out.setup_s:.0f} s, of which {out.kwok_settle_s:.0f} s waiting for kwok to take "
+        "the nodes over (probe pods on a sample of nodes Ready) and "
+        f"{out.kuberay_warm_s:.0f} s for untimed warm-up RayClusters on every head node "
+        "(pods on the head nodes wait minutes for kwok right after the nodes are created).",
+        "Simulated: pods run nowhere (kwok marks them Running and Ready); node agents are "
+        "simulated by writing each GPUNode's status through the status subresource once "
+        "(Healthy, 8 GPUs, verification Passed), since 1,000 agent processes do not fit "
+        "2 cores.",
+        "Shape: each cluster is a head (2 CPU, 8Gi) and one worker with 1 GPU, asking for one "
+        "of the models. The baseline applies the RayCluster gpumesh's renderer makes, placed "
+        "by hand (each worker on its own node, head on the region's head node); gpumesh "
+        "places them itself. Ready is the same for both: HeadPodReady and every desired "
+        "worker ready (gpumesh: `status.phase == Ready`, computed from those fields).",
+        "Total = first create sent -> last cluster seen Ready through a watch; objects are "
+        f"created from {CREATE_THREADS} threads. The operator runs with "
+        f"GPUMESH_RESYNC_SECONDS={RESYNC_SECONDS}; it is not running during the KubeRay-alone "
+        "phases (which run first, every N) and is started once after them, warmed up with "
+        "one GPUCluster. Order: KubeRay alone for each N, then gpumesh for each N, the "
+        "paced latency run before the largest N.",
+        "Head nodes are sized for every head of the run: the operator puts all heads of a "
+        "region on its first head node (head CPU and memory of other gpumesh clusters are "
+        "not counted), so realistically sized head nodes would leave heads Pending.",
+    ]
+    for n in out.gpumesh:
+        base, ours = out.baseline[n], out.gpumesh[n]
+        rep.notes.append(
+            f"N={n}: KubeRay alone {base.total_s:.1f} s ({base.ready}/{n} Ready; creates "
+            f"took {base.create_s:.1f} s; load {base.load_before} -> {base.load_after}), "
+            f"gpumesh {ours.total_s:.1f} s ({ours.ready}/{n} Ready; creates took "
+            f"{ours.create_s:.1f} s; load {ours.load_before} -> {ours.load_after}); ratio "
+            f"{ours.total_s / base.total_s:.2f}x. Namespace deletion took "
+            f"{base.cleanup_s:.0f} s / {ours.cleanup_s:.0f} s. " + " ".join(ours.extra)
+        )
+    if out.latency is not None:
+        s = out.latency
+        rep.notes.append(
+            f"Latency: {len(s.samples)} GPUClusters at {out.latency_rate:.1f}/s (target "
+            f"{LATENCY_RATE:.0f}/s) from create sent to the RayCluster's ADDED event: p50 "
+            f"{s.p50:.3f} s, p95 {s.p95:.3f} s, p99 {s.p99:.3f} s, max {max(s.samples):.3f} s."
+        )
+    rep.notes += [
+        f"Operator start: {out.warm_up_s:.0f} s from launch until a first GPUCluster, created "
+        "as soon as the liveness probe answered, was Ready (not part of any timed phase).",
+        f"Operator log over the run: {out.operator_log}",
+        f"Control plane: {out.kwok_leases}. Load at the end: {load()}.",
+    ]
+    return rep
+
+
+# --- profiling launcher ----------------------------------------------------------------------
+
+
+def profile_main(out: str, argv: list[str]) -> None:
+    """Run ``gpumesh ARGV`` with cProfile in the main thread and in every pool task
+    (kopf runs sync handlers and indexes in a thread pool); merged stats go to ``out``."""
+    import cProfile
+    import pstats
+    from concurrent.futures import thread as cf_thread
+
+    profiles: list[cProfile.Profile] = []
+    local = threading.local()
+    lock = threading.Lock()
+    original = cf_thread._WorkItem.run
+
+    def run_profiled(self: Any) -> None:
+        prof = getattr(local, "prof", None)
+        if prof is None:
+            prof = local.prof = cProfile.Profile()
+            with lock:
+                profiles.append(prof)
+        prof.runcall(original, self)
+
+    cf_thread._WorkItem.run = run_profiled  # type: ignore[method-assign]
+    main = cProfile.Profile()
+    sys.argv = ["gpumesh", *argv]
+    from gpumesh.cli import app
+
+    try:
+        main.runcall(app)
+    except SystemExit:
+        pass
+    finally:
+        stats = pstats.Stats(main)
+        with lock:
+            for prof in profiles:
+                with contextlib.suppress(TypeError):  # a profiler that never ran
+                    stats.add(prof)
+        stats.dump_stats(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "profile":
+        profile_main(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit(
+            f"usage: {sys.argv[0]} profile OUT GPUMESH-ARGS... (or: python -m bench reconcile)"
+        )
