@@ -10,7 +10,7 @@ from typing import Any, cast
 import kopf
 
 from gpumesh.operator import kube
-from gpumesh.operator.handlers.indexes import INVENTORY_VERSION
+from gpumesh.operator.handlers.indexes import INVENTORY_VERSION, frozen
 from gpumesh.operator.placement import InventoryIndex, build_inventory
 from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
@@ -44,7 +44,7 @@ def reconciler() -> Reconciler:
 
 
 def _values(index: kopf.Index[Any, Any]) -> list[Any]:
-    return [value for store in index.values() for value in store]
+    return [value for store in frozen(index).values() for value in store]
 
 
 _inventory_lock = threading.Lock()
@@ -63,7 +63,7 @@ def inventory(indexes: Mapping[str, Any]) -> InventoryIndex:
         INVENTORY_VERSION.value,
         len(indexes["node_index"]),
         len(indexes["gpunode_index"]),
-        sum(len(store) for store in pods.values()),
+        sum(len(store) for store in frozen(pods).values()),
     )
     with _inventory_lock:
         if _inventory is None or _inventory[0] != key:
@@ -79,8 +79,10 @@ def snapshot(indexes: Mapping[str, Any]) -> Snapshot:
     cluster_pods = indexes["cluster_pod_index"]
     return Snapshot(
         offers=inventory(indexes),
-        rayclusters={key: next(iter(store)) for key, store in indexes["raycluster_index"].items()},
-        cluster_pods={key: list(store) for key, store in cluster_pods.items()},
+        rayclusters={
+            key: store[0] for key, store in frozen(indexes["raycluster_index"]).items() if store
+        },
+        cluster_pods=frozen(cluster_pods),
     )
 
 
@@ -130,7 +132,7 @@ def inventory_changed(name: str, body: kopf.Body, resource: kopf.Resource, **ind
     if _inventory_fingerprints.get(key) == relevant:
         return
     _inventory_fingerprints[key] = relevant
-    for store in indexes["gpucluster_index"].values():
+    for store in frozen(indexes["gpucluster_index"]).values():
         for cluster in store:
             if (cluster.get("status") or {}).get("phase", "Pending") == "Pending":
                 _reconcile(cluster, indexes)
@@ -143,5 +145,10 @@ def gpucluster_deleted(namespace: str | None, name: str, **_: Any) -> None:
 
 
 def _gpucluster_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] | None:
-    store = indexes["gpucluster_index"].get(key)
-    return next(iter(store), None) if store else None
+    for _ in range(1000):
+        try:
+            store = indexes["gpucluster_index"].get(key)
+            return next(iter(store), None) if store else None
+        except RuntimeError:  # the store changed under us on kopf's loop; read again
+            continue
+    return None
