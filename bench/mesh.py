@@ -18,17 +18,20 @@ import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.harness import Report, Row, Stats, sample
+from gpumesh.node_agent.wg.device import UapiBackend
 from gpumesh.node_agent.wg.diff import ObservedDevice, PeerChanges, diff_device
-from gpumesh.node_agent.wg.keys import PrivateKey
+from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
 from gpumesh.node_agent.wg.peers import DesiredPeer, derive_peers
+from gpumesh.node_agent.wg.sync import MeshSyncer
 from gpumesh.node_agent.wg.uapi import UapiClient, build_set
-from gpumesh.operator.mesh import MeshConfig, MeshNode, MeshPlanner, plan
+from gpumesh.operator.mesh import Catalogue, MeshConfig, MeshNode, MeshPlanner, plan
 
 COMMAND = "python -m bench mesh"
 CONFIG = MeshConfig(
@@ -182,7 +185,18 @@ def wireguard_go() -> Iterator[UapiClient]:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def device_mesh(peers: int) -> tuple[list[DesiredPeer], PeerChanges, PrivateKey]:
+@dataclass(frozen=True)
+class DeviceMesh:
+    """A public node of a real-keyed fleet: its catalogue, peers and the first set."""
+
+    catalogue: Catalogue
+    me: str
+    desired: list[DesiredPeer]
+    full: PeerChanges
+    """The changes that configure every peer on an empty device (the agent's own path)."""
+
+
+def device_mesh(peers: int) -> DeviceMesh:
     """A public node's desired peers in a real-keyed fleet with about ``peers`` others,
     and the changes that configure them on an empty device (the agent's own path)."""
     size = peers + peers // (NATD_SHARE - 1) + 1
@@ -191,20 +205,23 @@ def device_mesh(peers: int) -> tuple[list[DesiredPeer], PeerChanges, PrivateKey]
     me = next(e.name for e in catalogue.entries if e.endpoint is not None)
     mesh = derive_peers(catalogue, me)
     assert mesh is not None
-    key = PrivateKey.generate()
-    empty = ObservedDevice(key.public_key, 51820, {})
-    changes = diff_device(mesh.peers, empty, public_key=key.public_key, listen_port=51820)
+    empty = ObservedDevice(None, 51820, {})
+    changes = diff_device(mesh.peers, empty, public_key="-", listen_port=51820)
     # In the order build_set sends them, so the one-set-per-peer baseline matches.
     ordered = tuple(sorted(changes.updates, key=lambda u: bool(u.keepalive_s)))
-    return list(mesh.peers), replace(changes, updates=ordered), key
+    full = PeerChanges(updates=ordered)
+    return DeviceMesh(catalogue, me, list(mesh.peers), full)
 
 
-def bench_device(repeat: int) -> tuple[list[Row], int]:
-    desired, full, me = device_mesh(DEVICE_PEERS)
+def bench_device(repeat: int) -> tuple[list[Row], list[str]]:
+    lab = device_mesh(DEVICE_PEERS)
+    desired, full = lab.desired, lab.full
+    me = PrivateKey.generate()
     clear = build_set(PeerChanges(), replace_peers=True)
     all_keepalive = PeerChanges(updates=tuple(replace(u, keepalive_s=25) for u in full.updates))
     rows: list[Row] = []
-    with wireguard_go() as client:
+    load = [_load()]
+    with wireguard_go() as client, tempfile.TemporaryDirectory() as keys:
         client.set(build_set(PeerChanges(set_private_key=True, listen_port=51820), me))
 
         def timed(setup: Callable[[], object], fn: Callable[[], object]) -> Stats:
@@ -233,6 +250,29 @@ def bench_device(repeat: int) -> tuple[list[Row], int]:
                 batched.p95 <= TARGET_APPLY_S,
             )
         )
+        rows.append(
+            Row(
+                "  of which building the request in Python (build_set, "
+                f"{len(build_set(full)) // 1024} KiB)",
+                sample(lambda: build_set(full), repeat=repeat),
+            )
+        )
+        syncer = MeshSyncer(
+            lab.me,
+            UapiBackend(client.interface),
+            KeyStore(Path(keys)),
+            None,
+            listen_port=51820,
+        )
+        syncer.start()
+        rows.append(
+            Row(
+                f"  the agent's whole sync onto the empty device: read it, derive {len(desired)} "
+                "peers from the catalogue, diff, one set",
+                timed(lambda: client.set(clear), lambda: syncer.sync(lab.catalogue)),
+            )
+        )
+        client.set(build_set(PeerChanges(set_private_key=True), me))  # the syncer's key out
         rows.append(
             Row(
                 f"  same {len(desired)} peers, every one with persistent keepalive "
@@ -282,8 +322,26 @@ def bench_device(repeat: int) -> tuple[list[Row], int]:
                 sample(replace_all, repeat=repeat),
             )
         )
+    load.append(_load())
     keepalives = sum(1 for p in desired if p.keepalive_s)
-    return rows, keepalives
+    notes = [
+        "Device: wireguard-go "
+        + _wireguard_go_version()
+        + " (Debian) in a throwaway network namespace; the interface stays down, so nothing "
+        "is sent. The peers are what derive_peers gives a public node of the fleet "
+        f"({keepalives} of them NAT'd nodes it relays, with keepalive); the changes come "
+        "from diff_device against the empty device, as in the agent. Load average "
+        f"(1/5/15 min) {load[0]} before the device rows, {load[1]} after: wireguard-go's "
+        "work is CPU-bound, so other load on this 2-core machine stretches it.",
+        "Where the 1,000-peer set goes (perf on wireguard-go, see docs/mesh.md): about two "
+        "thirds is the Curve25519 static-static DH it precomputes for each new peer, about "
+        "a sixth its garbage collector. Building the request in Python is the row below it.",
+    ]
+    return rows, notes
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run() -> Report:
@@ -318,23 +376,18 @@ def run() -> Report:
         Row("agent: derive its peers from a 5,000-node catalogue", bench_derive(5000, 10))
     )
     why = device_unavailable()
-    keepalives = 0
+    device_notes: list[str] = []
     if why:
-        report.notes.append(f"device rows skipped: {why} (needs root, wireguard-go, TUN)")
+        device_notes.append(f"device rows skipped: {why} (needs root, wireguard-go, TUN)")
     else:
-        rows, keepalives = bench_device(repeat=20)
+        rows, device_notes = bench_device(repeat=20)
         report.rows += rows
     report.notes += [
         f"Fleet: one node in {NATD_SHARE} NAT'd (relayed), the rest with public endpoints. "
         "Events cycle: join, leave, a relay's heartbeat lapses (its NAT'd nodes move), it "
         "returns, a key rotates.",
         "Incremental targets are checked at p99, others at p95.",
-        "Device: wireguard-go "
-        + _wireguard_go_version()
-        + " (Debian) in a throwaway network namespace; the interface stays down, so nothing "
-        "is sent. The peers are what derive_peers gives a public node of the fleet "
-        f"({keepalives} of them NAT'd nodes it relays, with keepalive); the changes come "
-        "from diff_device against the empty device, as in the agent.",
+        *device_notes,
         "The baseline 'every node's peer map built centrally' is what a control plane that "
         "computes per-node configs does on each change (headscale: 7 s at 650 nodes).",
     ]

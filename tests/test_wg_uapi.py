@@ -3,6 +3,7 @@ nothing at all for an unchanged plan, and a client that reads answers whole."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -143,6 +144,16 @@ def test_newline_in_a_value_cannot_inject_commands() -> None:
     bad = PeerChanges(updates=(PeerUpdate(A, True, "1.2.3.4:5\nreplace_peers=true", None, ()),))
     with pytest.raises(ValueError, match="cannot go into a UAPI line"):
         build_set(bad)
+
+
+@pytest.mark.parametrize("bad", ["198.19.0.2/32\nreplace_peers=true", "198.19.0.2/32\r", ""])
+def test_no_allowed_ip_of_many_can_inject_commands(bad: str) -> None:
+    ips = tuple(f"198.19.{i // 250}.{i % 250}/32" for i in range(500))
+    good = PeerChanges(updates=(PeerUpdate(A, True, None, None, ips),))
+    assert build_set(good).decode().count("\nallowed_ip=") == 500
+    changes = PeerChanges(updates=(PeerUpdate(A, True, None, None, (*ips[:300], bad, *ips[300:])),))
+    with pytest.raises(ValueError, match=re.escape(f"allowed IP {bad!r} cannot")):
+        build_set(changes)
 
 
 GET_ANSWER = (

@@ -15,7 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpumesh.node_agent.wg.device import WgBackend
-from gpumesh.node_agent.wg.diff import ObservedDevice, PeerChanges, diff_device
+from gpumesh.node_agent.wg.diff import (
+    ObservedDevice,
+    PeerChanges,
+    apply_changes,
+    diff_device,
+)
 from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
 from gpumesh.node_agent.wg.links import Links, RouteChanges
 from gpumesh.node_agent.wg.peers import DEFAULT_KEEPALIVE_S, DesiredMesh, derive_peers
@@ -211,8 +216,8 @@ class MeshSyncer:
                 route_changes = self.links.sync_routes(desired.routes)
                 if desired.relays_for and self.manage_forwarding:
                     link_changes += self.links.enable_forwarding()
-        if changes:
-            observed = self.backend.observe()
+        # Not read back: a set the device accepted holds exactly what was sent.
+        observed = apply_changes(observed, changes, self.public_key)
         result = SyncResult(
             generation=catalogue.generation,
             desired=desired,
