@@ -1,9 +1,24 @@
-"""One idempotent reconcile for a GPUCluster: place, render, apply if changed, report.
+"""GPUCluster reconcile and its admission queue: decide, render, apply if changed, report.
 
-Called by kopf for create, update and resume, by a timer, and whenever the RayCluster or
-the inventory changes. Every step is safe to repeat: the RayCluster has the GPUCluster's
-name (no duplicates after a restart), current workers are kept where they are, and
-nothing is written when nothing changed.
+Two entry points, both idempotent and run from the operator's work queue:
+
+- :meth:`Reconciler.reconcile` (one cluster): reads the cluster, its RayCluster and pods
+  from the indexes, keeps what it holds where it is (moving workers only off nodes that
+  can no longer have them, shrinking when asked), applies the RayCluster when its
+  rendering changed and writes the status when it changed. A cluster that wants more GPUs
+  than it holds (new, scaled up, unsuspended, preempted) does not take them here: it
+  waits for the queue.
+- :meth:`Reconciler.admission_pass` (every waiting cluster at once): one pass of the
+  admission engine over the waiting GPUClusters and Jobs in priority order, with
+  GPUQuota limits and preemption of lower-priority work. It only decides and books the
+  GPUs (:class:`~gpumesh.operator.world.Holdings`); the reconciles it wakes do the
+  applying. Batching is what keeps a burst of a thousand creations cheap.
+
+What this process decided (``_placed``) wins over the RayCluster index, which lags an
+apply by a watch round trip; after a restart the RayClusters themselves say what each
+cluster holds, so nothing is booked twice and no RayCluster is created twice (it has the
+GPUCluster's name). The placement lock is shared with the Job reconciler, so both kinds
+see every promise the other made.
 """
 
 from __future__ import annotations
@@ -12,7 +27,6 @@ import hashlib
 import json
 import logging
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,22 +36,38 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from gpumesh.api.conditions import STALLED, set_condition
-from gpumesh.api.gpucluster import GPUClusterSpec, GPUClusterStatus, WorkerPlacement
+from gpumesh.api.gpucluster import GPUClusterSpec, GPUClusterStatus
+from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import field_path
+from gpumesh.operator.jobs.admission import STALLED_REASONS, placements
 from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
 from gpumesh.operator.placement import (
+    AdmissionResult,
     Assignment,
-    Decision,
     InventoryIndex,
     NodeOffer,
+    Preemption,
+    Request,
+    Running,
+    admit,
     place_cluster,
+    quota_limits,
 )
+from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
+from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
+from gpumesh.operator.placement.quota import Usage
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
-from gpumesh.operator.status import Observation, RayClusterView, compute_status
-from gpumesh.operator.world import ClusterKey, GroupOnNode, Ledger, groups_on_nodes, reserved_gpus
+from gpumesh.operator.status import (
+    Observation,
+    RayClusterView,
+    Waiting,
+    compute_status,
+    quota_status,
+)
+from gpumesh.operator.world import ClusterKey, GroupOnNode, Holdings, QueueSide, groups_on_nodes
 
 log = logging.getLogger(__name__)
 _ZERO = Decimal(0)
@@ -47,6 +77,8 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 APPLIED_HASH = "gpumesh.io/applied-hash"
 
 Obj = Mapping[str, Any]
+EventFn = Callable[[Obj, str, str, str], None]
+"""(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
 
 
 class Writer(Protocol):
@@ -71,161 +103,379 @@ class Writer(Protocol):
     ) -> dict[str, Any] | None: ...
 
 
-EventFn = Callable[[Obj, str, str, str], None]
-"""(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
+class ClusterWorld(Protocol):
+    """What the reconciles read: the live kopf indexes in production, dicts in tests."""
+
+    def gpucluster(self, key: ClusterKey) -> Obj | None: ...
+
+    def gpuclusters(self) -> Sequence[Obj]: ...
+
+    def raycluster(self, key: ClusterKey) -> Obj | None:
+        """The trimmed RayCluster (see :func:`~gpumesh.operator.world.trim_raycluster`)."""
+        ...
+
+    def pods(self, key: ClusterKey) -> Sequence[Obj]: ...
+
+    def offers(self) -> InventoryIndex: ...
+
+    def gpuquotas(self) -> Sequence[Obj]: ...
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """The indexed world one reconcile reads; taken fresh for each call."""
+class Placed:
+    """What a cluster holds: its workers' assignments and the node of its head."""
 
-    offers: InventoryIndex
-    rayclusters: Mapping[ClusterKey, Obj]
-    cluster_pods: Mapping[ClusterKey, Sequence[Obj]]
+    assignments: tuple[Assignment, ...] = ()
+    head_node: str | None = None
+
+    def gpus_per_node(self) -> dict[str, int]:
+        per_node: dict[str, int] = {}
+        for a in self.assignments:
+            per_node[a.node] = per_node.get(a.node, 0) + a.gpus
+        return per_node
+
+    def workers(self, group: str) -> int:
+        return sum(a.workers for a in self.assignments if a.group == group)
+
+    @property
+    def holds_anything(self) -> bool:
+        return bool(self.assignments) or self.head_node is not None
+
+
+@dataclass(frozen=True)
+class QueueNote:
+    """The queue's last word on a waiting cluster, until it is admitted."""
+
+    reason: str
+    message: str
+    position: int | None = None
 
 
 class Reconciler:
-    """Holds what outlives one call: the ledger and the locks.
-
-    The ledger and the placement lock are shared with the Job reconcile, so GPUs given to
-    a Job's own cluster are never given to a GPUCluster too, and the other way round.
-    """
+    """Holds what outlives one call: what was decided, applied and written, and the locks."""
 
     def __init__(
         self,
         writer: Writer,
         post_event: EventFn,
+        world: ClusterWorld,
         *,
+        holdings: Holdings | None = None,
+        placement_lock: threading.RLock | None = None,
+        wake: Callable[[ClusterKey], None] = lambda _: None,
+        request_pass: Callable[[float], None] = lambda _: None,
+        retry_after: float = 30.0,
         counters: UsageCounters = COUNTERS,
         meter_flush_seconds: float = JOB_SETTINGS.meter_flush_seconds,
     ) -> None:
         self.writer = writer
         self.post_event = post_event
-        self.ledger = Ledger()
-        self.placement_lock = threading.Lock()
+        self.world = world
+        self.holdings = holdings if holdings is not None else Holdings()
+        self.lock = placement_lock if placement_lock is not None else threading.RLock()
+        self.wake = wake
+        """Ask for a reconcile of one cluster (the work queue in production)."""
+        self.request_pass = request_pass
+        """Ask for an admission pass in so many seconds (coalesced by the work queue)."""
+        self.retry_after = retry_after
+        """While clusters wait, the queue is looked at again this often whatever happens."""
+        self.jobs: QueueSide | None = None
+        """The Jobs in the same queue; set by the operator once both reconcilers exist."""
         self.counters = counters
         self.meter_flush_seconds = meter_flush_seconds
-        self._cluster_locks: defaultdict[ClusterKey, threading.Lock] = defaultdict(threading.Lock)
+        self._placed: dict[ClusterKey, Placed] = {}
+        self._notes: dict[ClusterKey, QueueNote] = {}
+        self._seen_by_pass: dict[ClusterKey, tuple[int, Placed]] = {}
+        self._applied: dict[ClusterKey, str] = {}
+        self._written: dict[ClusterKey, tuple[str, GPUClusterStatus]] = {}
+        self._specs: dict[tuple[str, int], GPUClusterSpec] = {}
+        self._quota_written: dict[tuple[str, str], GPUQuotaStatus] = {}
 
-    def forget(self, key: ClusterKey) -> None:
-        """The cluster is gone: release what the ledger held for it."""
-        self.ledger.forget(key)
-        self._cluster_locks.pop(key, None)
-        self.counters.forget(key.namespace, "GPUCluster", key.name)
+    # -- one cluster ---------------------------------------------------------------------
 
-    def reconcile(self, body: Obj, snapshot: Snapshot, now: datetime | None = None) -> None:
-        meta = body["metadata"]
-        key = ClusterKey(meta["namespace"], meta["name"])
-        with self._cluster_locks[key]:
-            self._reconcile(key, body, snapshot, now or datetime.now(UTC))
-
-    # -- steps ---------------------------------------------------------------------------
-
-    def _reconcile(self, key: ClusterKey, body: Obj, snap: Snapshot, now: datetime) -> None:
+    def reconcile(self, key: ClusterKey, now: datetime | None = None) -> None:
+        """Bring one cluster's RayCluster and status in line with its spec and the queue."""
+        body = self.world.gpucluster(key)
+        if body is None:
+            self.forget(key)
+            return
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return
+        when = now or datetime.now(UTC)
+        previous = self._previous(key, body)
         generation = int(meta.get("generation") or 0)
-        previous = GPUClusterStatus.model_validate(body.get("status") or {})
         try:
-            spec = GPUClusterSpec.model_validate(body.get("spec") or {})
+            spec = self._spec(body)
         except ValidationError as err:
-            self._report_invalid(key, body, previous, generation, err, now)
+            self._report_invalid(key, body, previous, generation, err, when)
             return
 
-        existing = snap.rayclusters.get(key)
-        current_groups = groups_on_nodes(existing) if existing else []
-        offers = snap.offers
-        current = _current_assignments(current_groups, offers.by_name)
-
-        with self.placement_lock:
-            reserved = reserved_gpus(key, snap.rayclusters, self.ledger.snapshot())
-            current_head = _current_head(snap, key)
-            decision = place_cluster(
-                spec, offers, current=current, reserved=reserved, current_head=current_head
-            )
+        existing = self.world.raycluster(key)
+        pods = self.world.pods(key)
+        offers = self.world.offers()
+        with self.lock:
+            held = self._holding(key, spec, existing, offers)
+            waiting: Waiting | None = None
             if spec.suspend:
-                chosen: Sequence[Assignment] = current
-            elif decision.ok:
-                chosen = decision.assignments
+                chosen = Placed()
+                self._settle(key, chosen)
+            elif _wants_more(spec, held):
+                chosen = held
+                waiting = self._waiting(key, held)
+                if self._seen_by_pass.get(key) != (generation, held):
+                    self.request_pass(0)
             else:
-                chosen = current
-            slots = _slots(chosen, current_groups, snap.cluster_pods.get(key, ()))
-            head_node = decision.head_node if decision.ok else current_head
-            applied = self._apply(key, body, spec, slots, head_node, existing)
-            if applied is not None:
-                self.ledger.record(key, applied)
+                decision = place_cluster(
+                    spec,
+                    offers,
+                    current=held.assignments,
+                    reserved=self.holdings.reserved(exclude=key),
+                    current_head=held.head_node,
+                    keep_unhealthy=spec.failover.mode == "Never",
+                )
+                if decision.ok:
+                    chosen = Placed(decision.assignments, decision.head_node)
+                    self._settle(key, chosen)
+                else:
+                    chosen = held  # nowhere better to go: keep what runs
+                    waiting = Waiting("Unschedulable", decision.explanation)
+            before = _assignments_of(existing, offers) if existing else ()
+            applied = self._apply(key, body, spec, chosen, existing, pods)
+        if applied:
+            self._announce_changes(body, before, chosen.assignments)
+        if waiting is not None:
+            self._announce_waiting(body, previous, waiting)
 
-        if decision.ok and not spec.suspend:
-            self._announce_changes(body, current, chosen)
-        elif not decision.ok and not spec.suspend:
-            self._announce_unplaceable(body, previous, decision)
-
-        ray_view = (
-            RayClusterView.from_objects(existing, snap.cluster_pods.get(key, ()))
-            if existing
-            else None
-        )
+        ray_view = RayClusterView.from_objects(existing, pods) if existing else None
         status = compute_status(
             Observation(
                 generation=generation,
                 spec=spec,
                 previous=previous,
-                placements=[_placement(a) for a in chosen if a.workers > 0],
-                unplaced_reason=None if decision.ok or spec.suspend else decision.explanation,
+                placements=placements(chosen.assignments),
+                waiting=waiting,
                 raycluster=ray_view,
-                now=now,
+                now=when,
                 selector=f"{names.CLUSTER}={key.name},{names.GROUP}=workers",
             )
         )
-        status, flush = meter(previous, status, now, self.meter_flush_seconds)
-        self._write_status(key, previous, status)
+        status, flush = meter(previous, status, when, self.meter_flush_seconds)
+        self._write_status(key, body, previous, status)
         self.counters.record(key.namespace, "GPUCluster", key.name, flush)
+
+    def forget(self, key: ClusterKey) -> None:
+        """The cluster is gone: release its GPUs and let waiting work have them."""
+        with self.lock:
+            held = self._placed.pop(key, None)
+            self.holdings.forget(key)
+            self._notes.pop(key, None)
+            self._seen_by_pass.pop(key, None)
+            self._applied.pop(key, None)
+            self._written.pop(key, None)
+        self.counters.forget(key.namespace, "GPUCluster", key.name)
+        if held is None or held.holds_anything:
+            self.request_pass(0)
+
+    def raycluster_gone(self, key: ClusterKey) -> None:
+        """Its RayCluster was deleted (by hand, or with the cluster): apply it afresh."""
+        with self.lock:
+            self._applied.pop(key, None)
+
+    def clusters_on(self, node: str) -> list[ClusterKey]:
+        """Clusters holding workers or the head on ``node`` (a failover candidate)."""
+        with self.lock:
+            return [
+                key
+                for key, placed in self._placed.items()
+                if placed.head_node == node or any(a.node == node for a in placed.assignments)
+            ]
+
+    # -- the queue -----------------------------------------------------------------------
+
+    def admission_pass(self, now: datetime | None = None) -> None:
+        """Admit what fits, in queue order, for both kinds; book it; wake who must act."""
+        when = now or datetime.now(UTC)
+        with self.lock:
+            offers = self.world.offers()
+            requests, running = self.workloads(when)
+            job_requests, job_running = self.jobs.workloads(when) if self.jobs else ((), ())
+            quotas = _quotas(self.world.gpuquotas())
+            result = admit(
+                [*requests, *job_requests],
+                offers,
+                now=when,
+                running=[*running, *job_running],
+                quotas=quota_limits(quotas),
+            )
+            moved = False
+            still_waiting = False
+            for verdict in result.verdicts:
+                if verdict.request.kind != "GPUCluster":
+                    continue
+                key = ClusterKey(verdict.request.namespace, verdict.request.name)
+                decision = verdict.decision
+                if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
+                    for preemption in verdict.preemptions:
+                        self._preempt_victim(preemption, when)
+                    self._settle(key, Placed(decision.assignments, decision.head_node))
+                    self._notes.pop(key, None)
+                    if verdict.preemptions:
+                        self._event(key, "Normal", "Preempting", verdict.explanation)
+                    moved = True
+                    self.wake(key)
+                else:
+                    still_waiting = True
+                    note = QueueNote(
+                        _condition_reason(verdict.reason, verdict.request),
+                        verdict.explanation,
+                        verdict.position,
+                    )
+                    if self._notes.get(key) != note:
+                        self._notes[key] = note
+                        self.wake(key)
+            self._write_quota_status(quotas, result, [*running, *job_running], when)
+        if still_waiting:
+            self.request_pass(self.retry_after)
+        if moved and job_requests and self.jobs is not None:
+            self.jobs.kick()
+
+    def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
+        """Every GPUCluster as the queue sees it: waiting for GPUs, holding them, or both.
+
+        Called with the placement lock held (by a pass of either kind).
+        """
+        offers = self.world.offers()
+        requests: list[Request] = []
+        running: list[Running] = []
+        for body in self.world.gpuclusters():
+            meta = body["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            key = ClusterKey(meta["namespace"], meta["name"])
+            try:
+                spec = self._spec(body)
+            except ValidationError:
+                continue
+            created = _created(body)
+            held = self._holding(key, spec, self.world.raycluster(key), offers)
+            if held.holds_anything and not spec.suspend:
+                running.append(
+                    Running(
+                        "GPUCluster",
+                        key.namespace,
+                        key.name,
+                        spec,
+                        created,
+                        held.assignments,
+                        held.head_node,
+                        spec.priority,
+                    )
+                )
+            if not spec.suspend and _wants_more(spec, held):
+                self._seen_by_pass[key] = (int(meta.get("generation") or 0), held)
+                requests.append(
+                    Request.for_cluster(
+                        key.namespace, key.name, spec, created, held.assignments, held.head_node
+                    )
+                )
+        return requests, running
+
+    def preempt(self, preemption: Preemption, now: datetime) -> None:
+        """A Job's admission takes this cluster's workers (called under the lock)."""
+        with self.lock:
+            self._preempt_victim(preemption, now)
+
+    def kick(self) -> None:
+        self.request_pass(0)
+
+    def _preempt_victim(self, preemption: Preemption, now: datetime) -> None:
+        victim = preemption.victim
+        if victim.kind == "Job":
+            if self.jobs is not None:
+                self.jobs.preempt(preemption, now)
+            return
+        key = ClusterKey(victim.namespace, victim.name)
+        body = self.world.gpucluster(key)
+        if body is None:
+            return
+        spec = self._spec(body)
+        existing = self.world.raycluster(key)
+        held = self._holding(key, spec, existing, self.world.offers())
+        # The head stays (it holds no GPUs, and the Ray cluster survives); the workers go
+        # now, before the preemptor is booked, so a crash in between overbooks nothing.
+        self._settle(key, Placed((), held.head_node))
+        self._apply(key, body, spec, Placed((), held.head_node), existing, self.world.pods(key))
+        self._notes[key] = QueueNote("Preempted", preemption.victim_message)
+        self._event(key, "Warning", "Preempted", preemption.victim_message)
+        self.wake(key)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _holding(
+        self, key: ClusterKey, spec: GPUClusterSpec, existing: Obj | None, offers: InventoryIndex
+    ) -> Placed:
+        """What the cluster holds: as this process decided, else as its RayCluster shows."""
+        found = self._placed.get(key)
+        if found is not None:
+            return found
+        if existing is None:
+            return Placed()
+        if existing["spec"].get("suspend"):
+            return Placed()
+        held = Placed(
+            tuple(_assignments_of(existing, offers)), existing["spec"].get("headNode") or None
+        )
+        self._settle(key, held)  # adopted: from now on this process keeps it current
+        return held
+
+    def _settle(self, key: ClusterKey, placed: Placed) -> None:
+        if self._placed.get(key) != placed:
+            self._placed[key] = placed
+            self.holdings.promise(key, placed.gpus_per_node())
+
+    def _waiting(self, key: ClusterKey, held: Placed) -> Waiting:
+        note = self._notes.get(key)
+        if note is None:
+            return Waiting("Queued", "waiting for the next admission pass")
+        return Waiting(note.reason, note.message, note.position)
 
     def _apply(
         self,
         key: ClusterKey,
         body: Obj,
         spec: GPUClusterSpec,
-        slots: Sequence[WorkerSlot],
-        head_node: str | None,
+        chosen: Placed,
         existing: Obj | None,
-    ) -> dict[str, int] | None:
-        """Server-side apply the RayCluster when its rendering changed; GPUs per node."""
-        if not slots and existing is None:
-            return None
+        pods: Sequence[Obj],
+    ) -> bool:
+        """Server-side apply the RayCluster when its rendering changed; True if applied."""
+        current_groups = groups_on_nodes(existing) if existing else []
+        slots = _slots(chosen.assignments, current_groups, pods)
+        if existing is None and not chosen.holds_anything:
+            return False  # nothing admitted yet: no RayCluster to hold nothing
         meta = body["metadata"]
         owner = Owner(f"{GROUP}/{VERSION}", "GPUCluster", meta["name"], meta["uid"])
         manifest = raycluster(
-            spec, slots, name=key.name, namespace=key.namespace, owner=owner, head_node=head_node
+            spec,
+            slots,
+            name=key.name,
+            namespace=key.namespace,
+            owner=owner,
+            head_node=chosen.head_node,
         )
         digest = _digest(manifest)
-        if (
-            existing is not None
-            and existing["metadata"].get("annotations", {}).get(APPLIED_HASH) == digest
-        ):
-            return None
+        seen = (existing or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
+        if digest == seen or (existing is not None and digest == self._applied.get(key)):
+            return False
         if existing is None:
-            if not self._still_exists(key, meta["uid"]):
-                # An event about a cluster deleted meanwhile: creating now would leave an
-                # orphan for the garbage collector and hold GPUs for nobody.
-                self.ledger.forget(key)
-                return None
+            if self._applied.get(key) == digest:
+                return False  # applied already; the index has not caught up yet
             self._refuse_foreign_raycluster(key)
         manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
         self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
-        gpus_per_worker = {name: g.gpus_per_worker for name, g in spec.worker_groups()}
-        per_node: dict[str, int] = {}
-        if not spec.suspend:
-            for slot in slots:
-                per_node[slot.node] = (
-                    per_node.get(slot.node, 0) + slot.workers * gpus_per_worker[slot.group]
-                )
-        return per_node
-
-    def _still_exists(self, key: ClusterKey, uid: str) -> bool:
-        found = self.writer.get_custom(GROUP, VERSION, PLURAL, key.namespace, key.name)
-        return found is not None and found["metadata"].get("uid") == uid
+        self._applied[key] = digest
+        return True
 
     def _refuse_foreign_raycluster(self, key: ClusterKey) -> None:
         found = self.writer.get_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, key.namespace, key.name)
@@ -239,15 +489,37 @@ class Reconciler:
             )
 
     def _write_status(
-        self, key: ClusterKey, previous: GPUClusterStatus, status: GPUClusterStatus
+        self, key: ClusterKey, body: Obj, previous: GPUClusterStatus, status: GPUClusterStatus
     ) -> None:
         old, new = previous.to_api(), status.to_api()
-        if old == new:
-            return
-        patch: dict[str, Any] = dict(new)
-        for gone in old.keys() - new.keys():
-            patch[gone] = None
-        self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
+        if old != new:
+            patch: dict[str, Any] = dict(new)
+            for gone in old.keys() - new.keys():
+                patch[gone] = None
+            self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
+        self._written[key] = (str(body["metadata"].get("uid") or ""), status)
+
+    def _previous(self, key: ClusterKey, body: Obj) -> GPUClusterStatus:
+        """The last status written: ours if the watch has not delivered it yet."""
+        uid = str(body["metadata"].get("uid") or "")
+        cached = self._written.get(key)
+        if cached is not None and cached[0] == uid:
+            return cached[1]
+        try:
+            return GPUClusterStatus.model_validate(body.get("status") or {})
+        except ValidationError:
+            return GPUClusterStatus()
+
+    def _spec(self, body: Obj) -> GPUClusterSpec:
+        meta = body["metadata"]
+        cache_key = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
+        spec = self._specs.get(cache_key)
+        if spec is None:
+            spec = GPUClusterSpec.model_validate(body.get("spec") or {})
+            if len(self._specs) > 20_000:
+                self._specs.clear()
+            self._specs[cache_key] = spec
+        return spec
 
     def _report_invalid(
         self,
@@ -276,7 +548,51 @@ class Reconciler:
         )
         if status.to_api() != previous.to_api():
             self.post_event(body, "Warning", "InvalidSpec", problems)
-        self._write_status(key, previous, status)
+        self._write_status(key, body, previous, status)
+
+    def _write_quota_status(
+        self,
+        quotas: Sequence[GPUQuota],
+        result: AdmissionResult,
+        running: Sequence[Running],
+        now: datetime,
+    ) -> None:
+        """Each GPUQuota's usage and the workloads holding or awaiting it, as of this pass."""
+        if not quotas:
+            return
+        holding: dict[str, set[str]] = {}
+        for workload in running:
+            holding.setdefault(workload.namespace, set()).add(workload.key)
+        for preemption in result.preemptions:
+            holding.get(preemption.victim.namespace, set()).discard(preemption.victim.key)
+        waiting: dict[str, int] = {}
+        for verdict in result.verdicts:
+            ns = verdict.request.namespace
+            if verdict.outcome in ("Admitted", "Preempting"):
+                holding.setdefault(ns, set()).add(verdict.request.key)
+            elif verdict.outcome == "Queued" and verdict.reason == REASON_QUOTA:
+                waiting[ns] = waiting.get(ns, 0) + 1
+        for quota in quotas:
+            ns, name = quota.metadata.namespace or "", quota.metadata.name or ""
+            previous = self._quota_written.get((ns, name), quota.status or GPUQuotaStatus())
+            status = quota_status(
+                previous,
+                quota.metadata.generation,
+                result.usage.get(ns, Usage()),
+                len(holding.get(ns, ())),
+                waiting.get(ns, 0),
+                now,
+            )
+            if status.to_api() != previous.to_api():
+                self.writer.patch_status(GROUP, VERSION, "gpuquotas", ns, name, status.to_api())
+            self._quota_written[(ns, name)] = status
+
+    # -- events --------------------------------------------------------------------------
+
+    def _event(self, key: ClusterKey, type_: str, reason: str, message: str) -> None:
+        body = self.world.gpucluster(key)
+        if body is not None:
+            self.post_event(body, type_, reason, message)
 
     def _announce_changes(
         self, body: Obj, before: Sequence[Assignment], after: Sequence[Assignment]
@@ -291,25 +607,76 @@ class Reconciler:
             self.post_event(body, "Normal", "Placed", f"{workers_after} workers on {where}")
         elif workers_after != workers_before:
             self.post_event(
-                body, "Normal", "Scaled", f"workers {workers_before} -> {workers_after}: {where}"
+                body,
+                "Normal",
+                "Scaled",
+                f"workers {workers_before} -> {workers_after}: {where or 'none'}",
             )
         else:
             self.post_event(body, "Normal", "Moved", f"workers now on {where}")
 
-    def _announce_unplaceable(
-        self, body: Obj, previous: GPUClusterStatus, decision: Decision
-    ) -> None:
+    def _announce_waiting(self, body: Obj, previous: GPUClusterStatus, waiting: Waiting) -> None:
+        if waiting.reason in ("Queued", "Preempted"):
+            return  # nothing new to tell, or told when it happened
         stalled = next((c for c in previous.conditions if c.type == STALLED), None)
-        if stalled is None or stalled.message != decision.explanation:
-            self.post_event(body, "Warning", "Unschedulable", decision.explanation)
+        if stalled is None or (stalled.reason, stalled.message) != (
+            waiting.reason,
+            waiting.message,
+        ):
+            self.post_event(body, "Warning", waiting.reason, waiting.message)
 
 
 class ForeignRayClusterError(RuntimeError):
     """A RayCluster with the GPUCluster's name belongs to someone else."""
 
 
+def _wants_more(spec: GPUClusterSpec, held: Placed) -> bool:
+    """Does any group want more workers than it holds (so the queue must admit them)?"""
+    if spec.suspend:
+        return False
+    groups = spec.worker_groups()
+    if not held.holds_anything:
+        return any(g.replicas > 0 for _, g in groups) or held.head_node is None
+    return any(g.replicas > held.workers(name) for name, g in groups)
+
+
+def _condition_reason(queue_reason: str, request: Request) -> str:
+    """The Stalled condition's reason for a queue verdict."""
+    if queue_reason == REASON_QUOTA:
+        return "QuotaExceeded"
+    if queue_reason == REASON_BEHIND:
+        return "Queued"
+    if queue_reason == REASON_NO_CAPACITY or queue_reason in STALLED_REASONS:
+        return "ScaleUpUnschedulable" if request.current else "Unschedulable"
+    return queue_reason
+
+
 def _digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _created(body: Obj) -> datetime:
+    stamp = body["metadata"].get("creationTimestamp")
+    if isinstance(stamp, str):
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if isinstance(stamp, datetime):
+        return stamp
+    return datetime.now(UTC)
+
+
+def _quotas(bodies: Iterable[Obj]) -> list[GPUQuota]:
+    found = []
+    for body in bodies:
+        try:
+            found.append(GPUQuota.model_validate(dict(body)))
+        except ValidationError:
+            log.warning("ignoring a GPUQuota that does not parse: %s", body.get("metadata"))
+    return found
+
+
+def _assignments_of(trimmed_raycluster: Obj, offers: InventoryIndex) -> list[Assignment]:
+    """The workers a RayCluster holds, priced from the inventory."""
+    return _current_assignments(groups_on_nodes(trimmed_raycluster), offers.by_name)
 
 
 def _current_assignments(
@@ -352,24 +719,3 @@ def _slots(
         if (g.group, g.node) not in slots and (g.group, g.node) in alive:
             slots[(g.group, g.node)] = WorkerSlot(g.group, g.node, 0)
     return list(slots.values())
-
-
-def _current_head(snap: Snapshot, key: ClusterKey) -> str | None:
-    for pod in snap.cluster_pods.get(key, ()):
-        if pod["metadata"]["labels"].get(names.GROUP) == "head":
-            node = pod.get("spec", {}).get("nodeName")
-            return str(node) if node else None
-    return None
-
-
-def _placement(a: Assignment) -> WorkerPlacement:
-    return WorkerPlacement(
-        group=a.group,
-        node=a.node,
-        supplier=a.supplier,
-        region=a.region,
-        gpu_model=a.gpu_model,
-        workers=a.workers,
-        gpus=a.workers * a.gpus_per_worker,
-        price_per_gpu_hour=a.price_per_gpu_hour,
-    )

@@ -33,7 +33,6 @@ from gpumesh.operator.jobs.admission import (
     STALLED_REASONS,
     JobEntry,
     admission_pass,
-    namespace_quotas,
     placement_trouble,
     placements,
 )
@@ -53,11 +52,11 @@ from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
 from gpumesh.operator.jobs.observe import ClusterView, RayJobView
 from gpumesh.operator.jobs.settings import JobSettings
-from gpumesh.operator.placement import NodeOffer, Preemption
+from gpumesh.operator.placement import NodeOffer, Preemption, Request, Running, quota_limits
 from gpumesh.operator.placement.workload import workload_key
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot
 from gpumesh.operator.render.rayjob import rayjob
-from gpumesh.operator.world import ClusterKey, Ledger, held_gpus
+from gpumesh.operator.world import ClusterKey, Holdings, QueueSide
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,6 @@ class JobSnapshot:
     """The placement inventory (an InventoryIndex shared with GPUCluster reconciles)."""
     node_names: frozenset[str] = frozenset()
     """Every Kubernetes Node there is: a placement on any other node has lost it."""
-    rayclusters: Mapping[ClusterKey, Obj] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,15 +127,18 @@ class JobReconciler:
         writer: Writer,
         post_event: EventFn,
         *,
-        ledger: Ledger | None = None,
-        placement_lock: threading.Lock | None = None,
+        holdings: Holdings | None = None,
+        placement_lock: threading.RLock | None = None,
+        clusters: QueueSide | None = None,
         counters: UsageCounters = COUNTERS,
         settings: JobSettings | None = None,
     ) -> None:
         self.writer = writer
         self.post_event = post_event
-        self.ledger = ledger if ledger is not None else Ledger()
-        self.lock = placement_lock if placement_lock is not None else threading.Lock()
+        self.holdings = holdings if holdings is not None else Holdings()
+        self.lock = placement_lock if placement_lock is not None else threading.RLock()
+        self.clusters = clusters
+        """The GPUClusters in the same queue (None: Jobs alone, as in some tests)."""
         self.counters = counters
         self.settings = settings or JobSettings()
         self._written: dict[ClusterKey, tuple[str, JobStatus]] = {}
@@ -179,11 +180,31 @@ class JobReconciler:
     def forget(self, key: ClusterKey) -> None:
         """The Job is gone: drop what this process kept for it."""
         with self.lock:
-            self.ledger.forget(key)
+            self.holdings.forget(key)
             self._written.pop(key, None)
             self._unhealthy_since.pop(key, None)
             self._applied.pop(key, None)
         self.counters.forget(key.namespace, "Job", key.name)
+
+    def workloads(self, snap: JobSnapshot, now: datetime) -> tuple[list[Request], list[Running]]:
+        """Jobs as a GPUCluster admission pass sees them (called with the lock held)."""
+        requests: list[Request] = []
+        running: list[Running] = []
+        for entry in self._entries(snap):
+            if entry.waiting(now):
+                request = entry.request()
+                if request is not None:
+                    requests.append(request)
+            else:
+                held = entry.running()
+                if held is not None:
+                    running.append(held)
+        return requests, running
+
+    def preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> None:
+        """A GPUCluster's admission takes this Job's cluster (called with the lock held)."""
+        with self.lock:
+            self._preempt(preemption, snap, now)
 
     # -- the reconcile ---------------------------------------------------------------------
 
@@ -207,7 +228,7 @@ class JobReconciler:
             step, admitted_now = self._admit(key, ref, spec, step, snap, now)
 
         if spec.cluster_template is not None:
-            self.ledger.record(key, _gpus_per_node(step.status))
+            self.holdings.promise(key, _gpus_per_node(step.status))
         self._sync_rayjob(ref, spec, step.status, view, snap)
         if step.stop_rayjob:
             self.writer.delete_custom(
@@ -261,13 +282,13 @@ class JobReconciler:
     ) -> tuple[Step, bool]:
         """Run an admission pass; apply this Job's verdict and any preemption it needs."""
         entries = self._entries(snap, override=(key, JobEntry(ref, spec, step.status)))
-        reserved = held_gpus(snap.rayclusters, self.ledger.snapshot(), lambda k: k.kind != "Job")
         result = admission_pass(
             entries,
             snap.offers,
             now=now,
-            reserved=reserved,
-            quotas=namespace_quotas(_quotas(snap), snap.gpuclusters.values()),
+            reserved={},
+            quotas=quota_limits(_quotas(snap)),
+            others=self.clusters.workloads(now) if self.clusters else ((), ()),
         )
         verdict = result.outcome_of(workload_key("Job", ref.namespace, ref.name))
         if verdict is None:
@@ -275,7 +296,10 @@ class JobReconciler:
         decision = verdict.decision
         if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
             for preemption in verdict.preemptions:
-                self._preempt(preemption, snap, now)
+                if preemption.victim.kind == "Job":
+                    self._preempt(preemption, snap, now)
+                elif self.clusters is not None:
+                    self.clusters.preempt(preemption, now)
             chosen = placements(decision.assignments)
             after = admitted(
                 ref, spec, step.status, chosen, decision.head_node, verdict.explanation, now
@@ -308,7 +332,7 @@ class JobReconciler:
         previous = self._previous(key, body)
         by = preemption.preemptor
         step = preempted(ref, spec, previous, by, preemption.victim_message, now)
-        self.ledger.record(key, {})
+        self.holdings.promise(key, {})
         self._sync_rayjob(ref, spec, step.status, _attempt(snap, key, previous.ray_job_name), snap)
         self._commit(key, ref, previous, step.status, now)
         self._post(body, step.events)

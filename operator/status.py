@@ -21,6 +21,8 @@ from gpumesh.api.gpucluster import (
     HeadStatus,
     WorkerPlacement,
 )
+from gpumesh.api.gpuquota import GPUQuotaStatus, GPUQuotaUsage
+from gpumesh.operator.placement.quota import Usage
 from gpumesh.operator.render import labels as names
 
 
@@ -69,6 +71,17 @@ def _pod_ready(pod: Mapping[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """Why (some) workers of the cluster wait for GPUs, as the admission queue said."""
+
+    reason: str
+    """The Stalled condition's reason: Unschedulable, QuotaExceeded, Preempted, Queued..."""
+    message: str
+    position: int | None = None
+    """Place in the queue after the last admission pass; 0 is next."""
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything one reconcile learned, as input to the status."""
 
@@ -76,7 +89,7 @@ class Observation:
     spec: GPUClusterSpec
     previous: GPUClusterStatus
     placements: Sequence[WorkerPlacement]
-    unplaced_reason: str | None
+    waiting: Waiting | None
     raycluster: RayClusterView | None
     now: datetime
     selector: str
@@ -87,7 +100,7 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
     desired = sum(g.replicas for _, g in obs.spec.worker_groups()) if not obs.spec.suspend else 0
     ray = obs.raycluster
     ready = min(ray.ready_workers, desired) if ray else 0
-    placed = bool(obs.placements) or (desired == 0 and obs.unplaced_reason is None)
+    placed = bool(obs.placements) or (desired == 0 and obs.waiting is None)
     all_ready = placed and ray is not None and ray.head_ready and ready >= desired
     phase = _phase(obs, placed, all_ready)
 
@@ -108,9 +121,8 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
         head = "head ready" if ray and ray.head_ready else "head not ready"
         mark(READY, False, phase, f"{workers_text}; {head}")
     mark(RECONCILING, phase in ("Provisioning", "Degraded", "Migrating"), phase, workers_text)
-    if obs.unplaced_reason is not None:
-        reason = "ScaleUpUnschedulable" if obs.placements else "Unschedulable"
-        mark(STALLED, True, reason, obs.unplaced_reason)
+    if obs.waiting is not None:
+        mark(STALLED, True, obs.waiting.reason, obs.waiting.message)
     else:
         mark(STALLED, False, "Placed", "every worker has a node")
     mark(DEGRADED, phase == "Degraded", phase, workers_text)
@@ -131,6 +143,7 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
             "gpus": gpus,
             "price_per_hour": price.quantize(Decimal("0.0001")) if obs.placements else None,
             "head": _head(ray),
+            "queue_position": obs.waiting.position if obs.waiting else None,
         }
     )
 
@@ -153,3 +166,37 @@ def _head(ray: RayClusterView | None) -> HeadStatus | None:
         return None
     dashboard = f"http://{ray.head_service}:8265" if ray.head_service else None
     return HeadStatus(node=ray.head_node, service_name=ray.head_service, dashboard_url=dashboard)
+
+
+def quota_status(
+    previous: GPUQuotaStatus,
+    generation: int | None,
+    used: Usage,
+    admitted: int,
+    waiting: int,
+    now: datetime,
+) -> GPUQuotaStatus:
+    """A GPUQuota's status after an admission pass: usage, and whether work waits on it."""
+    conditions = set_condition(
+        previous.conditions, READY, True, "Enforced", "admission counts this quota",
+        generation=generation, now=now,
+    )  # fmt: skip
+    exhausted = waiting > 0
+    conditions = set_condition(
+        conditions,
+        "Exhausted",
+        exhausted,
+        "WorkloadsWaiting" if exhausted else "Room",
+        f"{waiting} workloads wait for this quota" if exhausted else "nothing waits on it",
+        generation=generation,
+        now=now,
+    )
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": conditions,
+            "used": GPUQuotaUsage(gpus=used.gpus, price_per_hour=used.price_per_hour),
+            "admitted": admitted,
+            "waiting": waiting,
+        }
+    )

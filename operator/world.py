@@ -2,23 +2,26 @@
 
 kopf indexes hold trimmed copies of Nodes, GPUNodes, pods and RayClusters; this module
 trims them and derives what placement needs: which GPUs other work already holds.
-GPUs promised to a RayCluster count from the moment it is applied, so two clusters
-placed back to back never get the same GPU while pods are still starting, and the
-promise survives an operator restart because it lives in the RayCluster itself.
+GPUs promised to a workload count from the moment they are promised (:class:`Holdings`),
+so two clusters placed back to back never get the same GPU while pods are still
+starting, and the promise survives an operator restart because it lives in the
+RayCluster itself.
 
 A Job with a cluster template holds GPUs through the RayCluster KubeRay makes for its
 RayJob. That RayCluster inherits the RayJob's labels, ``gpumesh.io/job`` among them, so
 it is indexed under the Job's key (kind ``Job``) and counts like any other gpumesh
-cluster; the ledger covers the time before KubeRay creates it.
+cluster; the Job's promise covers the time before KubeRay creates it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
+from gpumesh.operator.placement import Preemption, Request, Running
 from gpumesh.operator.render import labels as names
 
 Obj = Mapping[str, Any]
@@ -119,12 +122,21 @@ def trim_raycluster(body: Obj) -> dict[str, Any]:
         "metadata": _meta(body, "name", "namespace", "labels", "annotations"),
         "spec": {
             "suspend": bool(spec.get("suspend")),
+            "headNode": _head_node(spec),
             "workerGroups": [
                 _group_on_node(g).__dict__ for g in spec.get("workerGroupSpecs") or []
             ],
         },
         "status": body.get("status") or {},
     }
+
+
+def _head_node(raycluster_spec: Obj) -> str | None:
+    """The node gpumesh pinned the head to, if any."""
+    template = (raycluster_spec.get("headGroupSpec") or {}).get("template") or {}
+    selector = (template.get("spec") or {}).get("nodeSelector") or {}
+    node = selector.get(names.HOSTNAME)
+    return str(node) if node else None
 
 
 def _group_on_node(group_spec: Obj) -> GroupOnNode:
@@ -177,57 +189,115 @@ def committed_gpus(trimmed_raycluster: Obj) -> dict[str, int]:
     return per_node
 
 
-class Ledger:
-    """GPUs per node each cluster was given by this process, until the index catches up.
+class Holdings:
+    """GPUs per node each gpumesh workload holds, with per-node totals kept current.
 
-    The index of RayClusters lags an apply by a watch round trip; the ledger covers that
-    gap. Thread-safe because kopf runs sync handlers in a pool.
+    Two sources per workload: what this process promised (an admission, a re-placement:
+    newest, it wins) and what the RayCluster index shows (it covers the time after a
+    restart, before anything was promised again). Totals are updated on each change, so
+    "what do all the others hold" costs the size of one workload, not of the mesh.
+    Thread-safe: kopf event handlers and reconcile workers both write it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[ClusterKey, dict[str, int]] = {}
+        self._promised: dict[ClusterKey, dict[str, int]] = {}
+        self._observed: dict[ClusterKey, dict[str, int]] = {}
+        self._totals: dict[str, dict[str, int]] = {}
+        """Per workload kind, GPUs per node."""
 
-    def record(self, key: ClusterKey, per_node: Mapping[str, int]) -> None:
+    def promise(self, key: ClusterKey, per_node: Mapping[str, int]) -> None:
+        """This process gave ``key`` these GPUs (an empty map: it holds none now)."""
         with self._lock:
-            self._entries[key] = dict(per_node)
+            before = self._effective(key)
+            self._promised[key] = {n: g for n, g in per_node.items() if g}
+            self._shift(key, before)
+
+    def observe(self, key: ClusterKey, per_node: Mapping[str, int] | None) -> None:
+        """The index shows ``key`` holding these GPUs (None: its RayCluster is gone)."""
+        with self._lock:
+            before = self._effective(key)
+            if per_node is None:
+                self._observed.pop(key, None)
+            else:
+                self._observed[key] = {n: g for n, g in per_node.items() if g}
+            self._shift(key, before)
 
     def forget(self, key: ClusterKey) -> None:
+        """The workload is gone: it holds nothing, from either source."""
         with self._lock:
-            self._entries.pop(key, None)
+            before = self._effective(key)
+            self._promised.pop(key, None)
+            self._observed.pop(key, None)
+            self._shift(key, before)
 
-    def snapshot(self) -> dict[ClusterKey, dict[str, int]]:
+    def of(self, key: ClusterKey) -> dict[str, int]:
         with self._lock:
-            return {k: dict(v) for k, v in self._entries.items()}
+            return dict(self._effective(key))
+
+    def promised(self, key: ClusterKey) -> dict[str, int] | None:
+        """What this process promised ``key``; None if it promised nothing yet."""
+        with self._lock:
+            found = self._promised.get(key)
+            return None if found is None else dict(found)
+
+    def reserved(
+        self, exclude: ClusterKey | None = None, kind: str | None = None
+    ) -> dict[str, int]:
+        """GPUs per node held by workloads (of ``kind``, if given) other than ``exclude``."""
+        with self._lock:
+            if kind is None:
+                total: dict[str, int] = {}
+                for per_kind in self._totals.values():
+                    for node, gpus in per_kind.items():
+                        total[node] = total.get(node, 0) + gpus
+            else:
+                total = dict(self._totals.get(kind, {}))
+            if exclude is not None and (kind is None or exclude.kind == kind):
+                for node, gpus in self._effective(exclude).items():
+                    left = total.get(node, 0) - gpus
+                    if left:
+                        total[node] = left
+                    else:
+                        total.pop(node, None)
+            return total
+
+    def _effective(self, key: ClusterKey) -> dict[str, int]:
+        found = self._promised.get(key)
+        if found is None:
+            found = self._observed.get(key, {})
+        return found
+
+    def _shift(self, key: ClusterKey, before: Mapping[str, int]) -> None:
+        after = self._effective(key)
+        if after == before:
+            return
+        totals = self._totals.setdefault(key.kind, {})
+        for node, gpus in before.items():
+            left = totals.get(node, 0) - gpus
+            if left:
+                totals[node] = left
+            else:
+                totals.pop(node, None)
+        for node, gpus in after.items():
+            totals[node] = totals.get(node, 0) + gpus
 
 
-def reserved_gpus(
-    exclude: ClusterKey,
-    rayclusters: Mapping[ClusterKey, Obj],
-    ledger: Mapping[ClusterKey, Mapping[str, int]],
-) -> dict[str, int]:
-    """GPUs per node promised to gpumesh clusters other than the one being placed.
+class QueueSide(Protocol):
+    """One kind of workload in the shared admission queue, as the other kind's pass sees it.
 
-    Per cluster the ledger wins over the index (it is newer). Pods gpumesh did not
-    create are counted by the inventory itself.
+    GPUClusters and Jobs queue together (priority, age, GPUQuota, preemption); each
+    reconciler acts on its own kind and asks the other through this.
     """
-    return held_gpus(rayclusters, ledger, lambda key: key != exclude)
 
+    def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
+        """Who waits for GPUs and who holds them (called with the placement lock held)."""
+        ...
 
-def held_gpus(
-    rayclusters: Mapping[ClusterKey, Obj],
-    ledger: Mapping[ClusterKey, Mapping[str, int]],
-    counted: Callable[[ClusterKey], bool],
-) -> dict[str, int]:
-    """GPUs per node held by the gpumesh workloads ``counted`` accepts; the ledger wins."""
-    per_cluster: dict[ClusterKey, Mapping[str, int]] = {
-        key: committed_gpus(rc) for key, rc in rayclusters.items()
-    }
-    per_cluster.update(ledger)
-    reserved: dict[str, int] = {}
-    for key, per_node in per_cluster.items():
-        if not counted(key):
-            continue
-        for node, gpus in per_node.items():
-            reserved[node] = reserved.get(node, 0) + gpus
-    return reserved
+    def preempt(self, preemption: Preemption, now: datetime) -> None:
+        """Take back what the victim (of this kind) holds, before the preemptor is booked."""
+        ...
+
+    def kick(self) -> None:
+        """Run this kind's queue pass soon: GPUs were freed or taken."""
+        ...

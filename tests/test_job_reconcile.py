@@ -12,12 +12,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from gpumesh.api.gpucluster import GPUClusterSpec
 from gpumesh.operator.jobs.metrics import UsageCounters
 from gpumesh.operator.jobs.settings import JobSettings
-from gpumesh.operator.placement import NodeOffer
+from gpumesh.operator.placement import Assignment, NodeOffer, Preemption, Request, Running
 from gpumesh.operator.placement.synthetic import make_offer
 from gpumesh.operator.reconcile_job import JobReconciler, JobSnapshot, job_key
-from gpumesh.operator.world import ClusterKey, Ledger, reserved_gpus, trim_rayjob
+from gpumesh.operator.world import ClusterKey, Holdings, trim_rayjob
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NS = "team-a"
@@ -121,15 +122,39 @@ def template(gpus: int, replicas: int = 1, **fields: Any) -> dict[str, Any]:
     return {"clusterTemplate": {"workers": {"gpusPerWorker": gpus, "replicas": replicas}}, **fields}
 
 
+class ResidentClusters:
+    """GPUClusters in the shared queue, as the Job pass sees them: one resident cluster."""
+
+    def __init__(self, node: str, gpus: int, priority: int) -> None:
+        spec = GPUClusterSpec.model_validate(
+            {"workers": {"gpusPerWorker": gpus, "replicas": 1}, "priority": priority}
+        )
+        held = Assignment("workers", node, 1, gpus, "acme", "eu-west", "A100", Decimal("1"))
+        self.resident = Running("GPUCluster", NS, "resident", spec, T0, (held,), "head-0", priority)
+        self.preempted: list[Preemption] = []
+
+    def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
+        return [], [] if self.preempted else [self.resident]
+
+    def preempt(self, preemption: Preemption, now: datetime) -> None:
+        self.preempted.append(preemption)
+
+    def kick(self) -> None:
+        pass
+
+
 def setup(
-    *offers: NodeOffer, ledger: Ledger | None = None
+    *offers: NodeOffer,
+    holdings: Holdings | None = None,
+    clusters: ResidentClusters | None = None,
 ) -> tuple[FakeApi, JobReconciler, list[NodeOffer], CollectorRegistry]:
     api = FakeApi()
     registry = CollectorRegistry()
     reconciler = JobReconciler(
         api,
         api.post_event,
-        ledger=ledger,
+        holdings=holdings,
+        clusters=clusters,
         counters=UsageCounters(registry),
         settings=JobSettings(meter_flush_seconds=60),
     )
@@ -210,7 +235,10 @@ def test_queue_order_is_priority_then_age_and_waiting_jobs_show_their_place() ->
 
 
 def test_a_namespace_quota_keeps_a_job_queued() -> None:
-    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8))
+    clusters = ResidentClusters("node-b", gpus=2, priority=0)
+    api, reconciler, inventory, _ = setup(
+        make_offer("node-a", gpus_total=8), make_offer("node-b", gpus_total=2), clusters=clusters
+    )
     api.gpuquotas.append(
         {
             "apiVersion": "gpumesh.io/v1alpha1",
@@ -219,10 +247,6 @@ def test_a_namespace_quota_keeps_a_job_queued() -> None:
             "spec": {"hard": {"gpus": 6}},
         }
     )
-    api.gpuclusters[ClusterKey(NS, "shared")] = {
-        "metadata": {"name": "shared", "namespace": NS},
-        "status": {"phase": "Ready", "gpus": 2, "pricePerHour": "4.00"},
-    }
     api.create("big", template(8))
     api.create("fits", template(4))
     run(api, reconciler, inventory, "big", T0)
@@ -231,8 +255,8 @@ def test_a_namespace_quota_keeps_a_job_queued() -> None:
     stalled = {c["type"]: c for c in status(api, "big")["conditions"]}["Stalled"]
     assert stalled["status"] == "False"
     assert "GPUQuota" in status(api, "big")["message"]
-    # the GPUCluster's 2 GPUs come off the namespace's 6
-    assert "0 of 4 GPUs in use and this needs 8" in status(api, "big")["message"]
+    # the resident GPUCluster's 2 GPUs count against the namespace's 6
+    assert "2 of 6 GPUs in use and this needs 8" in status(api, "big")["message"]
     assert status(api, "fits")["phase"] == "Admitted"
 
 
@@ -270,25 +294,33 @@ def test_preemption_suspends_the_lower_priority_job_and_resumes_it_later() -> No
     assert back["attempts"] == 1  # the same RayJob, re-placed
 
 
-def test_job_gpus_count_for_gpucluster_placement_through_the_shared_ledger() -> None:
-    ledger = Ledger()
-    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4), ledger=ledger)
+def test_job_gpus_count_for_gpucluster_placement_through_the_shared_holdings() -> None:
+    holdings = Holdings()
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4), holdings=holdings)
     api.create("train", template(3))
     run(api, reconciler, inventory, "train", T0)
-    held = reserved_gpus(ClusterKey(NS, "some-gpucluster"), {}, ledger.snapshot())
-    assert held == {"node-a": 3}
+    assert holdings.reserved(exclude=ClusterKey(NS, "some-gpucluster")) == {"node-a": 3}
     api.kuberay("train", "Complete", "SUCCEEDED")
     run(api, reconciler, inventory, "train", at(5))
-    assert reserved_gpus(ClusterKey(NS, "x"), {}, ledger.snapshot()) == {}
+    assert holdings.reserved(exclude=ClusterKey(NS, "x")) == {}
 
 
-def test_gpucluster_gpus_are_not_given_to_a_job() -> None:
-    ledger = Ledger()
-    ledger.record(ClusterKey(NS, "resident"), {"node-a": 6})
-    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8), ledger=ledger)
+def test_gpucluster_gpus_are_not_given_to_a_job_of_the_same_priority() -> None:
+    clusters = ResidentClusters("node-a", gpus=6, priority=0)
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8), clusters=clusters)
     api.create("train", template(4))
     run(api, reconciler, inventory, "train", T0)
     assert status(api, "train")["phase"] == "Queued"
+    assert clusters.preempted == []
+
+
+def test_a_higher_priority_job_preempts_a_lower_priority_gpucluster() -> None:
+    clusters = ResidentClusters("node-a", gpus=6, priority=0)
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=8), clusters=clusters)
+    api.create("urgent", template(4, priority=100))
+    run(api, reconciler, inventory, "urgent", T0)
+    assert [p.victim.key for p in clusters.preempted] == [f"GPUCluster/{NS}/resident"]
+    assert status(api, "urgent")["phase"] == "Admitted"
 
 
 def test_a_program_failure_makes_a_new_suspended_rayjob_after_backoff() -> None:

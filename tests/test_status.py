@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from gpumesh.api.gpucluster import GPUClusterSpec, GPUClusterStatus, WorkerPlacement
-from gpumesh.operator.status import Observation, RayClusterView, compute_status
+from gpumesh.operator.status import Observation, RayClusterView, Waiting, compute_status
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SPEC = GPUClusterSpec.model_validate({"workers": {"replicas": 2, "gpusPerWorker": 2}})
@@ -40,7 +40,7 @@ def observe(
     ray_view: RayClusterView | None,
     previous: GPUClusterStatus | None = None,
     generation: int = 1,
-    unplaced: str | None = None,
+    waiting: Waiting | None = None,
     placements: list[WorkerPlacement] | None = None,
     now: datetime = T0,
 ) -> GPUClusterStatus:
@@ -50,7 +50,7 @@ def observe(
             spec=SPEC,
             previous=previous or GPUClusterStatus(),
             placements=PLACED if placements is None else placements,
-            unplaced_reason=unplaced,
+            waiting=waiting,
             raycluster=ray_view,
             now=now,
             selector="gpumesh.io/cluster=c,gpumesh.io/group=workers",
@@ -97,8 +97,9 @@ def test_a_spec_change_is_provisioning_even_after_ready() -> None:
 
 def test_unplaceable_is_pending_and_stalled_with_the_explanation() -> None:
     why = "asked 2 workers x 2 GPUs of H100: none free"
-    status = observe(None, unplaced=why, placements=[])
+    status = observe(None, waiting=Waiting("Unschedulable", why, 3), placements=[])
     assert status.phase == "Pending"
+    assert status.queue_position == 3
     stalled = next(c for c in status.conditions if c.type == "Stalled")
     assert stalled.status == "True" and stalled.reason == "Unschedulable"
     assert stalled.message == why

@@ -354,6 +354,11 @@ class GPUClusterStatus(StatusModel):
         default=None, description="Where GPU-time metering stands (for the operator)."
     )
     head: HeadStatus | None = Field(default=None, description="The Ray head.")
+    queue_position: int | None = Field(
+        default=None,
+        ge=0,
+        description="Place in the admission queue while workers wait for GPUs; 0 is next.",
+    )
     migrations: int = Field(default=0, ge=0, description="Migrations so far.")
     last_scheduled_time: datetime | None = Field(
         default=None, description="When placement last changed."

@@ -1,16 +1,29 @@
-"""kopf glue for GPUCluster: every trigger ends in the same idempotent reconcile."""
+"""kopf glue for GPUCluster: every trigger puts the cluster's key on one work queue.
+
+Workers take keys off the queue and run the one idempotent reconcile; a burst of events
+for a cluster (its status written, KubeRay moving pods) becomes one reconcile. The same
+queue carries admission passes (key ``None``), coalesced: a thousand creations in a
+second cost a handful of passes. Handlers only record and enqueue, so kopf's event loop
+and thread pool never wait for an API round trip of ours.
+
+The GPUCluster is watched with a plain event handler rather than create/update handlers:
+the reconcile compares the world with the spec each time, so kopf need not remember the
+last handled spec in an annotation (one write and one event fewer per change).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from gpumesh.operator import kube
-from gpumesh.operator.handlers.indexes import INVENTORY_VERSION, frozen
+from gpumesh.operator.handlers.indexes import INVENTORY_VERSION
+from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
 from gpumesh.operator.placement import InventoryIndex, build_inventory
 from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
@@ -18,33 +31,58 @@ from gpumesh.operator.reconcile_gpucluster import (
     VERSION,
     ForeignRayClusterError,
     Reconciler,
-    Snapshot,
 )
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.settings import SETTINGS
-from gpumesh.operator.world import ClusterKey, trim_node
+from gpumesh.operator.workqueue import WorkQueue
+from gpumesh.operator.world import (
+    ClusterKey,
+    committed_gpus,
+    trim_node,
+    trim_raycluster,
+    workload_key,
+)
 
 log = logging.getLogger(__name__)
 
+#: Lets a burst of triggers share one admission pass.
+PASS_DELAY = 0.05
 
-def _post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+Obj = Mapping[str, Any]
+
+
+def _post_event(obj: Obj, type_: str, reason: str, message: str) -> None:
     # kopf reads only apiVersion, kind and metadata of the object; a plain mapping serves.
-    kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1024])
+    body = {
+        "apiVersion": obj.get("apiVersion") or f"{GROUP}/{VERSION}",
+        "kind": obj.get("kind") or "GPUCluster",
+        "metadata": obj["metadata"],
+    }
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])
 
 
-_reconciler: Reconciler | None = None
+class IndexWorld:
+    """The reconciler's view of the cluster: kopf's live indexes, read from any thread."""
 
+    def gpucluster(self, key: ClusterKey) -> Obj | None:
+        found = entries(RUNTIME.index("gpucluster_index"), key)
+        return found[0] if found else None
 
-def reconciler() -> Reconciler:
-    """The process's reconciler, created on first use so importing needs no cluster."""
-    global _reconciler
-    if _reconciler is None:
-        _reconciler = Reconciler(kube.shared(), _post_event)
-    return _reconciler
+    def gpuclusters(self) -> Sequence[Obj]:
+        return [s[0] for s in frozen(RUNTIME.index("gpucluster_index")).values() if s]
 
+    def raycluster(self, key: ClusterKey) -> Obj | None:
+        found = entries(RUNTIME.index("raycluster_index"), key)
+        return found[0] if found else None
 
-def _values(index: kopf.Index[Any, Any]) -> list[Any]:
-    return [value for store in frozen(index).values() for value in store]
+    def pods(self, key: ClusterKey) -> Sequence[Obj]:
+        return entries(RUNTIME.index("cluster_pod_index"), key)
+
+    def offers(self) -> InventoryIndex:
+        return inventory(RUNTIME.indexes or {})
+
+    def gpuquotas(self) -> Sequence[Obj]:
+        return [q for s in frozen(RUNTIME.index("gpuquota_index")).values() for q in s]
 
 
 _inventory_lock = threading.Lock()
@@ -74,46 +112,116 @@ def inventory(indexes: Mapping[str, Any]) -> InventoryIndex:
         return _inventory[1]
 
 
-def snapshot(indexes: Mapping[str, Any]) -> Snapshot:
-    """Freeze the kopf indexes handed to a handler into reconcile input."""
-    cluster_pods = indexes["cluster_pod_index"]
-    return Snapshot(
-        offers=inventory(indexes),
-        rayclusters={
-            key: store[0] for key, store in frozen(indexes["raycluster_index"]).items() if store
-        },
-        cluster_pods=frozen(cluster_pods),
-    )
+def _values(index: kopf.Index[Any, Any]) -> list[Any]:
+    return [value for store in frozen(index).values() for value in store]
 
 
-def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
+# --- the work queue and the reconciler -------------------------------------------------------
+
+
+def _process(key: ClusterKey | None) -> None:
+    RUNTIME.run(_process_in_context, key)
+
+
+def _process_in_context(key: ClusterKey | None) -> None:
+    if key is None:
+        reconciler().admission_pass()
+        return
     try:
-        reconciler().reconcile(body, snapshot(indexes))
+        reconciler().reconcile(key)
     except ForeignRayClusterError as err:
-        raise kopf.PermanentError(str(err)) from err
+        # Retrying cannot help; the cluster's owner must act. Say so where they look.
+        body = IndexWorld().gpucluster(key)
+        if body is not None:
+            _post_event(body, "Warning", "ForeignRayCluster", str(err))
+        log.warning("%s", err)
+    except ApiException as err:
+        if err.status == 403 and "being terminated" in str(err.body or ""):
+            return  # the namespace goes, and the cluster with it
+        raise
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def reconcile_gpucluster(body: kopf.Body, **indexes: Any) -> None:
-    """Create, spec change, operator restart."""
-    _reconcile(body, indexes)
+QUEUE: WorkQueue[ClusterKey | None] = WorkQueue(
+    _process, workers=SETTINGS.max_workers, name="gpucluster"
+)
+
+
+def _request_pass(after: float = PASS_DELAY) -> None:
+    QUEUE.add(None, after=max(after, PASS_DELAY))
+
+
+_reconciler: Reconciler | None = None
+_reconciler_lock = threading.Lock()
+
+
+def reconciler() -> Reconciler:
+    """The process's reconciler, created on first use so importing needs no cluster."""
+    global _reconciler
+    with _reconciler_lock:
+        if _reconciler is None:
+            _reconciler = Reconciler(
+                kube.shared(),
+                _post_event,
+                IndexWorld(),
+                wake=QUEUE.add,
+                request_pass=_request_pass,
+                retry_after=SETTINGS.resync_seconds,
+            )
+        return _reconciler
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def start_gpuclusters(**_: Any) -> None:
+    QUEUE.start()
+
+
+@kopf.on.cleanup()
+def stop_gpuclusters(**_: Any) -> None:
+    QUEUE.stop()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def gpucluster_event(type: str | None, namespace: str | None, name: str, **indexes: Any) -> None:
+    """Listed at start, created, edited, status written or deleted: reconcile it."""
+    RUNTIME.remember(indexes)
+    key = ClusterKey(namespace or "", name)
+    if type == "DELETED":
+        reconciler().forget(key)
+    else:
+        QUEUE.add(key)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds)
-def resync_gpucluster(body: kopf.Body, **indexes: Any) -> None:
-    """Periodic resync: retries unplaceable requests and repairs drift."""
-    _reconcile(body, indexes)
+def resync_gpucluster(namespace: str | None, name: str, **indexes: Any) -> None:
+    """Periodic resync: repairs drift the events did not show."""
+    RUNTIME.remember(indexes)
+    QUEUE.add(ClusterKey(namespace or "", name))
 
 
 @kopf.on.event("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
-def raycluster_changed(namespace: str | None, labels: kopf.Labels, **indexes: Any) -> None:
-    """KubeRay moved (pods ready, head up): refresh the owner's status at once."""
-    owner = labels.get(names.CLUSTER)
-    body = _gpucluster_body(indexes, ClusterKey(namespace or "", owner)) if owner else None
-    if body is not None:
-        _reconcile(body, indexes)
+def raycluster_changed(
+    type: str | None,
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    body: kopf.Body,
+    **indexes: Any,
+) -> None:
+    """KubeRay moved (pods ready, head up): book what it holds, refresh the owner."""
+    RUNTIME.remember(indexes)
+    key = workload_key(namespace or "", name, labels)
+    clusters = reconciler()
+    if type == "DELETED":
+        clusters.holdings.observe(key, None)
+        if key.kind == "GPUCluster":
+            clusters.raycluster_gone(key)
+    else:
+        clusters.holdings.observe(key, committed_gpus(trim_raycluster(body)))
+    if key.kind == "GPUCluster":
+        QUEUE.add(key)
 
 
 _inventory_fingerprints: dict[str, str] = {}
@@ -122,7 +230,8 @@ _inventory_fingerprints: dict[str, str] = {}
 @kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
 @kopf.on.event("", "v1", "nodes")
 def inventory_changed(name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any) -> None:
-    """Supply changed: give waiting GPUClusters another try now rather than at resync."""
+    """Supply changed: waiting clusters get a pass; clusters on the node are looked at."""
+    RUNTIME.remember(indexes)
     relevant = (
         repr(trim_node(body))
         if resource.plural == "nodes"
@@ -132,23 +241,6 @@ def inventory_changed(name: str, body: kopf.Body, resource: kopf.Resource, **ind
     if _inventory_fingerprints.get(key) == relevant:
         return
     _inventory_fingerprints[key] = relevant
-    for store in frozen(indexes["gpucluster_index"]).values():
-        for cluster in store:
-            if (cluster.get("status") or {}).get("phase", "Pending") == "Pending":
-                _reconcile(cluster, indexes)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def gpucluster_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    """Release the ledger's GPUs; the garbage collector removes the RayCluster."""
-    reconciler().forget(ClusterKey(namespace or "", name))
-
-
-def _gpucluster_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] | None:
-    for _ in range(1000):
-        try:
-            store = indexes["gpucluster_index"].get(key)
-            return next(iter(store), None) if store else None
-        except RuntimeError:  # the store changed under us on kopf's loop; read again
-            continue
-    return None
+    _request_pass()
+    for cluster in reconciler().clusters_on(name):
+        QUEUE.add(cluster)

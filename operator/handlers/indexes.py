@@ -7,7 +7,6 @@ however many other objects exist.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import kopf
@@ -47,21 +46,6 @@ class InventoryVersion:
 
 
 INVENTORY_VERSION = InventoryVersion()
-
-
-def frozen(index: kopf.Index[Any, Any]) -> dict[Any, list[Any]]:
-    """A consistent copy of a kopf index, taken from a handler thread.
-
-    kopf updates indexes on its event loop while sync handlers run in worker threads, so
-    iterating a live index can fail with "dictionary changed size during iteration".
-    One pass is short; retrying until a pass completes gives a consistent copy.
-    """
-    for _ in range(1000):
-        try:
-            return {key: list(store) for key, store in list(index.items())}
-        except RuntimeError:
-            time.sleep(0.001)
-    raise RuntimeError("a kopf index kept changing while it was copied")
 
 
 def _is_foreign_gpu_pod(body: kopf.Body, **_: Any) -> bool:

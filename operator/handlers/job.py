@@ -9,7 +9,6 @@ reconciles the waiting Jobs in queue order, coalesced so a burst of events costs
 
 from __future__ import annotations
 
-import contextvars
 import heapq
 import logging
 import threading
@@ -22,9 +21,11 @@ import kopf
 
 from gpumesh.operator import kube
 from gpumesh.operator.handlers import gpucluster
+from gpumesh.operator.handlers.runtime import RUNTIME
 from gpumesh.operator.jobs import metrics
 from gpumesh.operator.jobs.naming import JOB
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
+from gpumesh.operator.placement import Preemption, Request, Running
 from gpumesh.operator.reconcile_job import (
     GROUP,
     PLURAL,
@@ -52,8 +53,26 @@ _reconciler: JobReconciler | None = None
 _reconciler_lock = threading.Lock()
 
 
+class _JobSide:
+    """Jobs as the GPUCluster admission pass sees them (the other half of the queue)."""
+
+    def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
+        indexes = RUNTIME.indexes
+        if indexes is None:
+            return [], []
+        return reconciler().workloads(snapshot(indexes), now)
+
+    def preempt(self, preemption: Preemption, now: datetime) -> None:
+        indexes = RUNTIME.indexes
+        if indexes is not None:
+            reconciler().preempt(preemption, snapshot(indexes), now)
+
+    def kick(self) -> None:
+        ALARMS.queue_pass()
+
+
 def reconciler() -> JobReconciler:
-    """The process's Job reconciler, sharing ledger and placement lock with GPUClusters."""
+    """The process's Job reconciler, sharing holdings, lock and queue with GPUClusters."""
     global _reconciler
     with _reconciler_lock:
         if _reconciler is None:
@@ -61,30 +80,21 @@ def reconciler() -> JobReconciler:
             _reconciler = JobReconciler(
                 kube.shared(),
                 _post_event,
-                ledger=clusters.ledger,
-                placement_lock=clusters.placement_lock,
+                holdings=clusters.holdings,
+                placement_lock=clusters.lock,
+                clusters=clusters,
                 settings=JOB_SETTINGS,
             )
+            clusters.jobs = _JobSide()
         return _reconciler
 
 
 # --- the indexed world ----------------------------------------------------------------------
 
-_indexes: Mapping[str, Any] | None = None
-_kopf_context: contextvars.Context | None = None
-
 
 def _remember(indexes: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Keep the (live) kopf indexes, so alarms and queue passes can read them too.
-
-    Also keep kopf's context of a resource handler: ``kopf.event`` finds the operator's
-    settings and event queue there, and the alarm thread has no context of its own.
-    """
-    global _indexes, _kopf_context
-    _indexes = {k: v for k, v in indexes.items() if k.endswith("_index")}
-    if _kopf_context is None:
-        _kopf_context = contextvars.copy_context()
-    return _indexes
+    """The live kopf indexes (kept for alarms and queue passes, which have none)."""
+    return RUNTIME.remember(indexes)
 
 
 def _first(index: Any) -> dict[Any, Any]:
@@ -102,7 +112,6 @@ def snapshot(indexes: Mapping[str, Any]) -> JobSnapshot:
                 gpuquotas=[q for s in list(indexes["gpuquota_index"].values()) for q in s],
                 offers=gpucluster.inventory(indexes),
                 node_names=frozenset(indexes["node_index"].keys()),
-                rayclusters=_first(indexes["raycluster_index"]),
             )
         except RuntimeError:  # an index changed size while we copied it
             if attempt == 2:
@@ -183,13 +192,11 @@ class Alarms:
 
 
 def _fire(key: ClusterKey | None) -> None:
-    context = _kopf_context
-    if context is not None:
-        context.copy().run(_fire_in_context, key)
+    RUNTIME.run(_fire_in_context, key)
 
 
 def _fire_in_context(key: ClusterKey | None) -> None:
-    indexes = _indexes
+    indexes = RUNTIME.indexes
     if indexes is None:
         return
     if key is None:
@@ -210,6 +217,7 @@ def _follow_up(outcome: Outcome, key: ClusterKey) -> None:
         ALARMS.at(key, outcome.wake_at)
     if outcome.queue_moved:
         ALARMS.queue_pass()
+        gpucluster.reconciler().kick()
 
 
 def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
@@ -231,6 +239,7 @@ def _job_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] 
 def start_jobs(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Watch only gpumesh's RayJobs; serve the metrics; start the alarm clock."""
     settings.watching.label_selectors["ray.io", "rayjobs"] = f"{names.MANAGED_BY}={names.MANAGER}"
+    reconciler()  # both reconcilers exist, and share the queue, before any event arrives
     metrics.serve()
     ALARMS.start()
 

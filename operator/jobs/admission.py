@@ -3,8 +3,8 @@
 Every Job with a cluster template that is neither finished, nor holding its cluster, nor
 suspended, nor in a retry's backoff is a :class:`~gpumesh.operator.placement.Request`;
 every one holding its cluster is a :class:`~gpumesh.operator.placement.Running` that a
-higher-priority request may preempt. GPUClusters are never preempted by Jobs: they enter
-as GPUs already reserved, and their use of a namespace's GPUQuota is taken off its limits.
+higher-priority request may preempt. GPUClusters queue in the same pass, on the same
+terms: priority and age, GPUQuota, preemption both ways.
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
-from typing import Any, Final
+from typing import Final
 
-from pydantic import ValidationError
-
-from gpumesh.api.gpucluster import FailoverPolicy, GPUClusterStatus, WorkerPlacement
-from gpumesh.api.gpuquota import GPUQuota
+from gpumesh.api.gpucluster import FailoverPolicy, WorkerPlacement
 from gpumesh.api.job import JobSpec, JobStatus
 from gpumesh.operator.jobs.machine import TERMINAL, JobRef
 from gpumesh.operator.placement import (
@@ -30,7 +26,6 @@ from gpumesh.operator.placement import (
     Request,
     Running,
     admit,
-    quota_limits,
 )
 from gpumesh.operator.placement.decision import REASON_NO_HEAD
 from gpumesh.operator.placement.explain import REASON_UNSATISFIABLE
@@ -119,40 +114,6 @@ def placements(chosen: Iterable[Assignment]) -> list[WorkerPlacement]:
     ]
 
 
-def namespace_quotas(
-    quotas: Iterable[GPUQuota], gpuclusters: Iterable[Mapping[str, Any]]
-) -> dict[str, QuotaLimit]:
-    """Each namespace's GPUQuota limits less what its GPUClusters hold now."""
-    limits = quota_limits(quotas)
-    used_gpus: dict[str, int] = {}
-    used_price: dict[str, Decimal] = {}
-    for cluster in gpuclusters:
-        namespace = str((cluster.get("metadata") or {}).get("namespace") or "")
-        if namespace not in limits:
-            continue
-        try:
-            status = GPUClusterStatus.model_validate(cluster.get("status") or {})
-        except ValidationError:
-            continue
-        used_gpus[namespace] = used_gpus.get(namespace, 0) + status.gpus
-        used_price[namespace] = used_price.get(namespace, Decimal(0)) + (
-            status.price_per_hour or Decimal(0)
-        )
-    left: dict[str, QuotaLimit] = {}
-    for namespace, limit in limits.items():
-        gpus = used_gpus.get(namespace, 0)
-        price = used_price.get(namespace, Decimal(0))
-        left[namespace] = QuotaLimit(
-            gpus=None if limit.gpus is None else max(0, limit.gpus - gpus),
-            price_per_hour=(
-                None
-                if limit.price_per_hour is None
-                else max(Decimal(0), limit.price_per_hour - price)
-            ),
-        )
-    return left
-
-
 def admission_pass(
     entries: Iterable[JobEntry],
     offers: Sequence[NodeOffer],
@@ -161,10 +122,11 @@ def admission_pass(
     reserved: Mapping[str, int],
     quotas: Mapping[str, QuotaLimit],
     policy: AdmissionPolicy | None = None,
+    others: tuple[Sequence[Request], Sequence[Running]] = ((), ()),
 ) -> AdmissionResult:
-    """One pass over every waiting Job, priority first, then age."""
-    backlog: list[Request] = []
-    running: list[Running] = []
+    """One pass over every waiting Job and the ``others`` (GPUClusters), priority first."""
+    backlog: list[Request] = list(others[0])
+    running: list[Running] = list(others[1])
     for entry in entries:
         if entry.waiting(now):
             request = entry.request()

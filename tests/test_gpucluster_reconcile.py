@@ -1,0 +1,317 @@
+"""GPUCluster reconcile and admission queue against a fake API that plays the indexes.
+
+The fake applies what the reconciler writes to in-memory objects and shows them back as
+the kopf indexes would (trimmed RayClusters, GPUCluster bodies with their status), so the
+tests follow the same round trips as the operator: create, pass, reconcile, KubeRay.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from gpumesh.operator.jobs.metrics import UsageCounters
+from gpumesh.operator.placement import InventoryIndex, NodeOffer
+from gpumesh.operator.placement.synthetic import make_offer
+from gpumesh.operator.reconcile_gpucluster import Reconciler
+from gpumesh.operator.world import ClusterKey, trim_raycluster
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+NS = "team-a"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class FakeApi:
+    """Writer and world at once: writes land in dicts the world then reads."""
+
+    def __init__(self, offers: Sequence[NodeOffer]) -> None:
+        head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
+        self.index = InventoryIndex([*offers, head])
+        self.clusters: dict[str, dict[str, Any]] = {}
+        self.rayclusters: dict[str, dict[str, Any]] = {}
+        self.quotas: dict[str, dict[str, Any]] = {}
+        self.applies: list[str] = []
+        self.status_patches: list[str] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.woken: list[ClusterKey] = []
+        self.passes_requested: list[float] = []
+
+    # Writer
+    def apply_custom(
+        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        assert plural == "rayclusters"
+        name = manifest["metadata"]["name"]
+        old = self.rayclusters.get(name, {})
+        self.rayclusters[name] = {**copy.deepcopy(dict(manifest)), "status": old.get("status", {})}
+        self.applies.append(name)
+        return self.rayclusters[name]
+
+    def patch_status(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+    ) -> None:
+        target = self.quotas if plural == "gpuquotas" else self.clusters
+        merged = {**target[name].get("status", {}), **status}
+        target[name]["status"] = {k: v for k, v in merged.items() if v is not None}
+        if plural == "gpuclusters":
+            self.status_patches.append(name)
+
+    def get_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        found = (self.rayclusters if plural == "rayclusters" else self.clusters).get(name)
+        return copy.deepcopy(found) if found is not None else None
+
+    def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((obj["metadata"]["name"], reason, message))
+
+    # ClusterWorld
+    def gpucluster(self, key: ClusterKey) -> dict[str, Any] | None:
+        found = self.clusters.get(key.name)
+        return copy.deepcopy(found) if found is not None else None
+
+    def gpuclusters(self) -> list[dict[str, Any]]:
+        return [copy.deepcopy(c) for c in self.clusters.values()]
+
+    def raycluster(self, key: ClusterKey) -> dict[str, Any] | None:
+        found = self.rayclusters.get(key.name)
+        return trim_raycluster(found) if found is not None else None
+
+    def pods(self, key: ClusterKey) -> list[dict[str, Any]]:
+        return []
+
+    def offers(self) -> InventoryIndex:
+        return self.index
+
+    def gpuquotas(self) -> list[dict[str, Any]]:
+        return list(self.quotas.values())
+
+    # the renter and KubeRay
+    def create(
+        self, name: str, replicas: int, gpus: int = 8, age_s: float = 0, **spec: Any
+    ) -> None:
+        self.clusters[name] = {
+            "apiVersion": "gpumesh.io/v1alpha1",
+            "kind": "GPUCluster",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "uid": f"uid-{name}",
+                "generation": 1,
+                "creationTimestamp": (T0 - timedelta(hours=1, seconds=-age_s)).isoformat(),
+            },
+            "spec": {"workers": {"gpusPerWorker": gpus, "replicas": replicas}, **spec},
+        }
+
+    def edit(self, name: str, **workers: Any) -> None:
+        self.clusters[name]["spec"]["workers"].update(workers)
+        self.clusters[name]["metadata"]["generation"] += 1
+
+    def quota(self, gpus: int) -> None:
+        self.quotas["q"] = {
+            "apiVersion": "gpumesh.io/v1alpha1",
+            "kind": "GPUQuota",
+            "metadata": {"name": "q", "namespace": NS, "generation": 1},
+            "spec": {"hard": {"gpus": gpus}},
+        }
+
+    def status(self, name: str) -> dict[str, Any]:
+        status: dict[str, Any] = self.clusters[name].get("status", {})
+        return status
+
+    def stalled(self, name: str) -> dict[str, Any]:
+        return next(c for c in self.status(name)["conditions"] if c["type"] == "Stalled")
+
+    def workers_by_node(self, name: str) -> dict[str, int]:
+        groups = self.rayclusters[name]["spec"]["workerGroupSpecs"]
+        return {
+            g["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"]: g["replicas"]
+            for g in groups
+            if g["replicas"]
+        }
+
+
+def setup(*offers: NodeOffer) -> tuple[FakeApi, Reconciler]:
+    api = FakeApi(offers)
+    reconciler = Reconciler(
+        api,
+        api.post_event,
+        api,
+        wake=api.woken.append,
+        request_pass=api.passes_requested.append,
+        counters=UsageCounters(CollectorRegistry()),
+    )
+    return api, reconciler
+
+
+def settle(api: FakeApi, reconciler: Reconciler, now: datetime = T0) -> None:
+    """What the work queue does: a pass, then every reconcile it asked for."""
+    reconciler.admission_pass(now)
+    while api.woken:
+        reconciler.reconcile(api.woken.pop(0), now)
+
+
+def test_a_new_cluster_waits_for_the_queue_then_gets_one_group_per_node() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=2)
+    reconciler.reconcile(ClusterKey(NS, "train"), T0)
+    assert api.rayclusters == {} and api.passes_requested == [0]
+    assert api.status("train")["phase"] == "Pending"
+    assert api.stalled("train")["reason"] == "Queued"
+
+    settle(api, reconciler)
+    assert api.workers_by_node("train") == {"n1": 1, "n2": 1}
+    status = api.status("train")
+    assert status["phase"] == "Provisioning" and status["gpus"] == 16
+    assert ("train", "Placed", "2 workers on n1(1), n2(1)") in api.events
+
+
+def test_nothing_is_written_when_nothing_changed() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    reconciler.reconcile(ClusterKey(NS, "train"), T0)
+    settle(api, reconciler)
+    reconciler.reconcile(ClusterKey(NS, "train"), at(1))  # the RayCluster shows up
+    applies, patches = len(api.applies), len(api.status_patches)
+    for _ in range(3):
+        reconciler.reconcile(ClusterKey(NS, "train"), at(1))
+    assert (len(api.applies), len(api.status_patches)) == (applies, patches)
+
+
+def test_one_pass_admits_a_burst_without_booking_a_gpu_twice() -> None:
+    api, reconciler = setup(*(make_offer(f"n{i}") for i in range(3)))
+    for i in range(5):
+        api.create(f"c{i}", replicas=1, age_s=i)
+    reconciler.admission_pass(T0)
+    assert len(api.woken) == 5  # 3 admitted, 2 told they wait
+    settle(api, reconciler)
+    placed = [api.workers_by_node(f"c{i}") for i in range(5) if f"c{i}" in api.rayclusters]
+    assert len(placed) == 3
+    assert sorted(node for p in placed for node in p) == ["n0", "n1", "n2"]
+    assert api.status("c3")["phase"] == "Pending"
+    assert api.stalled("c3")["reason"] == "Unschedulable"
+    assert api.status("c4")["queuePosition"] == 1
+
+
+def test_higher_priority_goes_first_whatever_the_age() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("old-low", replicas=1, age_s=0)
+    api.create("young-high", replicas=1, age_s=60, priority=10, preemptionPolicy="Never")
+    settle(api, reconciler)
+    assert "young-high" in api.rayclusters and "old-low" not in api.rayclusters
+
+
+def test_a_namespace_quota_keeps_a_cluster_queued_and_reports_its_use() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.quota(gpus=8)
+    api.create("first", replicas=1, age_s=0)
+    api.create("second", replicas=1, age_s=1)
+    settle(api, reconciler)
+    assert "first" in api.rayclusters and "second" not in api.rayclusters
+    assert api.stalled("second")["reason"] == "QuotaExceeded"
+    assert "GPUQuota" in api.stalled("second")["message"]
+    quota = api.quotas["q"]["status"]
+    assert quota["used"]["gpus"] == 8 and quota["admitted"] == 1 and quota["waiting"] == 1
+    exhausted = next(c for c in quota["conditions"] if c["type"] == "Exhausted")
+    assert exhausted["status"] == "True"
+
+
+def test_a_higher_priority_cluster_preempts_and_the_victim_waits_with_its_head() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("batch", replicas=1)
+    settle(api, reconciler)
+    assert api.workers_by_node("batch") == {"n1": 1}
+
+    api.create("urgent", replicas=1, priority=100)
+    settle(api, reconciler, at(10))
+    assert api.workers_by_node("batch") == {}  # scaled to zero before urgent was booked
+    assert api.applies.index("urgent") > len(api.applies) - 3
+    assert api.workers_by_node("urgent") == {"n1": 1}
+    assert api.stalled("batch")["reason"] == "Preempted"
+    assert api.status("batch")["phase"] == "Pending"
+    head = api.rayclusters["batch"]["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["nodeSelector"]["kubernetes.io/hostname"] == "head-0"
+    assert ("batch", "Preempted") in {(n, r) for n, r, _ in api.events}
+    assert ("urgent", "Preempting") in {(n, r) for n, r, _ in api.events}
+
+    # urgent goes: batch gets its GPUs back on the next pass
+    del api.clusters["urgent"]
+    reconciler.reconcile(ClusterKey(NS, "urgent"), at(20))
+    settle(api, reconciler, at(21))
+    assert api.workers_by_node("batch") == {"n1": 1}
+
+
+def test_scaling_down_needs_no_queue_and_keeps_the_rest_in_place() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"), make_offer("n3"))
+    api.create("train", replicas=3)
+    settle(api, reconciler)
+    before = api.workers_by_node("train")
+    api.passes_requested.clear()
+    api.edit("train", replicas=2)
+    reconciler.reconcile(ClusterKey(NS, "train"), at(5))
+    after = api.workers_by_node("train")
+    assert api.passes_requested == []
+    assert sum(after.values()) == 2
+    assert all(before[node] >= n for node, n in after.items())
+
+
+def test_scaling_up_waits_for_the_queue_and_keeps_running_workers() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=1)
+    settle(api, reconciler)
+    first = api.workers_by_node("train")
+    api.edit("train", replicas=2)
+    reconciler.reconcile(ClusterKey(NS, "train"), at(5))
+    assert api.workers_by_node("train") == first and api.passes_requested[-1] == 0
+    settle(api, reconciler, at(6))
+    assert sum(api.workers_by_node("train").values()) == 2
+    assert all(api.workers_by_node("train")[node] >= n for node, n in first.items())
+
+
+def test_a_restarted_operator_adopts_what_the_rayclusters_hold() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("resident", replicas=1)
+    settle(api, reconciler)
+    applies = len(api.applies)
+
+    fresh = Reconciler(
+        api,
+        api.post_event,
+        api,
+        wake=api.woken.append,
+        request_pass=api.passes_requested.append,
+        counters=UsageCounters(CollectorRegistry()),
+    )
+    api.create("newcomer", replicas=1)
+    settle(api, fresh)
+    fresh.reconcile(ClusterKey(NS, "resident"), at(5))
+    assert len(api.applies) == applies  # nothing re-applied, nothing double-booked
+    assert "newcomer" not in api.rayclusters
+    assert api.stalled("newcomer")["reason"] == "Unschedulable"
+
+
+def test_deleting_a_cluster_frees_its_gpus_for_the_next_one() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("first", replicas=1)
+    api.create("second", replicas=1, age_s=5)
+    settle(api, reconciler)
+    assert "second" not in api.rayclusters
+    del api.clusters["first"]
+    api.passes_requested.clear()
+    reconciler.reconcile(ClusterKey(NS, "first"), at(10))
+    assert api.passes_requested == [0]
+    settle(api, reconciler, at(11))
+    assert api.workers_by_node("second") == {"n1": 1}
