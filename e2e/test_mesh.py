@@ -50,6 +50,7 @@ INITIAL_HOSTS = 6
 NATD = (4, 5)
 JOIN_DEADLINE_S = 5.0
 METRICS_PORT = 9464  # on 127.0.0.1 inside each host's namespace
+RTT_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -115,6 +116,9 @@ class Mesh:
             "--lease-renew=0.5",
             f"--metrics-port={METRICS_PORT}",
             "--metrics-address=127.0.0.1",
+            f"--rtt-interval={RTT_INTERVAL_S}",
+            "--rtt-publish-min=1",
+            "--status-check=2",
         ]
         if public:
             args.append(f"--endpoint={host.endpoint}")
@@ -151,6 +155,12 @@ class Mesh:
                 "keepalive": keepalive,
             }
         return peers
+
+    def status_mesh(self, host: Host) -> dict[str, Any]:
+        """``status.mesh`` of the host's GPUNode as the API server holds it."""
+        body = self.api.request("GET", f"{GPUNODES_PATH}/{host.name}")
+        mesh: dict[str, Any] = (body.get("status") or {}).get("mesh") or {}
+        return mesh
 
     def public_key(self, host: Host) -> str:
         return (host.key_dir / "public.key").read_text().strip()
@@ -270,6 +280,20 @@ def learned_endpoint(mesh: Mesh, relay: Host, natd: Host) -> bool:
     return bool(mesh.wg_dump(relay)[mesh.public_key(natd)]["endpoint"].startswith(natd.underlay_ip))
 
 
+def publishes_peer_endpoint(mesh: Mesh, relay: Host, natd: Host) -> bool:
+    """The relay's GPUNode lists the NAT'd host's endpoint from its handshake (the lab's
+    firewall translates no address, so it is the host's underlay address and port)."""
+    seen = {"node": natd.name, "endpoint": natd.endpoint}
+    return seen in (mesh.status_mesh(relay).get("peerEndpoints") or [])
+
+
+def lists_observed_endpoint(mesh: Mesh, natd: Host) -> bool:
+    status = mesh.status_mesh(natd)
+    return status.get("observedEndpoint") == natd.endpoint and natd.endpoint in (
+        status.get("endpoints") or []
+    )
+
+
 def test_every_overlay_and_pod_address_answers_from_every_host(mesh: Mesh) -> None:
     took = mesh.lab.wait_connected(mesh.alive, timeout=30)
     print(f"full mesh of {len(mesh.alive)} hosts connected {took:.2f}s after the first probe")
@@ -295,6 +319,44 @@ def test_every_overlay_and_pod_address_answers_from_every_host(mesh: Mesh) -> No
     text = mesh.metrics(natd)
     assert 'mode="relayed"' in text and "gpumesh_mesh_peer_handshake_age_seconds{" in text
     assert f'gpumesh_mesh_peer_is_relay{{node="{natd.name}"' in text
+
+
+def test_agents_publish_rtts_and_the_nat_mappings_their_handshakes_show(mesh: Mesh) -> None:
+    mesh.lab.wait_connected(mesh.alive, timeout=30)
+    names = {h.name for h in mesh.alive}
+
+    def rtts_complete() -> bool:
+        return all(
+            set(mesh.status_mesh(h).get("rttMs") or {}) == names - {h.name} for h in mesh.alive
+        )
+
+    started = time.monotonic()
+    wait_for("every agent to publish an RTT to every other member", rtts_complete, timeout=30)
+    print(f"RTTs over the mesh published by all {time.monotonic() - started:.2f}s later")
+    for host in mesh.alive:
+        rtts = mesh.status_mesh(host)["rttMs"]
+        print(f"{host.name} rttMs: {rtts}")
+        for peer, ms in rtts.items():
+            assert 0 <= ms < 1000, f"{host.name} -> {peer}: {ms} ms"
+    natd = mesh.host(NATD[0])
+    assert f'gpumesh_mesh_member_rtt_seconds{{member="{mesh.host(0).name}"' in mesh.metrics(natd)
+    for index in NATD:
+        natd = mesh.host(index)
+        relay = next(h for h in mesh.alive if h.name == mesh.status_mesh(natd)["relay"])
+        wait_for(
+            f"{relay.name} to publish {natd.name}'s handshake endpoint",
+            partial(publishes_peer_endpoint, mesh, relay, natd),
+            timeout=30,
+        )
+        # The operator copies it to the NAT'd node; its agent lists it as a candidate.
+        wait_for(
+            f"{natd.name} to list the endpoint its relay saw",
+            partial(lists_observed_endpoint, mesh, natd),
+            timeout=30,
+        )
+    for host in mesh.alive:
+        if host.public:
+            assert mesh.status_mesh(host)["endpoints"] == [host.endpoint]
 
 
 def test_key_rotation_reconnects_with_the_new_key(mesh: Mesh) -> None:

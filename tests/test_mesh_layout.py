@@ -9,7 +9,12 @@ from corpus import ROOT
 
 PURE = sorted(
     [str(p.relative_to(ROOT)) for p in (ROOT / "operator" / "mesh").glob("*.py")]
-    + ["node_agent/wg/peers.py", "node_agent/wg/diff.py"]
+    + [
+        "node_agent/wg/peers.py",
+        "node_agent/wg/diff.py",
+        "node_agent/wg/rtt.py",
+        "node_agent/wg/report.py",
+    ]
 )
 IO = (
     "kubernetes",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from gpumesh.node_agent.kube import JSON, KubeError
-from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig
+from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
+from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig, RttSource
 from gpumesh.node_agent.wg.diff import ObservedDevice, ObservedPeer, PeerChanges
 from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
 from gpumesh.node_agent.wg.links import RouteChanges
 from gpumesh.node_agent.wg.metrics import MeshCollector, registry_with
+from gpumesh.node_agent.wg.rtt import RttPolicy
 from gpumesh.node_agent.wg.sync import CachingResolver, MeshSyncer
 from gpumesh.operator.mesh import (
     Catalogue,
@@ -103,6 +105,19 @@ class FakeLinks:
         return ["ip_forward=1"] if changed else []
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies a merge patch (null deletes a key)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
 class FakeApi:
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
@@ -116,8 +131,9 @@ class FakeApi:
             raise KubeError(method, path, None, "connection refused")
         self.calls.append((method, path))
         if method == "PATCH" and path.endswith("/status"):
+            assert content_type == MERGE_PATCH
             obj: dict[str, Any] = self.objects[path.removesuffix("/status")]
-            obj.setdefault("status", {}).setdefault("mesh", {}).update(body["status"]["mesh"])
+            obj["status"] = merge_patch(obj.get("status"), body["status"])
             return obj
         if method in ("POST", "PUT"):
             stored: dict[str, Any] = dict(body)
@@ -234,19 +250,24 @@ class Clock:
 GPUNODE = "/apis/gpumesh.io/v1alpha1/gpunodes/me"
 
 
+WALL = 1_700_000_100.0
+
+
 def make_agent(
-    parts: tuple[MeshSyncer, FakeDevice, FakeLinks], **config: Any
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks], rtt: RttSource | None = None, **config: Any
 ) -> tuple[MeshAgent, FakeApi, Clock, MeshCollector]:
     syncer, _, _ = parts
     api, clock = FakeApi(), Clock()
     api.objects[GPUNODE] = {"metadata": {"name": "me"}, "spec": {}}
-    collector = MeshCollector("me", clock=lambda: 1_700_000_100.0)
+    collector = MeshCollector("me", clock=lambda: WALL)
     agent = MeshAgent(
         MeshAgentConfig(node="me", endpoints=("198.51.100.10:51820",), **config),
         api,
         syncer,
         collector,
+        rtt=rtt,
         clock=clock,
+        wall=lambda: WALL,
     )
     return agent, api, clock, collector
 
@@ -354,3 +375,126 @@ def test_metrics_show_handshake_age_bytes_and_relays(
     assert 'gpumesh_mesh_peer_is_relay{node="me",peer="p1"} 1.0' in text  # carries n2
     assert 'gpumesh_mesh_peer_is_relay{node="me",peer="p2"} 0.0' in text
     assert 'gpumesh_mesh_member_path{member="p2",mode="direct",node="me",via="p2"} 1.0' in text
+
+
+class FakeRtt:
+    """RTT rounds on demand (the echo's socket is tested in test_wg_rtt.py)."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.values: dict[str, float] = {}
+        self.address: str | None = None
+        self.targets: dict[str, str] = {}
+
+    def set_targets(self, address: str | None, targets: Mapping[str, str]) -> None:
+        self.address, self.targets = address, dict(targets)
+
+    def current(self) -> dict[str, float]:
+        return dict(self.values)
+
+    def run(self, stop: threading.Event) -> None:
+        pass
+
+    def round(self, values: dict[str, float]) -> None:
+        self.values = values
+        self.rounds += 1
+
+
+def mesh_status(api: FakeApi) -> dict[str, Any]:
+    status: dict[str, Any] = api.objects[GPUNODE]["status"]["mesh"]
+    return status
+
+
+def test_agent_probes_its_members_and_publishes_rtts_only_when_they_move(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    rtt = FakeRtt()
+    agent, api, clock, collector = make_agent(parts, rtt, status_check_s=3600, rtt_publish_min_s=60)
+    syncer = parts[0]
+    cat = catalogue_with("me", syncer.public_key)
+    agent.offer(configmap(cat))
+    agent.step()
+    overlay = {e.name: e.overlay_ip for e in cat.entries}
+    assert rtt.address == overlay["me"]
+    assert rtt.targets == {n: overlay[n] for n in ("p1", "p2", "n1", "n2")}
+    assert "rttMs" not in mesh_status(api)
+    writes = len(api.writes())
+
+    def step(dt: float, values: dict[str, float] | None = None) -> None:
+        if values is not None:
+            rtt.round(values)
+        clock.t += dt
+        agent.step()
+
+    step(1, {"p1": 10.0, "p2": 20.0, "n2": 31.234})
+    assert mesh_status(api)["rttMs"] == {"p1": 10.0, "p2": 20.0, "n2": 31.23}
+    assert len(api.writes()) == writes + 1
+    step(10, {"p1": 10.6, "p2": 21.0, "n2": 30.0})  # noise: nothing written
+    step(10, {"p1": 25.0, "p2": 21.0, "n2": 30.0})  # moved, but the last write is recent
+    step(10)
+    assert mesh_status(api)["rttMs"]["p1"] == 10.0 and len(api.writes()) == writes + 1
+    step(31, {"p1": 25.0, "p2": 21.0, "n2": 30.0})  # a round after the spacing: written
+    assert mesh_status(api)["rttMs"] == {"p1": 25.0, "p2": 21.0, "n2": 30.0}
+    step(61, {"p1": 25.0, "n2": 30.0})  # p2 stopped answering: its entry goes
+    assert mesh_status(api)["rttMs"] == {"p1": 25.0, "n2": 30.0}
+    assert len(api.writes()) == writes + 3
+    assert mesh_status(api)["publicKey"] == syncer.public_key  # the rest untouched
+    metrics = generate_latest(registry_with(collector)).decode()
+    assert 'gpumesh_mesh_member_rtt_seconds{member="p1",node="me"} 0.025' in metrics
+
+
+def test_rtts_are_bounded_to_the_nearest(parts: tuple[MeshSyncer, FakeDevice, FakeLinks]) -> None:
+    rtt = FakeRtt()
+    agent, api, clock, _ = make_agent(parts, rtt, rtt_policy=RttPolicy(max_peers=2))
+    agent.step()
+    rtt.round({"p1": 3.0, "p2": 1.0, "n1": 2.0, "n2": 4.0})
+    clock.t += 1
+    agent.step()
+    assert mesh_status(api)["rttMs"] == {"p2": 1.0, "n1": 2.0}
+
+
+def test_a_relay_publishes_the_nat_mappings_it_sees_and_drops_stale_ones(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    agent, api, clock, _ = make_agent(parts, status_check_s=3600, observe_s=10)
+    syncer, device, _ = parts
+    cat = catalogue_with("me", syncer.public_key)
+    agent.offer(configmap(cat))
+    agent.step()
+    relayed = next(e for e in cat.entries if e.relay == "me")
+    assert "peerEndpoints" not in mesh_status(api)
+    # n1 dials in from behind its NAT: the device learns its mapping from the handshake.
+    device.peers[relayed.public_key] = replace(
+        device.peers[relayed.public_key], endpoint="203.0.113.7:40001", last_handshake=WALL - 5
+    )
+    other = next(e for e in cat.entries if e.name == "p1")
+    device.peers[other.public_key] = replace(
+        device.peers[other.public_key], endpoint="198.51.100.99:1", last_handshake=WALL - 5
+    )
+    clock.t += 11  # the next device read
+    agent.step()
+    assert mesh_status(api)["peerEndpoints"] == [
+        {"node": relayed.name, "endpoint": "203.0.113.7:40001"}
+    ]  # only nodes we relay for: the public p1 publishes its own endpoint
+    device.peers[relayed.public_key] = replace(
+        device.peers[relayed.public_key], last_handshake=WALL - 600
+    )
+    clock.t += 11
+    agent.step()
+    assert mesh_status(api)["peerEndpoints"] == []
+
+
+def test_the_endpoint_seen_after_a_handshake_becomes_a_candidate(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks],
+) -> None:
+    agent, api, clock, _ = make_agent(parts, status_check_s=5)
+    agent.step()
+    assert mesh_status(api)["endpoints"] == ["198.51.100.10:51820"]
+    mesh_status(api)["observedEndpoint"] = "203.0.113.9:5555"  # by the operator
+    clock.t += 6
+    agent.step()
+    assert mesh_status(api)["endpoints"] == ["198.51.100.10:51820", "203.0.113.9:5555"]
+    mesh_status(api)["observedEndpoint"] = "not an endpoint"
+    clock.t += 6
+    agent.step()
+    assert mesh_status(api)["endpoints"] == ["198.51.100.10:51820"]

@@ -27,6 +27,8 @@ NONCE_PATTERN = r"^[0-9a-f]{16,128}$"
 WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 
 NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+MAX_RTT_PEERS = 1024
+"""Bound of ``status.mesh.rttMs``: every GPUNode write reaches every watcher of GPUNodes."""
 
 Endpoint = Annotated[str, StringConstraints(max_length=262, pattern=ENDPOINT_PATTERN)]
 NodeName = Annotated[str, StringConstraints(max_length=253, pattern=NODE_NAME_PATTERN)]
@@ -110,9 +112,12 @@ class MeshStatus(StatusModel):
             "agent; the operator copies each into that peer's observedEndpoint."
         ),
     )
-    rtt_ms: dict[str, float] = Field(
+    rtt_ms: Annotated[dict[str, float], Field(max_length=MAX_RTT_PEERS)] = Field(
         default_factory=dict,
-        description="Round-trip time to each peer node over the mesh, in ms, by the agent.",
+        description=(
+            "Round-trip time over the mesh to the nearest peer nodes, in ms, by the agent "
+            "(bounded: nodes not listed are unknown, not unreachable)."
+        ),
     )
 
     @field_validator("rtt_ms", mode="before")

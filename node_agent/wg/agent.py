@@ -1,8 +1,13 @@
 """The mesh loop on a node: publish our key, watch the catalogue, keep the device in line.
 
-- Publishes ``status.mesh.publicKey`` and ``status.mesh.endpoints`` of its own GPUNode
-  (merge patch of the status subresource; the operator's fields there are left alone),
-  and re-checks them every ``status_check_s`` (someone may have edited them).
+- Publishes its GPUNode's agent-owned ``status.mesh`` fields (:mod:`.report`: public key,
+  endpoint candidates, the NAT mappings it sees as a relay, RTTs to the nearest members)
+  as a merge patch of the status subresource that leaves the operator's fields alone:
+  at once when the key or an endpoint changes, RTTs only when they moved meaningfully and
+  at most every ``rtt_publish_min_s``; and it re-checks them every ``status_check_s``
+  (someone may have edited them).
+- Measures RTTs with :class:`~gpumesh.node_agent.wg.echo.MeshEcho` (its own thread) to the
+  members the last sync gave it a path to.
 - Watches the catalogue ConfigMap (a field-selected watch on one object: each event
   carries the whole catalogue; a reconnect replays the current one).
 - Syncs on every new catalogue and every ``resync_s`` (drift repair); reads the device
@@ -19,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -27,7 +32,17 @@ from gpumesh.api.base import GROUP, VERSION
 from gpumesh.node_agent.desired import lease_body, lease_name
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.device import DeviceError
+from gpumesh.node_agent.wg.diff import ObservedDevice
 from gpumesh.node_agent.wg.metrics import MeshCollector
+from gpumesh.node_agent.wg.peers import DesiredMesh
+from gpumesh.node_agent.wg.report import (
+    MeshReport,
+    endpoint_candidates,
+    handshake_endpoints,
+    read_report,
+    report_patch,
+)
+from gpumesh.node_agent.wg.rtt import RttPolicy, probe_targets
 from gpumesh.node_agent.wg.sync import MeshSyncer, SyncResult
 from gpumesh.operator.mesh.model import Catalogue, CatalogueError
 from gpumesh.operator.mesh.publish import CATALOGUE_NAME, catalogue_from_configmap
@@ -35,7 +50,6 @@ from gpumesh.operator.mesh.publish import CATALOGUE_NAME, catalogue_from_configm
 log = logging.getLogger(__name__)
 
 GPUNODES: Final = f"/apis/{GROUP}/{VERSION}/gpunodes"
-MAX_ENDPOINTS: Final = 16
 
 
 class MeshApi(Protocol):
@@ -52,6 +66,18 @@ class MeshApi(Protocol):
     ) -> Iterator[dict[str, Any]]: ...
 
 
+class RttSource(Protocol):
+    """Where RTTs come from (:class:`~gpumesh.node_agent.wg.echo.MeshEcho`; tests fake it)."""
+
+    rounds: int
+
+    def set_targets(self, address: str | None, targets: Mapping[str, str]) -> None: ...
+
+    def current(self) -> dict[str, float]: ...
+
+    def run(self, stop: threading.Event) -> None: ...
+
+
 @dataclass(frozen=True)
 class MeshAgentConfig:
     """The mesh loop's settings (device settings live on :class:`MeshSyncer`)."""
@@ -64,23 +90,14 @@ class MeshAgentConfig:
     resync_s: float = 30.0
     observe_s: float = 10.0
     status_check_s: float = 60.0
+    rtt_publish_min_s: float = 60.0
+    """Least time between two writes for RTTs alone (each write reaches every watcher)."""
+    rtt_policy: RttPolicy = field(default_factory=RttPolicy)
     lease_duration_s: int | None = None
     lease_renew_s: float = 10.0
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     watch_timeout_s: int = 300
-
-
-def mesh_status_patch(public_key: str, endpoints: tuple[str, ...]) -> dict[str, Any]:
-    """Merge patch of the agent-owned ``status.mesh`` fields."""
-    return {"status": {"mesh": {"publicKey": public_key, "endpoints": list(endpoints)}}}
-
-
-def published_mesh(gpunode: Mapping[str, Any] | None) -> tuple[str | None, tuple[str, ...]]:
-    mesh = ((gpunode or {}).get("status") or {}).get("mesh") or {}
-    key = mesh.get("publicKey")
-    endpoints = mesh.get("endpoints") or []
-    return (key if isinstance(key, str) else None), tuple(str(e) for e in endpoints)
 
 
 class MeshAgent:
@@ -93,19 +110,29 @@ class MeshAgent:
         syncer: MeshSyncer,
         collector: MeshCollector | None = None,
         *,
+        rtt: RttSource | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.api = api
         self.syncer = syncer
         self.collector = collector
+        self.rtt = rtt
         self.clock = clock
+        self.wall = wall
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self._pending: Catalogue | None = None
         self._current: Catalogue | None = None
         self._applied_generation: int | None = None
-        self._published: tuple[str | None, tuple[str, ...]] | None = None
+        self._published: MeshReport | None = None
+        """What the API holds of our fields, as of our last read or write."""
+        self._observed_endpoint: str | None = None
+        self._rtt_written = -float("inf")
+        self._rtt_rounds = -1
+        self._desired: DesiredMesh | None = None
+        self._observed = ObservedDevice()
         self._lease: dict[str, Any] | None = None
         self._due: dict[str, float] = {}
         self._rotate = False
@@ -150,6 +177,10 @@ class MeshAgent:
             target=self.watch_catalogue, args=(stop,), name="catalogue-watch", daemon=True
         )
         watcher.start()
+        if self.rtt is not None:
+            threading.Thread(
+                target=self.rtt.run, args=(stop,), name="mesh-echo", daemon=True
+            ).start()
         while not stop.is_set():
             delay = self.step()
             self.wake.wait(timeout=delay)
@@ -190,8 +221,6 @@ class MeshAgent:
                 self._due["status"] = 0.0
             except DeviceError as err:
                 log.error("key rotation failed: %s", err)
-        if now >= self._due.get("status", 0.0):
-            self._guard("status", self._publish, now, cfg.status_check_s)
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:
@@ -205,10 +234,15 @@ class MeshAgent:
             self._due["observe"] = now + cfg.observe_s
             try:
                 observed = self.syncer.observe()
+                self._observed = observed
                 if self.collector is not None:
                     self.collector.record_observed(observed)
             except DeviceError as err:
                 self._once("observe", "cannot read the device: %s", err)
+        # After the sync and the device read, so what they found is published this pass.
+        retrying = "status-failures" in self._due
+        if now >= self._due.get("status", 0.0) or (not retrying and self._report_stale(now)):
+            self._guard("status", self._publish, now, cfg.status_check_s)
         upcoming = [t for t in self._due.values() if t > now]
         return max(0.05, min(upcoming, default=now + 1.0) - now)
 
@@ -243,6 +277,15 @@ class MeshAgent:
             self.collector.record_sync(result)
         self._log_result(result)
         self._applied_generation = result.generation
+        self._observed = result.observed
+        if result.desired is not None:
+            self._desired = result.desired
+            if self.rtt is not None:
+                members = ((e.name, e.overlay_ip) for e in catalogue.entries)
+                reach = result.desired.path_of()
+                self.rtt.set_targets(
+                    result.desired.me.overlay_ip, probe_targets(members, self.config.node, reach)
+                )
 
     def _log_result(self, result: SyncResult) -> None:
         new = result.generation != self._applied_generation
@@ -259,22 +302,68 @@ class MeshAgent:
         if result.desired.unreachable and new:
             log.warning("no path to %s", ", ".join(result.desired.unreachable))
 
+    def _wanted(self, rtts: Mapping[str, float] | None = None) -> MeshReport:
+        """Our fields as they should be now (no API call); RTTs from the echo unless given."""
+        if rtts is None:
+            measured = self.rtt.current() if self.rtt is not None else {}
+            if self.collector is not None:
+                self.collector.record_rtt(measured)
+            rtts = self.config.rtt_policy.bounded(measured)
+        return MeshReport(
+            public_key=self.syncer.public_key,
+            endpoints=endpoint_candidates(self.config.endpoints, self._observed_endpoint),
+            peer_endpoints=handshake_endpoints(self._desired, self._observed, self.wall()),
+            rtt_ms=rtts,
+        )
+
+    def _rtt_due(self, published: MeshReport, wanted: MeshReport, now: float) -> bool:
+        return now >= self._rtt_written + self.config.rtt_publish_min_s and (
+            self.config.rtt_policy.changed(published.rtt_ms, wanted.rtt_ms)
+        )
+
+    def _report_stale(self, now: float) -> bool:
+        """Whether our fields must be written before the next periodic check: the key or
+        an endpoint changed, or a new RTT round moved RTTs enough (and it is time)."""
+        published = self._published
+        if published is None:
+            return False  # the periodic check comes first and reads the object
+        rounds = self.rtt.rounds if self.rtt is not None else 0
+        fresh = rounds != self._rtt_rounds
+        self._rtt_rounds = rounds
+        wanted = self._wanted(None if fresh else published.rtt_ms)
+        if replace(wanted, rtt_ms=published.rtt_ms) != published:
+            return True
+        return fresh and self._rtt_due(published, wanted, now)
+
     def _publish(self, now: float) -> None:
         cfg = self.config
         path = f"{GPUNODES}/{cfg.node}"
-        wanted = (self.syncer.public_key, cfg.endpoints[:MAX_ENDPOINTS])
         obj = self.api.get(path)
         if obj is None:
             self._once("no-gpunode", "GPUNode %s does not exist yet: waiting", cfg.node)
             raise KubeError("GET", path, 404, "GPUNode not found")
-        if published_mesh(obj) == wanted:
-            self._published = wanted
-            return
-        self.api.request(
-            "PATCH", f"{path}/status", mesh_status_patch(*wanted), content_type=MERGE_PATCH
-        )
-        self._published = wanted
-        log.info("published public key %s for %s", wanted[0], cfg.node)
+        have, self._observed_endpoint = read_report(obj)
+        wanted = self._wanted()
+        rtt = self._rtt_due(have, wanted, now)
+        patch = report_patch(have, wanted, rtt=rtt)
+        if patch is not None:
+            self.api.request("PATCH", f"{path}/status", patch, content_type=MERGE_PATCH)
+            fields = patch["status"]["mesh"]
+            if "publicKey" in fields:
+                log.info("published public key %s for %s", wanted.public_key, cfg.node)
+            if "endpoints" in fields:
+                log.info("published endpoint candidates: %s", ", ".join(wanted.endpoints))
+            if "peerEndpoints" in fields:
+                log.info(
+                    "published %d handshake-observed endpoints: %s",
+                    len(wanted.peer_endpoints),
+                    ", ".join(f"{n}={e}" for n, e in wanted.peer_endpoints[:8]),
+                )
+            if "rttMs" in fields:
+                log.info("published RTTs to %d members", len(wanted.rtt_ms))
+        if rtt:
+            self._rtt_written = now
+        self._published = replace(wanted, rtt_ms=wanted.rtt_ms if rtt else have.rtt_ms)
 
     def _renew_lease(self, now: float) -> None:
         cfg = self.config

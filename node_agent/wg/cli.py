@@ -15,13 +15,16 @@ from typing import Annotated, Literal
 
 import typer
 
+from gpumesh.api.gpunode import MAX_RTT_PEERS
 from gpumesh.node_agent.kube import RestKubeApi
 from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig
 from gpumesh.node_agent.wg.device import NetlinkBackend, UapiBackend, WgBackend
+from gpumesh.node_agent.wg.echo import MeshEcho
 from gpumesh.node_agent.wg.keys import KeyStore
 from gpumesh.node_agent.wg.links import LinkManager, host_addresses
 from gpumesh.node_agent.wg.metrics import MeshCollector, registry_with
 from gpumesh.node_agent.wg.peers import DEFAULT_KEEPALIVE_S
+from gpumesh.node_agent.wg.rtt import DEFAULT_RTT_PORT, RttPolicy
 from gpumesh.node_agent.wg.sync import DEFAULT_LISTEN_PORT, DEFAULT_MTU, MeshSyncer
 from gpumesh.operator.mesh.model import valid_endpoint
 from gpumesh.operator.mesh.publish import CATALOGUE_NAME
@@ -74,6 +77,21 @@ def run(
     ),
     catalogue: Annotated[str, typer.Option(help="Catalogue ConfigMap name.")] = CATALOGUE_NAME,
     resync: Annotated[float, typer.Option(help="Drift-repair sync period, s.")] = 30.0,
+    status_check: Annotated[
+        float, typer.Option(help="Re-read our GPUNode's mesh status this often, s.")
+    ] = 60.0,
+    rtt_interval: Annotated[
+        float, typer.Option(help="Measure RTTs to mesh members this often, s (0: off).")
+    ] = 10.0,
+    rtt_port: Annotated[
+        int, typer.Option(help="UDP port of the RTT echo on overlay addresses (mesh-wide).")
+    ] = DEFAULT_RTT_PORT,
+    rtt_max_peers: Annotated[
+        int, typer.Option(help="Publish RTTs to at most this many (nearest) members.")
+    ] = 256,
+    rtt_publish_min: Annotated[
+        float, typer.Option(help="Least time between status writes for RTTs alone, s.")
+    ] = 60.0,
     lease_duration: Annotated[
         int, typer.Option(help="Renew our own heartbeat Lease (0: the node agent does).")
     ] = 0,
@@ -109,6 +127,11 @@ def run(
         lease_duration=lease_duration,
         lease_renew=lease_renew,
         spawn_wireguard_go=spawn_wireguard_go,
+        status_check=status_check,
+        rtt_interval=rtt_interval,
+        rtt_port=rtt_port,
+        rtt_max_peers=rtt_max_peers,
+        rtt_publish_min=rtt_publish_min,
     )
     if metrics_port and agent.collector is not None:
         from prometheus_client import start_http_server
@@ -150,10 +173,19 @@ def build_mesh_agent(
     lease_duration: int = 0,
     lease_renew: float = 10.0,
     spawn_wireguard_go: bool = False,
+    status_check: float = 60.0,
+    rtt_interval: float = 10.0,
+    rtt_port: int = DEFAULT_RTT_PORT,
+    rtt_max_peers: int = 256,
+    rtt_publish_min: float = 60.0,
 ) -> MeshAgent:
     """The mesh loop for one node, from command-line values (``gpumesh agent run --mesh``
     builds it the same way). Raises typer.BadParameter for unusable values."""
     kind = _backend_kind(backend)
+    if not 0 <= rtt_max_peers <= MAX_RTT_PEERS:
+        raise typer.BadParameter(
+            f"0 to {MAX_RTT_PEERS} (the API's bound)", param_hint="--rtt-max-peers"
+        )
     candidates = list(endpoints or [])
     for e in candidates:
         if not valid_endpoint(e):
@@ -181,10 +213,16 @@ def build_mesh_agent(
         catalogue=catalogue,
         endpoints=tuple(dict.fromkeys(candidates)),
         resync_s=resync,
+        status_check_s=status_check,
+        rtt_publish_min_s=rtt_publish_min,
+        rtt_policy=RttPolicy(max_peers=rtt_max_peers),
         lease_duration_s=lease_duration or None,
         lease_renew_s=lease_renew,
     )
-    return MeshAgent(config, api, syncer, MeshCollector(node))
+    agent = MeshAgent(config, api, syncer, MeshCollector(node))
+    if rtt_interval > 0:
+        agent.rtt = MeshEcho(port=rtt_port, interval_s=rtt_interval, on_round=agent.wake.set)
+    return agent
 
 
 def _backend_kind(text: str) -> Literal["uapi", "netlink"]:

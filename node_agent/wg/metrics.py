@@ -1,7 +1,9 @@
 """Prometheus metrics for the mesh, from the last device read (no device I/O on scrape).
 
 Per WireGuard peer: handshake age, bytes each way, and whether it is a relay for us.
-Per mesh member: how it is reached, ``direct`` or ``relayed`` (and through which peer).
+Per mesh member: how it is reached, ``direct`` or ``relayed`` (and through which peer),
+and the round trip over that path (from the agent's echo, every member it measures, not
+only the bounded set it publishes).
 Handshake age is computed at scrape time from the stored handshake timestamp.
 """
 
@@ -36,6 +38,7 @@ class MeshCollector(Collector):
         self._peer_ops = {"create": 0, "change": 0, "remove": 0}
         self._routes = {"add": 0, "remove": 0}
         self._last_sync_s = math.nan
+        self._rtt_ms: dict[str, float] = {}
 
     def record_sync(self, result: SyncResult) -> None:
         with self._lock:
@@ -57,6 +60,10 @@ class MeshCollector(Collector):
     def record_observed(self, observed: ObservedDevice) -> None:
         with self._lock:
             self._observed = observed
+
+    def record_rtt(self, rtt_ms: dict[str, float]) -> None:
+        with self._lock:
+            self._rtt_ms = dict(rtt_ms)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -104,6 +111,14 @@ class MeshCollector(Collector):
                     mode = "direct" if member == via else "relayed"
                     path.add_metric([node, member, mode, via], 1.0)
             yield path
+            rtt = GaugeMetricFamily(
+                "gpumesh_mesh_member_rtt_seconds",
+                "Round trip to the member over the mesh (median of recent echo rounds).",
+                labels=["node", "member"],
+            )
+            for member, ms in sorted(self._rtt_ms.items()):
+                rtt.add_metric([node, member], ms / 1e3)
+            yield rtt
             unreachable = GaugeMetricFamily(
                 "gpumesh_mesh_unreachable_members",
                 "Members with no path from this node (NAT'd with no relay).",
