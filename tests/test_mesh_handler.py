@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from gpumesh.operator.handlers import mesh as mesh_handler
 from gpumesh.operator.handlers.mesh import parse_selector, selected
 from gpumesh.operator.mesh import Catalogue, MeshConfig, catalogue_from_configmap
 from gpumesh.operator.mesh.state import MeshState, lease_node
@@ -210,3 +212,84 @@ def test_a_lapsed_lease_is_confirmed_once_before_the_node_leaves() -> None:
     assert set(members) == {"a"}
     state.expire(later, confirm)  # nothing due again: no more reads
     assert len(reads) == 3
+
+
+def settled() -> tuple[MeshState, list[dict[str, Any]], dict[str, Any]]:
+    """A fleet whose writes all landed: GPUNode bodies carry them, the ConfigMap exists."""
+    state, nodes = fleet()
+    writes = state.take_writes()
+    for node in nodes:
+        patch = dict(writes.statuses)[node["metadata"]["name"]]["status"]["mesh"]
+        node["status"]["mesh"].update(patch)
+    assert writes.configmap is not None
+    return state, nodes, json.loads(json.dumps(writes.configmap))
+
+
+def leases_of(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [lease(n["metadata"]["name"]) for n in nodes]
+
+
+def test_a_full_resync_with_nothing_missed_writes_nothing() -> None:
+    state, nodes, configmap = settled()
+    state.resync(nodes, leases_of(nodes), configmap, NOW)
+    assert not state.take_writes()
+
+
+def test_a_full_resync_repairs_missed_events() -> None:
+    state, nodes, configmap = settled()
+    # The watch missed: c joining, b leaving, and someone resetting n's status.
+    nodes = [nodes[0], nodes[2], gpunode("c", 4, "198.51.100.4:51820")]
+    nodes[1]["status"]["mesh"] = {"publicKey": key(3)}
+    state.resync(nodes, leases_of(nodes), configmap, NOW)
+    writes = state.take_writes()
+    assert writes.configmap is not None
+    assert set(catalogue(state, writes.configmap).by_name()) == {"a", "c", "n"}
+    assert sorted(name for name, _ in writes.statuses) == ["c", "n"]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "edited"])
+def test_a_full_resync_rewrites_a_deleted_or_edited_catalogue(damage: str) -> None:
+    state, nodes, configmap = settled()
+    found: dict[str, Any] | None = None
+    if damage == "edited":
+        found = json.loads(json.dumps(configmap))
+        found["data"]["catalogue.json"] = '{"version":1,"generation":1,"nodes":[]}'
+    state.resync(nodes, leases_of(nodes), found, NOW)
+    writes = state.take_writes()
+    assert not writes.statuses
+    assert writes.configmap == configmap  # ours again, same generation
+
+
+class ListingKube:
+    """The API as a full resync lists it; an event arrives while it lists."""
+
+    def __init__(self, nodes: list[dict[str, Any]], configmap: dict[str, Any]) -> None:
+        self.nodes, self.configmap = nodes, configmap
+        self.during_list: Callable[[], None] = lambda: None
+
+    def list_cluster_custom(self, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+        snapshot: list[dict[str, Any]] = json.loads(json.dumps(self.nodes))
+        self.during_list()
+        return snapshot
+
+    def list_leases(self, namespace: str) -> list[dict[str, Any]]:
+        return leases_of(self.nodes)
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.configmap
+
+
+def test_events_during_the_lists_are_replayed_on_top(monkeypatch: pytest.MonkeyPatch) -> None:
+    state, nodes, configmap = settled()
+    monkeypatch.setattr(mesh_handler, "_state", state)
+    monkeypatch.setattr(mesh_handler, "_now", lambda: NOW)
+    kube = ListingKube(nodes, configmap)
+    # b is deleted after the list was read: the list still has it, the event does not.
+    kube.during_list = lambda: mesh_handler.feed(lambda s: s.gpunode_deleted("b", NOW))
+    assert mesh_handler.full_resync(state, kube)
+    assert mesh_handler._replay is None
+    assert set(catalogue(state, state.take_writes().configmap).by_name()) == {"a", "n"}
+    # Outside a resync, events are applied and not kept.
+    mesh_handler.feed(lambda s: s.gpunode_deleted("a", NOW))
+    assert mesh_handler._replay is None
+    assert set(catalogue(state, state.take_writes().configmap).by_name()) == {"n"}

@@ -10,7 +10,11 @@ All mesh logic lives in :class:`gpumesh.operator.mesh.state.MeshState` (pure). H
   per event, no API call in the handler);
 - one ``mesh-publisher`` thread lapses expired Leases (they produce no event), then writes
   what changed: each GPUNode's ``status.mesh`` where it differs, the ConfigMap only when
-  its data differs. Bursts of events coalesce into one catalogue write.
+  its data differs. Bursts of events coalesce into one catalogue write;
+- the same thread lists GPUNodes, agent Leases and the ConfigMap again every
+  ``FULL_RESYNC_S`` and re-plans from them, so an event the watch missed (a dropped
+  stream, an edited or deleted ConfigMap) is repaired. Events that arrive while it lists
+  are replayed on top of the lists, which may be older than they are.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -28,7 +33,7 @@ from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator import kube
 from gpumesh.operator.mesh import MeshConfig, MeshConfigError
 from gpumesh.operator.mesh.publish import LEASE_PREFIX
-from gpumesh.operator.mesh.state import MeshState, Writes
+from gpumesh.operator.mesh.state import MeshState, Writes, trim_gpunode
 from gpumesh.operator.settings import SETTINGS, OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -38,11 +43,30 @@ COALESCE_S = 0.02
 """After a wake-up, wait this long so a burst of events becomes one catalogue write."""
 IDLE_S = 5.0
 BACKOFF_MAX_S = 30.0
+FULL_RESYNC_S = 300.0
+"""Period of the full resync: one list of GPUNodes and Leases costs the API server about
+what ten minutes of heartbeat events do at this period, and a missed event is rare."""
+
+Event = Callable[[MeshState], None]
 
 _lock = threading.Lock()
 _state: MeshState | None = None
 _wake = threading.Event()
 _stop = threading.Event()
+_replay: list[Event] | None = None
+"""Events seen while a full resync lists (None when none is listing)."""
+
+
+class MeshKube(Protocol):
+    """The calls a full resync makes (``kube.shared()``; tests pass a fake)."""
+
+    def list_cluster_custom(
+        self, group: str, version: str, plural: str
+    ) -> list[dict[str, Any]]: ...
+
+    def list_leases(self, namespace: str) -> list[dict[str, Any]]: ...
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
 def mesh_config(settings: OperatorSettings) -> MeshConfig:
@@ -98,11 +122,7 @@ def start_mesh(**_: Any) -> None:
         raise kopf.PermanentError(f"mesh settings: {err}") from err
     k = kube.shared()
     published = k.get_configmap(SETTINGS.namespace, SETTINGS.mesh_catalogue)
-    gpunodes = [
-        g
-        for g in k.list_cluster_custom(GROUP, VERSION, GPUNODES)
-        if selected((g.get("metadata") or {}).get("labels"), selector)
-    ]
+    gpunodes = _list_gpunodes(k, selector)
     leases = k.list_leases(SETTINGS.namespace)
     state = MeshState(config, SETTINGS.namespace, SETTINGS.mesh_catalogue, published=published)
     state.sync(gpunodes, leases, _now())
@@ -119,9 +139,30 @@ def start_mesh(**_: Any) -> None:
     )
 
 
+def _list_gpunodes(k: MeshKube, selector: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        g
+        for g in k.list_cluster_custom(GROUP, VERSION, GPUNODES)
+        if selected((g.get("metadata") or {}).get("labels"), selector)
+    ]
+
+
 @kopf.on.cleanup()
 def stop_mesh(**_: Any) -> None:
     _stop.set()
+    _wake.set()
+
+
+def feed(event: Event) -> None:
+    """Apply one watch event to the state under the lock (kept for replay while a full
+    resync lists), then wake the publisher."""
+    state = _state
+    if state is None:
+        return
+    with _lock:
+        event(state)
+        if _replay is not None:
+            _replay.append(event)
     _wake.set()
 
 
@@ -133,41 +174,61 @@ def mesh_gpunode(
     type: str | None, name: str, body: kopf.Body, labels: kopf.Labels, **_: Any
 ) -> None:
     """A GPUNode appeared, changed or went (its key, endpoint, relays' observations)."""
-    state = _state
-    if state is None:
-        return
     gone = type == "DELETED" or not selected(labels, parse_selector(SETTINGS.mesh_node_selector))
-    with _lock:
-        if gone:
-            state.gpunode_deleted(name, _now())
-        else:
-            state.gpunode(body, _now())
-    _wake.set()
+    if gone:
+        feed(lambda state: state.gpunode_deleted(name, _now()))
+    else:
+        trimmed = trim_gpunode(body)  # a copy of what the mesh reads, safe to replay
+        feed(lambda state: state.gpunode(trimmed, _now()))
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", when=is_agent_lease)
 def mesh_lease(type: str | None, body: kopf.Body, **_: Any) -> None:
     """An agent renewed (or dropped) its heartbeat Lease."""
-    state = _state
-    if state is None:
-        return
-    with _lock:
-        if type == "DELETED":
-            state.lease_deleted(body, _now())
-        else:
-            state.lease(body, _now())
-    _wake.set()
+    copy = dict(body)
+    if type == "DELETED":
+        feed(lambda state: state.lease_deleted(copy, _now()))
+    else:
+        feed(lambda state: state.lease(copy, _now()))
 
 
 # --- the publisher -----------------------------------------------------------------------
 
 
+def full_resync(state: MeshState, k: MeshKube) -> bool:
+    """List everything again and re-plan from it (see :meth:`MeshState.resync`); events
+    fed meanwhile are replayed on top. False when the lists could not be read."""
+    global _replay
+    with _lock:
+        _replay = []
+    try:
+        gpunodes = _list_gpunodes(k, parse_selector(SETTINGS.mesh_node_selector))
+        leases = k.list_leases(SETTINGS.namespace)
+        configmap = k.get_configmap(SETTINGS.namespace, SETTINGS.mesh_catalogue)
+    except ApiException as err:
+        with _lock:
+            _replay = None
+        log.warning("mesh: full resync failed (next in %.0f s): %s", FULL_RESYNC_S, err.reason)
+        return False
+    with _lock:
+        replay, _replay = _replay, None
+        state.resync(gpunodes, leases, configmap, _now())
+        for event in replay:
+            event(state)
+    log.info("mesh: full resync of %d GPUNodes, %d replayed events", len(gpunodes), len(replay))
+    return True
+
+
 def _publish_loop() -> None:
     backoff = 0.0
+    next_resync = time.monotonic() + FULL_RESYNC_S
     while not _stop.is_set():
         state = _state
         if state is None:
             return
+        if time.monotonic() >= next_resync:
+            next_resync = time.monotonic() + FULL_RESYNC_S
+            full_resync(state, kube.shared())
         with _lock:
             state.expire(_now(), _read_lease)
             writes = state.take_writes()

@@ -151,6 +151,25 @@ class MeshState:
         if published is not None and published.entries == self.planner.catalogue().entries:
             self.planner.adopt_generation(published.generation)
 
+    def resync(
+        self,
+        gpunodes: Iterable[Mapping[str, Any]],
+        leases: Iterable[Mapping[str, Any]],
+        configmap: Mapping[str, Any] | None,
+        now: datetime,
+    ) -> None:
+        """A periodic full resync: hold exactly what the API lists now, and publish the
+        catalogue again if the ConfigMap is not what we last wrote (deleted, edited).
+
+        Repairs whatever a missed watch event left behind; :meth:`take_writes` still
+        writes only where something differs. Events that arrived while the lists were
+        read must be fed again afterwards (the lists may be older than they are).
+        """
+        self.sync(gpunodes, leases, now)
+        data = (configmap or {}).get("data")
+        if not isinstance(data, Mapping) or dict(data) != self._data:
+            self._data = None
+
     def gpunode(self, body: Mapping[str, Any], now: datetime) -> None:
         """A GPUNode was added or changed."""
         name = self._store(body)
