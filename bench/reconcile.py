@@ -1026,26 +1026,22 @@ def report(out: Outcome, nodes: Sequence[SimNode], load_start: str) -> Report:
 
 
 def profile_main(out: str, argv: list[str]) -> None:
-    """Run ``gpumesh ARGV`` with cProfile in the main thread and in every pool task
-    (kopf runs sync handlers and indexes in a thread pool); merged stats go to ``out``."""
+    """Run ``gpumesh ARGV`` with cProfile in the main thread and in every thread started
+    after it (kopf's handler pool, the reconcile work queue); merged stats go to ``out``."""
     import cProfile
     import pstats
-    from concurrent.futures import thread as cf_thread
 
     profiles: list[cProfile.Profile] = []
-    local = threading.local()
     lock = threading.Lock()
-    original = cf_thread._WorkItem.run
+    original = threading.Thread.run
 
-    def run_profiled(self: Any) -> None:
-        prof = getattr(local, "prof", None)
-        if prof is None:
-            prof = local.prof = cProfile.Profile()
-            with lock:
-                profiles.append(prof)
+    def run_profiled(self: threading.Thread) -> None:
+        prof = cProfile.Profile()
+        with lock:
+            profiles.append(prof)
         prof.runcall(original, self)
 
-    cf_thread._WorkItem.run = run_profiled  # type: ignore[method-assign]
+    threading.Thread.run = run_profiled  # type: ignore[method-assign]
     main = cProfile.Profile()
     sys.argv = ["gpumesh", *argv]
     from gpumesh.cli import app

@@ -1,113 +1,45 @@
 """GPUCluster on the real control plane: from a renter's request to Ray pods on kwok GPUs.
 
-The operator and one node agent per fleet node run as the shipped programs; the agents
-play the example fleet's GPUs through fake NVML (its scripted faults are removed here so
-health stays steady; the node agent's own e2e covers faults). kwok pods do not run Ray,
+The operator and one node agent per fleet node run as the shipped programs
+(:func:`~gpumesh.devcluster.testing.operated_mesh`). kwok pods do not run Ray,
 but KubeRay, the scheduler and kwok's pod-ready stage make them Running and Ready.
 """
 
 from __future__ import annotations
 
 import contextlib
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster import mesh
-from gpumesh.devcluster.testing import KubeTarget, wait_for
+from gpumesh.devcluster.testing import KubeTarget, OperatedMesh, operated_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
+FLEET = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
 NS = "e2e-gpucluster"
 GROUP, VERSION = "gpumesh.io", "v1alpha1"
 
 
-@dataclass
-class Mesh:
-    """The operator and agents for one test module, restartable."""
-
-    api: client.ApiClient
-    kubeconfig: Path
-    logs: Path
-    operator: subprocess.Popen[bytes] | None = None
-    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start_operator(self) -> None:
-        self.operator, _ = mesh.spawn(
-            "operator",
-            mesh.operator_argv(mesh.free_port()),
-            self.logs,
-            {"KUBECONFIG": str(self.kubeconfig), "GPUMESH_RESYNC_SECONDS": "10"},
-        )
-
-    def kill_operator(self) -> None:
-        """SIGKILL, as a node failure or OOM would: no chance to clean up."""
-        assert self.operator is not None
-        self.operator.kill()
-        self.operator.wait(10)
-
-    def stop(self) -> None:
-        procs = [*self.agents, *([self.operator] if self.operator else [])]
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def steady_fleet(target: Path) -> Path:
-    """The example fleet without scripted faults."""
-    doc = yaml.safe_load((ROOT / "examples" / "fleet.yaml").read_text())
-    for supplier in doc["suppliers"]:
-        for node in supplier["nodes"]:
-            node.pop("faults", None)
-    target.write_text(yaml.safe_dump(doc))
-    return target
-
-
 @pytest.fixture(scope="module")
-def running_mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def running_mesh(
+    kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatedMesh]:
     if kube.fleet is None:
         pytest.skip("this cluster has no simulated fleet for agents to play")
     tmp = tmp_path_factory.mktemp("mesh")
-    fleet_file = steady_fleet(tmp / "fleet.yaml")
-    mesh.apply_crds(kube.api)
-    mesh.ensure_namespace(kube.api, "gpumesh-system")
-    mesh.ensure_namespace(kube.api, NS)
-    world = Mesh(kube.api, kube.kubeconfig, tmp / "logs")
-    try:
-        for supplier, node in mesh.fleet_nodes(kube.fleet):
-            argv = mesh.agent_argv(fleet_file, supplier, node, kube.kubeconfig, interval=1.0)
-            world.agents.append(mesh.spawn(f"agent-{node.name}", argv, world.logs)[0])
-        gpu_nodes = {n.name for _, n in mesh.fleet_nodes(kube.fleet) if n.gpu_count}
-        wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
-        world.start_operator()
+    with operated_mesh(
+        kube, tmp, FLEET, (NS,), operator_env={"GPUMESH_RESYNC_SECONDS": 10}
+    ) as world:
         yield world
-    finally:
-        world.stop()
-        for log in sorted(world.logs.glob("*.log")):
-            if "Traceback" in log.read_text() or "ERROR" in log.read_text():
-                print(f"--- {log.name}\n{log.read_text()[-3000:]}")
 
 
 def custom(api: client.ApiClient) -> Any:
     return client.CustomObjectsApi(api)
-
-
-def healthy_gpunodes(api: client.ApiClient) -> set[str]:
-    items = custom(api).list_cluster_custom_object(GROUP, VERSION, "gpunodes")["items"]
-    return {i["metadata"]["name"] for i in items if i.get("status", {}).get("health") == "Healthy"}
 
 
 def create_cluster(api: client.ApiClient, name: str, spec: dict[str, Any]) -> None:
@@ -187,7 +119,9 @@ A100_SPEC = {
 }
 
 
-def test_gpucluster_runs_on_the_chosen_a100_nodes_and_becomes_ready(running_mesh: Mesh) -> None:
+def test_gpucluster_runs_on_the_chosen_a100_nodes_and_becomes_ready(
+    running_mesh: OperatedMesh,
+) -> None:
     api = running_mesh.api
     create_cluster(api, "a100", A100_SPEC)
     try:
@@ -229,7 +163,9 @@ def test_gpucluster_runs_on_the_chosen_a100_nodes_and_becomes_ready(running_mesh
         delete(api, "a100")
 
 
-def test_scaling_adds_and_removes_workers_without_moving_healthy_ones(running_mesh: Mesh) -> None:
+def test_scaling_adds_and_removes_workers_without_moving_healthy_ones(
+    running_mesh: OperatedMesh,
+) -> None:
     api = running_mesh.api
     create_cluster(api, "scaled", {**A100_SPEC, "workers": {**A100_SPEC["workers"], "replicas": 1}})
     try:
@@ -263,7 +199,9 @@ def test_scaling_adds_and_removes_workers_without_moving_healthy_ones(running_me
         delete(api, "scaled")
 
 
-def test_an_edit_that_does_not_touch_workers_changes_nothing_running(running_mesh: Mesh) -> None:
+def test_an_edit_that_does_not_touch_workers_changes_nothing_running(
+    running_mesh: OperatedMesh,
+) -> None:
     api = running_mesh.api
     create_cluster(api, "edited", A100_SPEC)
     try:
@@ -284,7 +222,7 @@ def test_an_edit_that_does_not_touch_workers_changes_nothing_running(running_mes
 
 
 def test_an_unplaceable_request_waits_with_a_message_that_names_the_binding_constraint(
-    running_mesh: Mesh,
+    running_mesh: OperatedMesh,
 ) -> None:
     api = running_mesh.api
     spec = {
@@ -313,7 +251,9 @@ def test_an_unplaceable_request_waits_with_a_message_that_names_the_binding_cons
         delete(api, "too-cheap")
 
 
-def test_operator_killed_mid_way_resumes_without_duplicates_or_orphans(running_mesh: Mesh) -> None:
+def test_operator_killed_mid_way_resumes_without_duplicates_or_orphans(
+    running_mesh: OperatedMesh,
+) -> None:
     api = running_mesh.api
     create_cluster(api, "survivor", A100_SPEC)
     try:
@@ -335,7 +275,7 @@ def test_operator_killed_mid_way_resumes_without_duplicates_or_orphans(running_m
     wait_for("pods gone", lambda: not cluster_pods(api, "survivor"), timeout=60)
 
 
-def test_deleting_a_gpucluster_frees_its_gpus_for_the_next_one(running_mesh: Mesh) -> None:
+def test_deleting_a_gpucluster_frees_its_gpus_for_the_next_one(running_mesh: OperatedMesh) -> None:
     api = running_mesh.api
     big = {
         "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 2},

@@ -1,8 +1,7 @@
 """Job on the real control plane: queue, admission, RayJob and RayCluster on kwok GPUs.
 
-The operator and one node agent per fleet node run as the shipped programs, with the
-example fleet's scripted faults removed (as in test_gpucluster.py, whose fixture this
-module copies).
+The operator and one node agent per fleet node run as the shipped programs
+(:func:`~gpumesh.devcluster.testing.operated_mesh`).
 
 kwok pods do not run Ray, and KubeRay learns a Ray job's fate from the Ray dashboard,
 which fake pods do not serve. So:
@@ -20,12 +19,10 @@ which fake pods do not serve. So:
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,11 +33,11 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.devcluster import mesh
-from gpumesh.devcluster.testing import KubeTarget, wait_for
+from gpumesh.devcluster.testing import KubeTarget, OperatedMesh, operated_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
+FLEET = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
 NS = "e2e-job"
 GROUP, VERSION = "gpumesh.io", "v1alpha1"
 RAY = ("ray.io", "v1")
@@ -48,37 +45,17 @@ LOOPBACK_DASHBOARD = "127.0.0.1:1"
 MERGE = "application/merge-patch+json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
-class Mesh:
-    """The operator and agents for this module."""
+class JobMesh:
+    """The operated mesh, and the operator's metrics endpoint (GPU time, cost)."""
 
-    api: client.ApiClient
-    kubeconfig: Path
-    logs: Path
-    metrics_port: int = field(default_factory=free_port)
-    operator: subprocess.Popen[bytes] | None = None
-    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    world: OperatedMesh
+    metrics_port: int
 
-    def start_operator(self) -> None:
-        argv = [
-            *mesh.operator_argv(free_port()),
-            f"--metrics-port={self.metrics_port}",
-            "--metrics-host=127.0.0.1",
-        ]
-        env = {
-            "KUBECONFIG": str(self.kubeconfig),
-            "GPUMESH_RESYNC_SECONDS": "5",
-            "GPUMESH_RAYJOB_SUBMISSION_MODE": "InteractiveMode",
-            "GPUMESH_METER_FLUSH_SECONDS": "2",
-        }
-        self.operator, _ = mesh.spawn("operator", argv, self.logs, env)
+    @property
+    def api(self) -> client.ApiClient:
+        api: client.ApiClient = self.world.api
+        return api
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -86,57 +63,29 @@ class Mesh:
             text: str = response.read().decode()
             return text
 
-    def stop(self) -> None:
-        procs = [*self.agents, *([self.operator] if self.operator else [])]
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def steady_fleet(target: Path) -> Path:
-    """The example fleet without scripted faults."""
-    doc = yaml.safe_load((ROOT / "examples" / "fleet.yaml").read_text())
-    for supplier in doc["suppliers"]:
-        for node in supplier["nodes"]:
-            node.pop("faults", None)
-    target.write_text(yaml.safe_dump(doc))
-    return target
-
 
 @pytest.fixture(scope="module")
-def running_mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def running_mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobMesh]:
     if kube.fleet is None:
         pytest.skip("this cluster has no simulated fleet for agents to play")
     tmp = tmp_path_factory.mktemp("job-mesh")
-    fleet_file = steady_fleet(tmp / "fleet.yaml")
-    mesh.apply_crds(kube.api)
-    mesh.ensure_namespace(kube.api, "gpumesh-system")
-    mesh.ensure_namespace(kube.api, NS)
-    world = Mesh(kube.api, kube.kubeconfig, tmp / "logs")
-    try:
-        for supplier, node in mesh.fleet_nodes(kube.fleet):
-            argv = mesh.agent_argv(fleet_file, supplier, node, kube.kubeconfig, interval=1.0)
-            world.agents.append(mesh.spawn(f"agent-{node.name}", argv, world.logs)[0])
-        gpu_nodes = {n.name for _, n in mesh.fleet_nodes(kube.fleet) if n.gpu_count}
-        wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
-        world.start_operator()
-        yield world
-    finally:
-        with contextlib.suppress(Exception):
-            clean_namespace(kube.api)
-        world.stop()
-        for log in sorted(world.logs.glob("*.log")):
-            if "Traceback" in log.read_text() or "ERROR" in log.read_text():
-                print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+    metrics_port = mesh.free_port()
+    env = {
+        "GPUMESH_RESYNC_SECONDS": 5,
+        "GPUMESH_RAYJOB_SUBMISSION_MODE": "InteractiveMode",
+        "GPUMESH_METER_FLUSH_SECONDS": 2,
+    }
+    args = [f"--metrics-port={metrics_port}", "--metrics-host=127.0.0.1"]
+    with operated_mesh(kube, tmp, FLEET, (NS,), operator_env=env, operator_args=args) as world:
+        try:
+            yield JobMesh(world, metrics_port)
+        finally:
+            with contextlib.suppress(Exception):
+                clean_namespace(kube.api)
 
 
 @pytest.fixture
-def api(running_mesh: Mesh) -> Iterator[client.ApiClient]:
+def api(running_mesh: JobMesh) -> Iterator[client.ApiClient]:
     """The API, with every Job of the test (and what it made) gone afterwards."""
     yield running_mesh.api
     clean_namespace(running_mesh.api)
@@ -147,11 +96,6 @@ def api(running_mesh: Mesh) -> Iterator[client.ApiClient]:
 
 def custom(api: client.ApiClient) -> Any:
     return client.CustomObjectsApi(api)
-
-
-def healthy_gpunodes(api: client.ApiClient) -> set[str]:
-    items = custom(api).list_cluster_custom_object(GROUP, VERSION, "gpunodes")["items"]
-    return {i["metadata"]["name"] for i in items if i.get("status", {}).get("health") == "Healthy"}
 
 
 def create_job(api: client.ApiClient, name: str, spec: dict[str, Any]) -> None:
@@ -332,7 +276,7 @@ HALF_A100 = {"workers": {"gpu": A100, "gpusPerWorker": 8, "replicas": 1}}
 
 
 def test_a_template_job_queues_is_admitted_and_runs_on_the_placed_nodes(
-    api: client.ApiClient, running_mesh: Mesh
+    api: client.ApiClient, running_mesh: JobMesh
 ) -> None:
     create_job(api, "first", {"clusterTemplate": ALL_A100})
     wait_for("first admitted", lambda: phase_is(api, "first", "Admitted", "Starting"), timeout=60)
@@ -412,7 +356,7 @@ def test_a_template_job_queues_is_admitted_and_runs_on_the_placed_nodes(
 
 
 def test_a_job_on_an_existing_gpucluster_targets_its_raycluster(
-    api: client.ApiClient, running_mesh: Mesh
+    api: client.ApiClient, running_mesh: JobMesh
 ) -> None:
     cluster = {"workers": {"gpu": A100, "gpusPerWorker": 2, "replicas": 1}}
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GPUCluster", "metadata": {"name": "pool"}}

@@ -149,6 +149,8 @@ class QueueNote:
     reason: str
     message: str
     position: int | None = None
+    preempted: str | None = None
+    """Set once preempted: why, kept (and shown first) until the cluster is admitted again."""
 
 
 class Reconciler:
@@ -190,6 +192,12 @@ class Reconciler:
         self._written: dict[ClusterKey, tuple[str, GPUClusterStatus]] = {}
         self._specs: dict[tuple[str, int], GPUClusterSpec] = {}
         self._quota_written: dict[tuple[str, str], GPUQuotaStatus] = {}
+        self._kept: dict[ClusterKey, tuple[int, int, Placed]] = {}
+        """(generation, inventory epoch, placement) when placement last kept a cluster as is."""
+        self._rendered: dict[ClusterKey, tuple[tuple[Any, ...], str]] = {}
+        """What a cluster's RayCluster was last rendered from, and the rendering's hash."""
+        self._offers: InventoryIndex | None = None
+        self._offers_epoch = 0
 
     # -- one cluster ---------------------------------------------------------------------
 
@@ -225,6 +233,8 @@ class Reconciler:
                 waiting = self._waiting(key, held)
                 if self._seen_by_pass.get(key) != (generation, held):
                     self.request_pass(0)
+            elif self._kept.get(key) == (generation, self._epoch_of(offers), held):
+                chosen = held  # neither the spec nor the supply changed since it was kept
             else:
                 decision = place_cluster(
                     spec,
@@ -237,6 +247,7 @@ class Reconciler:
                 if decision.ok:
                     chosen = Placed(decision.assignments, decision.head_node)
                     self._settle(key, chosen)
+                    self._kept[key] = (generation, self._epoch_of(offers), chosen)
                 else:
                     chosen = held  # nowhere better to go: keep what runs
                     waiting = Waiting("Unschedulable", decision.explanation)
@@ -273,6 +284,8 @@ class Reconciler:
             self._seen_by_pass.pop(key, None)
             self._applied.pop(key, None)
             self._written.pop(key, None)
+            self._kept.pop(key, None)
+            self._rendered.pop(key, None)
         self.counters.forget(key.namespace, "GPUCluster", key.name)
         if held is None or held.holds_anything:
             self.request_pass(0)
@@ -326,10 +339,17 @@ class Reconciler:
                     self.wake(key)
                 else:
                     still_waiting = True
+                    before = self._notes.get(key)
+                    preempted = before.preempted if before else None
                     note = QueueNote(
-                        _condition_reason(verdict.reason, verdict.request),
-                        verdict.explanation,
+                        "Preempted"
+                        if preempted
+                        else _condition_reason(verdict.reason, verdict.request),
+                        f"{preempted}; now {verdict.explanation}"
+                        if preempted
+                        else verdict.explanation,
                         verdict.position,
+                        preempted,
                     )
                     if self._notes.get(key) != note:
                         self._notes[key] = note
@@ -406,7 +426,8 @@ class Reconciler:
         # now, before the preemptor is booked, so a crash in between overbooks nothing.
         self._settle(key, Placed((), held.head_node))
         self._apply(key, body, spec, Placed((), held.head_node), existing, self.world.pods(key))
-        self._notes[key] = QueueNote("Preempted", preemption.victim_message)
+        message = preemption.victim_message
+        self._notes[key] = QueueNote("Preempted", message, preempted=message)
         self._event(key, "Warning", "Preempted", preemption.victim_message)
         self.wake(key)
 
@@ -428,6 +449,14 @@ class Reconciler:
         )
         self._settle(key, held)  # adopted: from now on this process keeps it current
         return held
+
+    def _epoch_of(self, offers: InventoryIndex) -> int:
+        """A number that changes whenever the inventory object does (it is rebuilt, never
+        changed, when supply changes)."""
+        if offers is not self._offers:
+            self._offers = offers
+            self._offers_epoch += 1
+        return self._offers_epoch
 
     def _settle(self, key: ClusterKey, placed: Placed) -> None:
         if self._placed.get(key) != placed:
@@ -455,8 +484,37 @@ class Reconciler:
         if existing is None and not chosen.holds_anything:
             return False  # nothing admitted yet: no RayCluster to hold nothing
         meta = body["metadata"]
+        inputs = (meta["uid"], meta.get("generation"), chosen, tuple(slots))
+        rendered = self._rendered.get(key)
+        if rendered is not None and rendered[0] == inputs:
+            manifest, digest = None, rendered[1]  # the same inputs render the same object
+        else:
+            manifest = self._render(key, body, spec, chosen, slots)
+            digest = _digest(manifest)
+            self._rendered[key] = (inputs, digest)
+        seen = (existing or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
+        if digest in (seen, self._applied.get(key)):
+            return False  # in place already (or applied, and the index has not caught up)
+        if manifest is None:
+            manifest = self._render(key, body, spec, chosen, slots)
+        if existing is None:
+            self._refuse_foreign_raycluster(key)
+        manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
+        self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
+        self._applied[key] = digest
+        return True
+
+    def _render(
+        self,
+        key: ClusterKey,
+        body: Obj,
+        spec: GPUClusterSpec,
+        chosen: Placed,
+        slots: Sequence[WorkerSlot],
+    ) -> dict[str, Any]:
+        meta = body["metadata"]
         owner = Owner(f"{GROUP}/{VERSION}", "GPUCluster", meta["name"], meta["uid"])
-        manifest = raycluster(
+        return raycluster(
             spec,
             slots,
             name=key.name,
@@ -464,18 +522,6 @@ class Reconciler:
             owner=owner,
             head_node=chosen.head_node,
         )
-        digest = _digest(manifest)
-        seen = (existing or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
-        if digest == seen or (existing is not None and digest == self._applied.get(key)):
-            return False
-        if existing is None:
-            if self._applied.get(key) == digest:
-                return False  # applied already; the index has not caught up yet
-            self._refuse_foreign_raycluster(key)
-        manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
-        self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
-        self._applied[key] = digest
-        return True
 
     def _refuse_foreign_raycluster(self, key: ClusterKey) -> None:
         found = self.writer.get_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, key.namespace, key.name)

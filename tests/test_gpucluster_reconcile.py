@@ -242,6 +242,9 @@ def test_a_higher_priority_cluster_preempts_and_the_victim_waits_with_its_head()
     assert api.workers_by_node("urgent") == {"n1": 1}
     assert api.stalled("batch")["reason"] == "Preempted"
     assert api.status("batch")["phase"] == "Pending"
+    settle(api, reconciler, at(11))  # later passes still say why it waits
+    assert api.stalled("batch")["reason"] == "Preempted"
+    assert api.stalled("batch")["message"].startswith("preempted by GPUCluster team-a/urgent")
     head = api.rayclusters["batch"]["spec"]["headGroupSpec"]["template"]["spec"]
     assert head["nodeSelector"]["kubernetes.io/hostname"] == "head-0"
     assert ("batch", "Preempted") in {(n, r) for n, r, _ in api.events}

@@ -6,14 +6,19 @@ and type them normally.
 
 from __future__ import annotations
 
+import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import yaml
+from kubernetes import client
 from kubernetes.client import ApiClient
 
+from gpumesh.devcluster import mesh
 from gpumesh.devcluster.fleet import Fleet
 
 T = TypeVar("T")
@@ -54,3 +59,107 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+@dataclass
+class OperatedMesh:
+    """The shipped operator and one node agent per fleet node, as processes a test drives.
+
+    The agents play the example fleet's GPUs through fake NVML with its scripted faults
+    removed, so health stays steady (the node agent's own e2e covers faults).
+    """
+
+    api: ApiClient
+    kubeconfig: Path
+    logs: Path
+    operator_env: dict[str, str] = field(default_factory=dict)
+    operator_args: list[str] = field(default_factory=list)
+    operator: subprocess.Popen[bytes] | None = None
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_operator(self) -> None:
+        self.operator, _ = mesh.spawn(
+            "operator",
+            [*mesh.operator_argv(mesh.free_port()), *self.operator_args],
+            self.logs,
+            {"KUBECONFIG": str(self.kubeconfig), **self.operator_env},
+        )
+
+    def kill_operator(self) -> None:
+        """SIGKILL, as a node failure or OOM would: no chance to clean up."""
+        assert self.operator is not None
+        self.operator.kill()
+        self.operator.wait(10)
+
+    def stop(self) -> None:
+        procs = [*self.agents, *([self.operator] if self.operator else [])]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def print_troubled_logs(self) -> None:
+        """Show the tail of any log with a traceback or an error (pytest keeps it on failure)."""
+        for log in sorted(self.logs.glob("*.log")):
+            text = log.read_text()
+            if "Traceback" in text or "ERROR" in text:
+                print(f"--- {log.name}\n{text[-3000:]}")
+
+
+def steady_fleet(source: Path, target: Path) -> Path:
+    """The fleet file at ``source`` without scripted faults, written to ``target``."""
+    doc = yaml.safe_load(source.read_text())
+    for supplier in doc["suppliers"]:
+        for node in supplier["nodes"]:
+            node.pop("faults", None)
+    target.write_text(yaml.safe_dump(doc))
+    return target
+
+
+def healthy_gpunodes(api: ApiClient) -> set[str]:
+    custom: Any = client.CustomObjectsApi(api)
+    found: dict[str, Any] = custom.list_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes")
+    items: list[dict[str, Any]] = found["items"]
+    return {i["metadata"]["name"] for i in items if i.get("status", {}).get("health") == "Healthy"}
+
+
+@contextmanager
+def operated_mesh(
+    kube: KubeTarget,
+    workdir: Path,
+    fleet_file: Path,
+    namespaces: tuple[str, ...],
+    operator_env: dict[str, Any] | None = None,
+    operator_args: list[str] | None = None,
+) -> Iterator[OperatedMesh]:
+    """CRDs and namespaces in place, agents reporting Healthy, then the operator running.
+
+    Everything started here is stopped on the way out.
+    """
+    assert kube.fleet is not None, "this cluster has no simulated fleet for agents to play"
+    steady = steady_fleet(fleet_file, workdir / "fleet.yaml")
+    mesh.apply_crds(kube.api)
+    for namespace in ("gpumesh-system", *namespaces):
+        mesh.ensure_namespace(kube.api, namespace)
+    world = OperatedMesh(
+        kube.api,
+        kube.kubeconfig,
+        workdir / "logs",
+        {k: str(v) for k, v in (operator_env or {}).items()},
+        list(operator_args or []),
+    )
+    try:
+        for supplier, node in mesh.fleet_nodes(kube.fleet):
+            argv = mesh.agent_argv(steady, supplier, node, kube.kubeconfig, interval=1.0)
+            world.agents.append(mesh.spawn(f"agent-{node.name}", argv, world.logs)[0])
+        gpu_nodes = {n.name for _, n in mesh.fleet_nodes(kube.fleet) if n.gpu_count}
+        wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
+        world.start_operator()
+        yield world
+    finally:
+        world.stop()
+        world.print_troubled_logs()

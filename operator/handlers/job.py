@@ -307,9 +307,10 @@ def gpucluster_changed(namespace: str | None, name: str, body: kopf.Body, **kwar
 
 @kopf.on.event(GROUP, VERSION, "gpuquotas")
 def gpuquota_changed(**indexes: Any) -> None:
-    """Quota limits moved: waiting Jobs may fit now."""
+    """Quota limits moved: waiting Jobs and GPUClusters may fit now."""
     _remember(indexes)
     ALARMS.queue_pass()
+    gpucluster.reconciler().kick()
 
 
 _inventory_fingerprints: dict[str, str] = {}
