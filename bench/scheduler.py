@@ -529,12 +529,15 @@ def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float
         time.sleep(every)
 
 
-def create_nodes(api: client.ApiClient, bodies: Sequence[Obj]) -> None:
+def create_nodes(api: client.ApiClient, bodies: Sequence[Obj]) -> str:
     """Create the Nodes, then wait until kwok has taken every one over (its Lease exists)
-    and every one is Ready without a not-ready taint, so no round pays for the takeover."""
+    and every one is Ready without a not-ready taint, so no round pays for the takeover;
+    how long each step took."""
     core = client.CoreV1Api(api)
     coord = client.CoordinationV1Api(api)
+    started = time.monotonic()
     parallel(lambda b: consume(core.create_node(b, _preload_content=False)), bodies, CREATE_THREADS)
+    created = time.monotonic()
     wanted = {b["metadata"]["name"] for b in bodies}
 
     def leases() -> bool:
@@ -553,7 +556,12 @@ def create_nodes(api: client.ApiClient, bodies: Sequence[Obj]) -> None:
         return wanted <= ok
 
     wait_until("kwok to hold a Lease for every node", leases, 600, every=2.0)
+    leased = time.monotonic()
     wait_until("every node Ready", ready, 600, every=2.0)
+    return (
+        f"nodes created in {created - started:.0f} s, kwok held every Lease "
+        f"{leased - created:.0f} s later, all Ready {time.monotonic() - leased:.0f} s after that"
+    )
 
 
 def wait_for_service_account(api: client.ApiClient, namespace: str) -> None:
@@ -928,6 +936,7 @@ class Outcome:
     dev_qps: float = 0.0
     dev_burst: int = 0
     setup_s: float = 0.0
+    setup: str = ""
     delete_s: list[float] = field(default_factory=list)
 
 
@@ -944,7 +953,7 @@ def measure(
         out.dev_burst = int(dev["clientConnection"]["burst"])
         api = api_client(cluster.kubeconfig)
         log(f"creating {len(nodes)} kwok GPU nodes")
-        create_nodes(api, nodes)
+        out.setup = create_nodes(api, nodes)
         mesh.ensure_namespace(api, NAMESPACE)
         wait_for_service_account(api, NAMESPACE)
         out.setup_s = time.monotonic() - started
@@ -1036,7 +1045,8 @@ def report(
         rep.rows.append(
             Row(
                 f"pods placed per second: engine {engine_pod_rate:,.0f}/s vs {label} "
-                f"{r.rate:,.0f}/s ({r.bound}/{r.pods} bound); ms per pod",
+                f"{r.rate:,.0f}/s ({r.bound}/{r.pods} bound): "
+                f"{engine_pod_rate / r.rate:,.0f}x; ms per pod",
                 engine_row,
                 Stats((1 / r.rate,)),
             )
@@ -1097,12 +1107,25 @@ def report(
         f"{engine.pass_s * 1e3:.1f} ms, i.e. {len(requests) / engine.pass_s:,.0f} decisions/s "
         f"and {engine_pod_rate:,.0f} pods/s on one core, with its explanations; no API call. "
         f"Load {engine_load} while it ran.",
-        f"Rounds, in this order on one cluster (set up in {out.setup_s:.0f} s: control plane, "
-        "nodes created, kwok holding every node's Lease, all Ready); each round's pods "
-        "force-deleted after it (" + ", ".join(f"{s:.0f} s" for s in out.delete_s) + ").",
+        f"Rounds, in this order on one cluster (set up in {out.setup_s:.0f} s: {out.setup}); "
+        "each round's pods force-deleted after it ("
+        + ", ".join(f"{s:.0f} s" for s in out.delete_s)
+        + "). Rates count bound pods only.",
     ]
+    limits = {"stream": (out.dev_qps, out.dev_burst), "raised": (RAISED_QPS, 2 * RAISED_QPS)}
     for r in out.rounds:
-        rep.notes.append(round_note(r, dev))
+        qps, burst = limits.get(r.name, (out.dev_qps, out.dev_burst))
+        rep.notes.append(round_note(r, dev) + " " + client_ceiling(r, qps, burst))
+    unbound = [r for r in out.rounds if r.what != "pinned" and r.bound < r.pods]
+    if unbound:
+        rep.notes.append(
+            "Unbound pods: every request here is one the engine placed whole, in this order, "
+            "on the same free capacity; kube-scheduler, placing pod by pod and preferring the "
+            "least-allocated nodes, left "
+            + ", ".join(f"{r.pods - r.bound} ({r.name})" for r in unbound)
+            + " pods with no node among those their constraints allow that still had room "
+            "(its messages above); it bound the other pods of those requests anyway (no gang)."
+        )
     rep.notes += [
         "What differs: kube-scheduler binds through the API server: one POST of a Binding "
         "per pod, through its client's token bucket (the dev cluster sets "
@@ -1115,11 +1138,24 @@ def report(
         "(a request may be half bound), no price or reputation ranking; the engine places "
         "whole requests, ranking by price, reputation, locality and packing.",
         "Anchors (design notes): kube-scheduler's perf CI accepts >= 180 pods/s for "
-        "extended-resource pods on 5,000 nodes (in-process API server, no QPS limit); on a "
+        "extended-resource pods on 5,000 nodes (scheduler and API server in one test process, "
+        "client QPS 5,000: test/integration/scheduler_perf/util.go at v1.36.3); on a "
         "real API server with kwok nodes it has been measured near 50 pods/s (client QPS "
         "bound).",
     ]
     return rep
+
+
+def client_ceiling(r: RoundResult, qps: float, burst: float) -> str:
+    """What the scheduler's binding client allows for this many pods: ``burst`` at once,
+    then ``qps`` a second (client-go's token bucket)."""
+    if r.bound <= burst:
+        return f"Its client (QPS {qps:g}, burst {burst:g}) did not limit {r.bound} bindings."
+    ceiling = r.bound / ((r.bound - burst) / qps)
+    return (
+        f"Its client (QPS {qps:g}, burst {burst:g}) allows at most {ceiling:.0f}/s for "
+        f"{r.bound} bindings: {r.rate / ceiling:.0%} of that reached."
+    )
 
 
 def round_note(r: RoundResult, dev: str) -> str:
