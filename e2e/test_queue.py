@@ -160,7 +160,9 @@ def test_waiting_clusters_are_admitted_by_priority_then_age(api: client.ApiClien
     assert not raycluster_exists(api, "old-low") and not raycluster_exists(api, "young-high")
 
     delete(api, "gpuclusters", "holder")
-    wait_for("young-high admitted once holder is gone", lambda: ready(api, "young-high"), 180)
+    wait_for(
+        "young-high admitted once holder is gone", lambda: ready(api, "young-high"), timeout=180
+    )
     assert status(api, "old-low")["phase"] == "Pending"
     assert status(api, "old-low").get("queuePosition") == 0
     assert not raycluster_exists(api, "old-low")

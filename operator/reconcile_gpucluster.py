@@ -76,6 +76,8 @@ GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "gpuclusters"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 APPLIED_HASH = "gpumesh.io/applied-hash"
 
+QUEUED = "Queued"
+
 Obj = Mapping[str, Any]
 EventFn = Callable[[Obj, str, str, str], None]
 """(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
@@ -196,6 +198,8 @@ class Reconciler:
         """(generation, inventory epoch, placement) when placement last kept a cluster as is."""
         self._rendered: dict[ClusterKey, tuple[tuple[Any, ...], str]] = {}
         """What a cluster's RayCluster was last rendered from, and the rendering's hash."""
+        self._key_locks: dict[ClusterKey, threading.Lock] = {}
+        self._key_locks_guard = threading.Lock()
         self._offers: InventoryIndex | None = None
         self._offers_epoch = 0
 
@@ -203,6 +207,10 @@ class Reconciler:
 
     def reconcile(self, key: ClusterKey, now: datetime | None = None) -> None:
         """Bring one cluster's RayCluster and status in line with its spec and the queue."""
+        with self._key_lock(key):
+            self._reconcile(key, now or datetime.now(UTC))
+
+    def _reconcile(self, key: ClusterKey, when: datetime) -> None:
         body = self.world.gpucluster(key)
         if body is None:
             self.forget(key)
@@ -210,7 +218,6 @@ class Reconciler:
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return
-        when = now or datetime.now(UTC)
         previous = self._previous(key, body)
         generation = int(meta.get("generation") or 0)
         try:
@@ -222,6 +229,8 @@ class Reconciler:
         existing = self.world.raycluster(key)
         pods = self.world.pods(key)
         offers = self.world.offers()
+        # Decide under the placement lock (it is short and never waits for the API);
+        # apply after it, under this cluster's own lock only.
         with self.lock:
             held = self._holding(key, spec, existing, offers)
             waiting: Waiting | None = None
@@ -230,7 +239,7 @@ class Reconciler:
                 self._settle(key, chosen)
             elif _wants_more(spec, held):
                 chosen = held
-                waiting = self._waiting(key, held)
+                waiting = self._waiting(key)
                 if self._seen_by_pass.get(key) != (generation, held):
                     self.request_pass(0)
             elif self._kept.get(key) == (generation, self._epoch_of(offers), held):
@@ -251,12 +260,13 @@ class Reconciler:
                 else:
                     chosen = held  # nowhere better to go: keep what runs
                     waiting = Waiting("Unschedulable", decision.explanation)
-            before = _assignments_of(existing, offers) if existing else ()
-            applied = self._apply(key, body, spec, chosen, existing, pods)
-        if applied:
+        before = _assignments_of(existing, offers) if existing else ()
+        if self._apply(key, body, spec, chosen, existing, pods):
             self._announce_changes(body, before, chosen.assignments)
         if waiting is not None:
             self._announce_waiting(body, previous, waiting)
+        if waiting is not None and waiting.reason == QUEUED and not previous.conditions:
+            return  # a new cluster: the pass asked for speaks within moments, say it then
 
         ray_view = RayClusterView.from_objects(existing, pods) if existing else None
         status = compute_status(
@@ -269,11 +279,16 @@ class Reconciler:
                 raycluster=ray_view,
                 now=when,
                 selector=f"{names.CLUSTER}={key.name},{names.GROUP}=workers",
+                raycluster_name=key.name if key in self._applied else None,
             )
         )
         status, flush = meter(previous, status, when, self.meter_flush_seconds)
         self._write_status(key, body, previous, status)
         self.counters.record(key.namespace, "GPUCluster", key.name, flush)
+
+    def _key_lock(self, key: ClusterKey) -> threading.Lock:
+        with self._key_locks_guard:
+            return self._key_locks.setdefault(key, threading.Lock())
 
     def forget(self, key: ClusterKey) -> None:
         """The cluster is gone: release its GPUs and let waiting work have them."""
@@ -291,18 +306,24 @@ class Reconciler:
             self.request_pass(0)
 
     def raycluster_gone(self, key: ClusterKey) -> None:
-        """Its RayCluster was deleted (by hand, or with the cluster): apply it afresh."""
-        with self.lock:
-            self._applied.pop(key, None)
+        """Its RayCluster was deleted (by hand, or with the cluster): apply it afresh.
+
+        Called from kopf's handler threads: it must not wait for the placement lock.
+        """
+        self._applied.pop(key, None)
+        self._rendered.pop(key, None)
 
     def clusters_on(self, node: str) -> list[ClusterKey]:
-        """Clusters holding workers or the head on ``node`` (a failover candidate)."""
-        with self.lock:
-            return [
-                key
-                for key, placed in self._placed.items()
-                if placed.head_node == node or any(a.node == node for a in placed.assignments)
-            ]
+        """Clusters holding workers or the head on ``node`` (a failover candidate).
+
+        Called from kopf's handler threads: reads a copy (atomic under the GIL) rather than
+        waiting for the placement lock.
+        """
+        return [
+            key
+            for key, placed in list(self._placed.items())
+            if placed.head_node == node or any(a.node == node for a in placed.assignments)
+        ]
 
     # -- the queue -----------------------------------------------------------------------
 
@@ -323,14 +344,16 @@ class Reconciler:
             )
             moved = False
             still_waiting = False
+            retry_soon = False
             for verdict in result.verdicts:
                 if verdict.request.kind != "GPUCluster":
                     continue
                 key = ClusterKey(verdict.request.namespace, verdict.request.name)
                 decision = verdict.decision
                 if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
-                    for preemption in verdict.preemptions:
-                        self._preempt_victim(preemption, when)
+                    if not self._take_back(verdict.preemptions, when):
+                        retry_soon = True  # a victim is mid-reconcile: try again in a moment
+                        continue
                     self._settle(key, Placed(decision.assignments, decision.head_node))
                     self._notes.pop(key, None)
                     if verdict.preemptions:
@@ -355,7 +378,9 @@ class Reconciler:
                         self._notes[key] = note
                         self.wake(key)
             self._write_quota_status(quotas, result, [*running, *job_running], when)
-        if still_waiting:
+        if retry_soon:
+            self.request_pass(0)
+        elif still_waiting:
             self.request_pass(self.retry_after)
         if moved and job_requests and self.jobs is not None:
             self.jobs.kick()
@@ -401,20 +426,48 @@ class Reconciler:
                 )
         return requests, running
 
-    def preempt(self, preemption: Preemption, now: datetime) -> None:
-        """A Job's admission takes this cluster's workers (called under the lock)."""
+    def preempt(self, preemption: Preemption, now: datetime) -> bool:
+        """A Job's admission takes this cluster's workers; False if it cannot right now."""
         with self.lock:
-            self._preempt_victim(preemption, now)
+            return self._take_back((preemption,), now)
 
     def kick(self) -> None:
         self.request_pass(0)
 
-    def _preempt_victim(self, preemption: Preemption, now: datetime) -> None:
+    def _take_back(self, preemptions: Sequence[Preemption], now: datetime) -> bool:
+        """Take the victims' GPUs back, all of them, or none when one is mid-reconcile.
+
+        Called with the placement lock held. A victim's reconcile may be applying what it
+        decided before this pass; waiting for its lock here could deadlock (it waits for
+        the placement lock next), so the pass tries, and on failure retries shortly.
+        """
+        clusters = [p for p in preemptions if p.victim.kind == "GPUCluster"]
+        taken: list[threading.Lock] = []
+        for preemption in clusters:
+            lock = self._key_lock(ClusterKey(preemption.victim.namespace, preemption.victim.name))
+            if not lock.acquire(blocking=False):
+                for held in taken:
+                    held.release()
+                return False
+            taken.append(lock)
+        try:
+            for preemption in preemptions:
+                if preemption.victim.kind == "GPUCluster":
+                    self._preempt_cluster(preemption)
+                elif self.jobs is not None and not self.jobs.preempt(preemption, now):
+                    return False
+        finally:
+            for held in taken:
+                held.release()
+        return True
+
+    def _preempt_cluster(self, preemption: Preemption) -> None:
+        """Scale the victim's workers to zero now, before its preemptor is booked.
+
+        The head stays (it holds no GPUs, and the Ray cluster survives). Applying before
+        booking means a crash in between overbooks nothing.
+        """
         victim = preemption.victim
-        if victim.kind == "Job":
-            if self.jobs is not None:
-                self.jobs.preempt(preemption, now)
-            return
         key = ClusterKey(victim.namespace, victim.name)
         body = self.world.gpucluster(key)
         if body is None:
@@ -422,13 +475,11 @@ class Reconciler:
         spec = self._spec(body)
         existing = self.world.raycluster(key)
         held = self._holding(key, spec, existing, self.world.offers())
-        # The head stays (it holds no GPUs, and the Ray cluster survives); the workers go
-        # now, before the preemptor is booked, so a crash in between overbooks nothing.
         self._settle(key, Placed((), held.head_node))
         self._apply(key, body, spec, Placed((), held.head_node), existing, self.world.pods(key))
         message = preemption.victim_message
         self._notes[key] = QueueNote("Preempted", message, preempted=message)
-        self._event(key, "Warning", "Preempted", preemption.victim_message)
+        self._event(key, "Warning", "Preempted", message)
         self.wake(key)
 
     # -- steps ---------------------------------------------------------------------------
@@ -463,10 +514,10 @@ class Reconciler:
             self._placed[key] = placed
             self.holdings.promise(key, placed.gpus_per_node())
 
-    def _waiting(self, key: ClusterKey, held: Placed) -> Waiting:
+    def _waiting(self, key: ClusterKey) -> Waiting:
         note = self._notes.get(key)
         if note is None:
-            return Waiting("Queued", "waiting for the next admission pass")
+            return Waiting(QUEUED, "waiting for the next admission pass")
         return Waiting(note.reason, note.message, note.position)
 
     def _apply(

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "jobs"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 APPLIED_HASH = "gpumesh.io/applied-hash"
+#: How soon a Job whose victim could not be preempted right away looks again.
+PREEMPTION_RETRY = timedelta(seconds=1)
 
 Obj = Mapping[str, Any]
 EventFn = Callable[[Obj, str, str, str], None]
@@ -201,10 +203,11 @@ class JobReconciler:
                     running.append(held)
         return requests, running
 
-    def preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> None:
+    def preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> bool:
         """A GPUCluster's admission takes this Job's cluster (called with the lock held)."""
         with self.lock:
             self._preempt(preemption, snap, now)
+        return True
 
     # -- the reconcile ---------------------------------------------------------------------
 
@@ -298,8 +301,19 @@ class JobReconciler:
             for preemption in verdict.preemptions:
                 if preemption.victim.kind == "Job":
                     self._preempt(preemption, snap, now)
-                elif self.clusters is not None:
-                    self.clusters.preempt(preemption, now)
+                elif self.clusters is not None and not self.clusters.preempt(preemption, now):
+                    # A victim cluster is mid-reconcile: stay queued, look again shortly.
+                    after = queued(
+                        ref,
+                        spec,
+                        step.status,
+                        verdict.reason,
+                        verdict.explanation,
+                        verdict.position,
+                        False,
+                        now,
+                    )
+                    return replace(_merge(step, after), wake_at=now + PREEMPTION_RETRY), False
             chosen = placements(decision.assignments)
             after = admitted(
                 ref, spec, step.status, chosen, decision.head_node, verdict.explanation, now

@@ -93,6 +93,8 @@ class Observation:
     raycluster: RayClusterView | None
     now: datetime
     selector: str
+    raycluster_name: str | None = None
+    """The RayCluster's name once applied, before the index shows it."""
 
 
 def compute_status(obs: Observation) -> GPUClusterStatus:
@@ -134,7 +136,9 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
             "phase": phase,
             "observed_generation": obs.generation,
             "conditions": conditions,
-            "ray_cluster_name": ray.name if ray else obs.previous.ray_cluster_name,
+            "ray_cluster_name": (
+                ray.name if ray else obs.raycluster_name or obs.previous.ray_cluster_name
+            ),
             "placements": list(obs.placements),
             "desired_workers": desired,
             "ready_workers": ready,

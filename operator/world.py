@@ -294,8 +294,11 @@ class QueueSide(Protocol):
         """Who waits for GPUs and who holds them (called with the placement lock held)."""
         ...
 
-    def preempt(self, preemption: Preemption, now: datetime) -> None:
-        """Take back what the victim (of this kind) holds, before the preemptor is booked."""
+    def preempt(self, preemption: Preemption, now: datetime) -> bool:
+        """Take back what the victim (of this kind) holds, before the preemptor is booked.
+
+        False when that cannot be done right now (the preemptor should try again soon).
+        """
         ...
 
     def kick(self) -> None:

@@ -169,13 +169,14 @@ def test_a_new_cluster_waits_for_the_queue_then_gets_one_group_per_node() -> Non
     api.create("train", replicas=2)
     reconciler.reconcile(ClusterKey(NS, "train"), T0)
     assert api.rayclusters == {} and api.passes_requested == [0]
-    assert api.status("train")["phase"] == "Pending"
-    assert api.stalled("train")["reason"] == "Queued"
+    assert api.status("train") == {}  # its first status waits for the queue's word
+
 
     settle(api, reconciler)
     assert api.workers_by_node("train") == {"n1": 1, "n2": 1}
     status = api.status("train")
     assert status["phase"] == "Provisioning" and status["gpus"] == 16
+    assert status["rayClusterName"] == "train"  # in the same write as the placements
     assert ("train", "Placed", "2 workers on n1(1), n2(1)") in api.events
 
 
@@ -318,3 +319,20 @@ def test_deleting_a_cluster_frees_its_gpus_for_the_next_one() -> None:
     assert api.passes_requested == [0]
     settle(api, reconciler, at(11))
     assert api.workers_by_node("second") == {"n1": 1}
+
+
+def test_a_victim_mid_reconcile_is_not_preempted_under_it_the_pass_tries_again() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("batch", replicas=1)
+    settle(api, reconciler)
+    api.create("urgent", replicas=1, priority=100)
+    api.passes_requested.clear()
+    victim = reconciler._key_lock(ClusterKey(NS, "batch"))
+    with victim:  # batch's own reconcile is applying what it decided before this pass
+        reconciler.admission_pass(at(5))
+    assert api.workers_by_node("batch") == {"n1": 1}
+    assert "urgent" not in api.rayclusters
+    assert api.passes_requested == [0]  # soon, not at the next resync
+    settle(api, reconciler, at(6))
+    assert api.workers_by_node("urgent") == {"n1": 1}
+    assert api.workers_by_node("batch") == {}

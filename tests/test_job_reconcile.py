@@ -136,8 +136,9 @@ class ResidentClusters:
     def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
         return [], [] if self.preempted else [self.resident]
 
-    def preempt(self, preemption: Preemption, now: datetime) -> None:
+    def preempt(self, preemption: Preemption, now: datetime) -> bool:
         self.preempted.append(preemption)
+        return True
 
     def kick(self) -> None:
         pass

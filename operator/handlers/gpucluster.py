@@ -129,6 +129,9 @@ def _process_in_context(key: ClusterKey | None) -> None:
         return
     try:
         reconciler().reconcile(key)
+        # Resync: look again after a while even if no event comes (repairs drift). Events
+        # in between do not postpone it; the earliest time asked for wins.
+        QUEUE.add(key, after=SETTINGS.resync_seconds)
     except ForeignRayClusterError as err:
         # Retrying cannot help; the cluster's owner must act. Say so where they look.
         body = IndexWorld().gpucluster(key)
@@ -184,19 +187,13 @@ def stop_gpuclusters(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def gpucluster_event(type: str | None, namespace: str | None, name: str, **indexes: Any) -> None:
-    """Listed at start, created, edited, status written or deleted: reconcile it."""
-    RUNTIME.remember(indexes)
-    key = ClusterKey(namespace or "", name)
-    if type == "DELETED":
-        reconciler().forget(key)
-    else:
-        QUEUE.add(key)
+def gpucluster_event(namespace: str | None, name: str, **indexes: Any) -> None:
+    """Listed at start, created, edited, status written or deleted: reconcile it.
 
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, idle=SETTINGS.resync_seconds)
-def resync_gpucluster(namespace: str | None, name: str, **indexes: Any) -> None:
-    """Periodic resync: repairs drift the events did not show."""
+    A deleted cluster's reconcile finds it gone and releases what it held. No kopf
+    timer either (a timer makes kopf put a finalizer on every cluster, so none could be
+    deleted while the operator is down): each reconcile asks for the next resync itself.
+    """
     RUNTIME.remember(indexes)
     QUEUE.add(ClusterKey(namespace or "", name))
 

@@ -62,10 +62,11 @@ class _JobSide:
             return [], []
         return reconciler().workloads(snapshot(indexes), now)
 
-    def preempt(self, preemption: Preemption, now: datetime) -> None:
+    def preempt(self, preemption: Preemption, now: datetime) -> bool:
         indexes = RUNTIME.indexes
-        if indexes is not None:
-            reconciler().preempt(preemption, snapshot(indexes), now)
+        if indexes is None:
+            return False
+        return reconciler().preempt(preemption, snapshot(indexes), now)
 
     def kick(self) -> None:
         ALARMS.queue_pass()
