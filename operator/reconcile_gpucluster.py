@@ -23,8 +23,6 @@ see every promise the other made.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -58,6 +56,7 @@ from gpumesh.operator.placement import (
 from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
 from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
 from gpumesh.operator.placement.quota import Usage
+from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
 from gpumesh.operator.status import (
@@ -67,7 +66,15 @@ from gpumesh.operator.status import (
     compute_status,
     quota_status,
 )
-from gpumesh.operator.world import ClusterKey, GroupOnNode, Holdings, QueueSide, groups_on_nodes
+from gpumesh.operator.world import (
+    ClusterKey,
+    GroupOnNode,
+    Holdings,
+    QueueSide,
+    created_at,
+    groups_on_nodes,
+    parse_gpuquotas,
+)
 
 log = logging.getLogger(__name__)
 _ZERO = Decimal(0)
@@ -334,7 +341,7 @@ class Reconciler:
             offers = self.world.offers()
             requests, running = self.workloads(when)
             job_requests, job_running = self.jobs.workloads(when) if self.jobs else ((), ())
-            quotas = _quotas(self.world.gpuquotas())
+            quotas = parse_gpuquotas(self.world.gpuquotas())
             result = admit(
                 [*requests, *job_requests],
                 offers,
@@ -402,7 +409,7 @@ class Reconciler:
                 spec = self._spec(body)
             except ValidationError:
                 continue
-            created = _created(body)
+            created = created_at(body)
             held = self._holding(key, spec, self.world.raycluster(key), offers)
             if held.holds_anything and not spec.suspend:
                 running.append(
@@ -541,7 +548,7 @@ class Reconciler:
             manifest, digest = None, rendered[1]  # the same inputs render the same object
         else:
             manifest = self._render(key, body, spec, chosen, slots)
-            digest = _digest(manifest)
+            digest = manifest_digest(manifest)
             self._rendered[key] = (inputs, digest)
         seen = (existing or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
         if digest in (seen, self._applied.get(key)):
@@ -746,29 +753,6 @@ def _condition_reason(queue_reason: str, request: Request) -> str:
     if queue_reason == REASON_NO_CAPACITY or queue_reason in STALLED_REASONS:
         return "ScaleUpUnschedulable" if request.current else "Unschedulable"
     return queue_reason
-
-
-def _digest(manifest: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _created(body: Obj) -> datetime:
-    stamp = body["metadata"].get("creationTimestamp")
-    if isinstance(stamp, str):
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    if isinstance(stamp, datetime):
-        return stamp
-    return datetime.now(UTC)
-
-
-def _quotas(bodies: Iterable[Obj]) -> list[GPUQuota]:
-    found = []
-    for body in bodies:
-        try:
-            found.append(GPUQuota.model_validate(dict(body)))
-        except ValidationError:
-            log.warning("ignoring a GPUQuota that does not parse: %s", body.get("metadata"))
-    return found
 
 
 def _assignments_of(trimmed_raycluster: Obj, offers: InventoryIndex) -> list[Assignment]:

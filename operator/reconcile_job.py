@@ -15,8 +15,6 @@ counter or a meter must never step back.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +24,6 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from gpumesh.api.gpuquota import GPUQuota
 from gpumesh.api.job import JobSpec, JobStatus
 from gpumesh.api.manifests import field_path
 from gpumesh.operator.jobs.admission import (
@@ -36,6 +33,7 @@ from gpumesh.operator.jobs.admission import (
     placement_trouble,
     placements,
 )
+from gpumesh.operator.jobs.admission import workloads as job_workloads
 from gpumesh.operator.jobs.machine import (
     TERMINAL,
     Event,
@@ -52,11 +50,19 @@ from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
 from gpumesh.operator.jobs.observe import ClusterView, RayJobView
 from gpumesh.operator.jobs.settings import JobSettings
-from gpumesh.operator.placement import NodeOffer, Preemption, Request, Running, quota_limits
+from gpumesh.operator.placement import (
+    NodeOffer,
+    Preemption,
+    Request,
+    Running,
+    Verdict,
+    quota_limits,
+)
 from gpumesh.operator.placement.workload import workload_key
+from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot
 from gpumesh.operator.render.rayjob import rayjob
-from gpumesh.operator.world import ClusterKey, Holdings, QueueSide
+from gpumesh.operator.world import ClusterKey, Holdings, QueueSide, created_at, parse_gpuquotas
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +196,7 @@ class JobReconciler:
 
     def workloads(self, snap: JobSnapshot, now: datetime) -> tuple[list[Request], list[Running]]:
         """Jobs as a GPUCluster admission pass sees them (called with the lock held)."""
-        requests: list[Request] = []
-        running: list[Running] = []
-        for entry in self._entries(snap):
-            if entry.waiting(now):
-                request = entry.request()
-                if request is not None:
-                    requests.append(request)
-            else:
-                held = entry.running()
-                if held is not None:
-                    running.append(held)
-        return requests, running
+        return job_workloads(self._entries(snap), now)
 
     def preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> bool:
         """A GPUCluster's admission takes this Job's cluster (called with the lock held)."""
@@ -290,38 +285,24 @@ class JobReconciler:
             snap.offers,
             now=now,
             reserved={},
-            quotas=quota_limits(_quotas(snap)),
+            quotas=quota_limits(parse_gpuquotas(snap.gpuquotas)),
             others=self.clusters.workloads(now) if self.clusters else ((), ()),
         )
         verdict = result.outcome_of(workload_key("Job", ref.namespace, ref.name))
         if verdict is None:
             return step, False
         decision = verdict.decision
+        stalled = verdict.reason in STALLED_REASONS
         if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
             for preemption in verdict.preemptions:
                 if preemption.victim.kind == "Job":
                     self._preempt(preemption, snap, now)
                 elif self.clusters is not None and not self.clusters.preempt(preemption, now):
                     # A victim cluster is mid-reconcile: stay queued, look again shortly.
-                    after = queued(
-                        ref,
-                        spec,
-                        step.status,
-                        verdict.reason,
-                        verdict.explanation,
-                        verdict.position,
-                        False,
-                        now,
-                    )
-                    return replace(_merge(step, after), wake_at=now + PREEMPTION_RETRY), False
-            chosen = placements(decision.assignments)
-            after = admitted(
-                ref, spec, step.status, chosen, decision.head_node, verdict.explanation, now
-            )
-            extra: tuple[Event, ...] = ()
-            if verdict.preemptions:
-                extra = (Event("Normal", "Preempting", verdict.explanation),)
-            return _merge(step, after, extra), True
+                    stalled = False
+                    break
+            else:
+                return self._admitted(ref, spec, step, verdict, now), True
         after = queued(
             ref,
             spec,
@@ -329,10 +310,26 @@ class JobReconciler:
             verdict.reason,
             verdict.explanation,
             verdict.position,
-            verdict.reason in STALLED_REASONS,
+            stalled,
             now,
         )
+        if verdict.outcome in ("Admitted", "Preempting"):
+            return replace(_merge(step, after), wake_at=now + PREEMPTION_RETRY), False
         return _merge(step, after), False
+
+    def _admitted(
+        self, ref: JobRef, spec: JobSpec, step: Step, verdict: Verdict, now: datetime
+    ) -> Step:
+        decision = verdict.decision
+        assert decision is not None
+        chosen = placements(decision.assignments)
+        after = admitted(
+            ref, spec, step.status, chosen, decision.head_node, verdict.explanation, now
+        )
+        extra: tuple[Event, ...] = ()
+        if verdict.preemptions:
+            extra = (Event("Normal", "Preempting", verdict.explanation),)
+        return _merge(step, after, extra)
 
     def _preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> None:
         """Suspend a running Job for a higher-priority one (we hold the lock: no race)."""
@@ -366,7 +363,7 @@ class JobReconciler:
         if manifest is None:
             return
         name = manifest["metadata"]["name"]
-        digest = _digest(manifest)
+        digest = manifest_digest(manifest)
         key = job_key(ref.namespace, ref.name)
         indexed = _rayjob_object(snap, key, name)
         seen = (indexed or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
@@ -517,19 +514,12 @@ def _merge(before: Step, after: Step, extra: tuple[Event, ...] = ()) -> Step:
 
 def _ref(body: Obj) -> JobRef:
     meta = body["metadata"]
-    created = meta.get("creationTimestamp")
-    if isinstance(created, str):
-        when = datetime.fromisoformat(created.replace("Z", "+00:00"))
-    elif isinstance(created, datetime):
-        when = created
-    else:
-        when = datetime.now(UTC)
     return JobRef(
         namespace=str(meta["namespace"]),
         name=str(meta["name"]),
         uid=str(meta.get("uid") or ""),
         generation=int(meta.get("generation") or 0),
-        created=when,
+        created=created_at(body),
     )
 
 
@@ -542,16 +532,6 @@ def _rayjob_object(snap: JobSnapshot, key: ClusterKey, name: str | None) -> Obj 
 def _attempt(snap: JobSnapshot, key: ClusterKey, name: str | None) -> RayJobView | None:
     found = _rayjob_object(snap, key, name)
     return RayJobView.from_object(found) if found is not None else None
-
-
-def _quotas(snap: JobSnapshot) -> list[GPUQuota]:
-    quotas = []
-    for body in snap.gpuquotas:
-        try:
-            quotas.append(GPUQuota.model_validate(dict(body)))
-        except ValidationError:
-            log.warning("ignoring a GPUQuota that does not parse: %s", body.get("metadata"))
-    return quotas
 
 
 def _gpus_per_node(status: JobStatus) -> dict[str, int]:
@@ -567,7 +547,3 @@ def _gpus_per_node(status: JobStatus) -> dict[str, int]:
 def _by_name(offers: Sequence[NodeOffer]) -> Mapping[str, NodeOffer]:
     found: Mapping[str, NodeOffer] | None = getattr(offers, "by_name", None)
     return found if found is not None else {o.name: o for o in offers}
-
-
-def _digest(manifest: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,14 +15,20 @@ cluster; the Job's promise covers the time before KubeRay creates it.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
+from gpumesh.api.gpuquota import GPUQuota
 from gpumesh.operator.placement import Preemption, Request, Running
 from gpumesh.operator.render import labels as names
+
+log = logging.getLogger(__name__)
 
 Obj = Mapping[str, Any]
 
@@ -43,6 +49,27 @@ class ClusterKey:
 def _meta(body: Obj, *keys: str) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {k: meta[k] for k in keys if k in meta}
+
+
+def created_at(body: Obj) -> datetime:
+    """When the object was created (its age orders the admission queue)."""
+    stamp = (body.get("metadata") or {}).get("creationTimestamp")
+    if isinstance(stamp, str):
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if isinstance(stamp, datetime):
+        return stamp
+    return datetime.now(UTC)
+
+
+def parse_gpuquotas(bodies: Iterable[Obj]) -> list[GPUQuota]:
+    """The GPUQuotas that parse; one that does not is skipped with a warning, not fatal."""
+    found = []
+    for body in bodies:
+        try:
+            found.append(GPUQuota.model_validate(dict(body)))
+        except ValidationError:
+            log.warning("ignoring a GPUQuota that does not parse: %s", body.get("metadata"))
+    return found
 
 
 def trim_node(body: Obj) -> dict[str, Any]:

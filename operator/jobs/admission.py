@@ -114,6 +114,22 @@ def placements(chosen: Iterable[Assignment]) -> list[WorkerPlacement]:
     ]
 
 
+def workloads(entries: Iterable[JobEntry], now: datetime) -> tuple[list[Request], list[Running]]:
+    """The Jobs waiting for GPUs, and those holding them (that preemption may take)."""
+    backlog: list[Request] = []
+    running: list[Running] = []
+    for entry in entries:
+        if entry.waiting(now):
+            request = entry.request()
+            if request is not None:
+                backlog.append(request)
+        else:
+            held = entry.running()
+            if held is not None:
+                running.append(held)
+    return backlog, running
+
+
 def admission_pass(
     entries: Iterable[JobEntry],
     offers: Sequence[NodeOffer],
@@ -125,22 +141,12 @@ def admission_pass(
     others: tuple[Sequence[Request], Sequence[Running]] = ((), ()),
 ) -> AdmissionResult:
     """One pass over every waiting Job and the ``others`` (GPUClusters), priority first."""
-    backlog: list[Request] = list(others[0])
-    running: list[Running] = list(others[1])
-    for entry in entries:
-        if entry.waiting(now):
-            request = entry.request()
-            if request is not None:
-                backlog.append(request)
-        else:
-            held = entry.running()
-            if held is not None:
-                running.append(held)
+    backlog, running = workloads(entries, now)
     return admit(
-        backlog,
+        [*others[0], *backlog],
         offers,
         now=now,
-        running=running,
+        running=[*others[1], *running],
         quotas=quotas,
         reserved=reserved,
         policy=policy or AdmissionPolicy(),
