@@ -6,10 +6,17 @@ same run, and the ratio between them, rather than absolute numbers alone.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
 
 
 @dataclass(frozen=True)
@@ -89,3 +96,37 @@ class Report:
         lines += ["| " + " | ".join(r.cells()) + " |" for r in self.rows]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+# --- helpers for the benchmarks that run a control plane ----------------------------------
+
+
+def api_client(kubeconfig: Path) -> client.ApiClient:
+    """A client with a connection pool large enough for the benchmarks' creating threads."""
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
+    cfg.connection_pool_maxsize = 32
+    return client.ApiClient(cfg)
+
+
+def untyped(value: object) -> Any:
+    """The client's loosely typed answers (and bodies) as what they are: JSON objects."""
+    return value
+
+
+def parallel(fn: Callable[[Any], object], items: Iterable[Any], threads: int) -> None:
+    """``fn`` over ``items`` from ``threads`` threads; the first failure is raised."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def load() -> str:
+    """The load average, printed next to figures a busy machine would change."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}/{five:.2f}/{fifteen:.2f}"
+
+
+def log(text: str) -> None:
+    """Progress for the person waiting, stamped with the time and the load."""
+    print(f"   [{time.strftime('%H:%M:%S')} load {load()}] {text}", file=sys.stderr, flush=True)

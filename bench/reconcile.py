@@ -42,17 +42,17 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from bench.harness import Report, Row, Stats
+from bench.harness import Report, Row, Stats, api_client, load, log, parallel, untyped
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec
 from gpumesh.api.gpunode import GPUNodeStatus
 from gpumesh.devcluster import mesh
@@ -242,29 +242,13 @@ def agent_status(sim: SimNode, now: datetime) -> dict[str, Any]:
 # --- the cluster under test ----------------------------------------------------------------
 
 
-def api_client(kubeconfig: Path) -> client.ApiClient:
-    cfg = client.Configuration()
-    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
-    cfg.connection_pool_maxsize = 32
-    return client.ApiClient(cfg)
-
-
-def _any(value: object) -> Any:
-    """The client's loosely typed answers (and bodies) as what they are: JSON objects."""
-    return value
-
-
-def parallel(fn: Callable[[Any], object], items: Iterable[Any], threads: int) -> None:
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
-
-
 def create_fleet(api: client.ApiClient, nodes: Sequence[SimNode]) -> None:
     """Nodes (kwok plays their kubelets), then GPUNodes with an agent-written status."""
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     parallel(
-        lambda s: core.create_node(_any(node_manifest(s.supplier, s.node))), nodes, CREATE_THREADS
+        lambda s: core.create_node(untyped(node_manifest(s.supplier, s.node))),
+        nodes,
+        CREATE_THREADS,
     )
     names = {s.name for s in nodes}
     wait_until(f"{len(nodes)} nodes Ready", lambda: ready_nodes(core) >= names, 300)
@@ -305,7 +289,7 @@ def settle_kwok(api: client.ApiClient, nodes: Sequence[SimNode]) -> float:
                 "containers": [{"name": "probe", "image": "registry.invalid/probe"}],
             },
         }
-        core.create_namespaced_pod(ns, _any(body))
+        core.create_namespaced_pod(ns, untyped(body))
 
     parallel(probe, sample, CREATE_THREADS)
 
@@ -360,15 +344,6 @@ def delete_namespace(api: client.ApiClient, name: str, timeout: float = 900) -> 
     return time.monotonic() - started
 
 
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f}/{five:.2f}/{fifteen:.2f}"
-
-
-def log(text: str) -> None:
-    print(f"   [{time.strftime('%H:%M:%S')} load {load()}] {text}", file=sys.stderr, flush=True)
-
-
 # --- watching ------------------------------------------------------------------------------
 
 
@@ -416,7 +391,7 @@ class Watcher:
             self._cond.notify_all()
 
     def _list(self) -> str:
-        listed = _any(self.custom.list_namespaced_custom_object(*self.args))
+        listed = untyped(self.custom.list_namespaced_custom_object(*self.args))
         now = time.monotonic()
         for obj in listed["items"]:
             self._observe(obj, now)
@@ -657,7 +632,7 @@ def creation_spread(api: client.ApiClient, ns: str) -> str:
     custom = client.CustomObjectsApi(api)
 
     def stamps(group: str, version: str, plural: str) -> list[datetime]:
-        items = _any(custom.list_namespaced_custom_object(group, version, ns, plural))["items"]
+        items = untyped(custom.list_namespaced_custom_object(group, version, ns, plural))["items"]
         return [
             datetime.fromisoformat(i["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
             for i in items

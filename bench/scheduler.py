@@ -42,7 +42,6 @@ Knobs (environment): ``BENCH_SCHEDULER_NODES`` (default 1000), ``BENCH_SCHEDULER
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import math
@@ -64,11 +63,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from bench.harness import Report, Row, Stats
+from bench.harness import Report, Row, Stats, api_client, load, log, parallel, untyped
 from bench.placement import random_spec
 from gpumesh.api.gpucluster import GPUClusterSpec
 from gpumesh.devcluster import mesh, toolchain
@@ -114,21 +113,6 @@ FOREIGN_TAINT = "bench.gpumesh.io/foreign"  # stands in for a taint nobody toler
 TAINTED_HEALTH = frozenset({"Unhealthy", "Lost"})
 
 Obj = dict[str, Any]
-
-
-def _any(value: object) -> Any:
-    """The client's loosely typed answers (and bodies) as what they are: JSON objects."""
-    return value
-
-
-def log(text: str) -> None:
-    one, five, fifteen = os.getloadavg()
-    stamp = time.strftime("%H:%M:%S")
-    print(f"   [{stamp} load {one:.2f}/{five:.2f}/{fifteen:.2f}] {text}", file=sys.stderr)
-
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # --- requests and the engine -------------------------------------------------------------
@@ -494,13 +478,6 @@ def check_translation(
 # --- the cluster ---------------------------------------------------------------------------
 
 
-def api_client(kubeconfig: Path) -> client.ApiClient:
-    cfg = client.Configuration()
-    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
-    cfg.connection_pool_maxsize = 32
-    return client.ApiClient(cfg)
-
-
 def consume(response: Any) -> bytes:
     """The body of a response fetched with ``_preload_content=False``; its connection goes
     back to the pool."""
@@ -513,12 +490,6 @@ def raw_json(response: Any) -> Any:
     """A response parsed without the client's model classes (deserialising 1,000 Nodes
     into them takes seconds of CPU)."""
     return json.loads(consume(response))
-
-
-def parallel(fn: Callable[[Any], object], items: Iterable[Any], threads: int) -> None:
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
 
 
 def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float = 1.0) -> None:
@@ -735,7 +706,7 @@ def create_pods(api: client.ApiClient, pods: Sequence[Obj]) -> dict[str, float]:
 
     def create(body: Obj) -> None:
         sent[body["metadata"]["name"]] = time.monotonic()
-        consume(core.create_namespaced_pod(NAMESPACE, _any(body), _preload_content=False))
+        consume(core.create_namespaced_pod(NAMESPACE, untyped(body), _preload_content=False))
 
     parallel(create, pods, CREATE_THREADS)
     return sent
