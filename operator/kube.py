@@ -6,6 +6,7 @@ that field manager, content types and error handling are decided once.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping
 from typing import Any, cast
@@ -30,9 +31,13 @@ class Kube:
     def apply_custom(
         self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Server-side apply a namespaced custom object as gpumesh-operator, forcing."""
+        """Server-side apply a namespaced custom object as gpumesh-operator, forcing.
+
+        Returns the object as the API server answered, also when the apply created it
+        (the client only decodes a 200 answer, and a creation answers 201).
+        """
         meta = manifest["metadata"]
-        result = self.custom.patch_namespaced_custom_object(
+        response: Any = self.custom.patch_namespaced_custom_object(
             group,
             version,
             meta["namespace"],
@@ -42,8 +47,12 @@ class Kube:
             field_manager=FIELD_MANAGER,
             force=True,
             _content_type=APPLY,
+            _preload_content=False,
         )
-        return cast(dict[str, Any], result)
+        try:
+            return cast(dict[str, Any], json.loads(response.data))
+        finally:
+            response.release_conn()
 
     def patch_status(
         self,
@@ -53,10 +62,14 @@ class Kube:
         namespace: str,
         name: str,
         status: Mapping[str, Any],
-    ) -> None:
-        """Merge-patch ``status``; keys set to None are removed. A vanished object is fine."""
+    ) -> str | None:
+        """Merge-patch ``status``; keys set to None are removed. A vanished object is fine.
+
+        Returns the object's new resourceVersion, so the writer can recognise the echo of
+        its own write when the watch delivers it (None if the object is gone).
+        """
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            result = self.custom.patch_namespaced_custom_object_status(
                 group,
                 version,
                 namespace,
@@ -68,6 +81,8 @@ class Kube:
         except ApiException as err:
             if err.status != 404:
                 raise
+            return None
+        return _resource_version(result)
 
     def get_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str
@@ -176,3 +191,8 @@ def shared() -> Kube:
             configuration.connection_pool_maxsize = 32
             _shared = Kube(client.ApiClient(configuration))
         return _shared
+
+
+def _resource_version(obj: Any) -> str | None:
+    version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
+    return str(version) if version is not None else None

@@ -24,7 +24,9 @@ see every promise the other made.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -105,7 +107,9 @@ class Writer(Protocol):
         namespace: str,
         name: str,
         status: Mapping[str, Any],
-    ) -> None: ...
+    ) -> str | None:
+        """Returns the new resourceVersion (None if unknown)."""
+        ...
 
     def get_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str
@@ -173,11 +177,13 @@ class Reconciler:
         *,
         holdings: Holdings | None = None,
         placement_lock: threading.RLock | None = None,
-        wake: Callable[[ClusterKey], None] = lambda _: None,
+        wake: Callable[[ClusterKey, float], None] = lambda _key, _after: None,
         request_pass: Callable[[float], None] = lambda _: None,
         retry_after: float = 30.0,
         counters: UsageCounters = COUNTERS,
         meter_flush_seconds: float = JOB_SETTINGS.meter_flush_seconds,
+        status_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.writer = writer
         self.post_event = post_event
@@ -185,7 +191,7 @@ class Reconciler:
         self.holdings = holdings if holdings is not None else Holdings()
         self.lock = placement_lock if placement_lock is not None else threading.RLock()
         self.wake = wake
-        """Ask for a reconcile of one cluster (the work queue in production)."""
+        """Ask for a reconcile of one cluster in so many seconds (the work queue)."""
         self.request_pass = request_pass
         """Ask for an admission pass in so many seconds (coalesced by the work queue)."""
         self.retry_after = retry_after
@@ -194,6 +200,12 @@ class Reconciler:
         """The Jobs in the same queue; set by the operator once both reconcilers exist."""
         self.counters = counters
         self.meter_flush_seconds = meter_flush_seconds
+        self.status_interval = status_interval
+        """Least seconds between two status writes of one cluster within one phase."""
+        self.clock = clock
+        self._last_write: dict[ClusterKey, float] = {}
+        self._own_versions: dict[ClusterKey, tuple[str | None, str | None]] = {}
+        """Per cluster, the resourceVersions of our last status write and RayCluster apply."""
         self._placed: dict[ClusterKey, Placed] = {}
         self._notes: dict[ClusterKey, QueueNote] = {}
         self._seen_by_pass: dict[ClusterKey, tuple[int, Placed]] = {}
@@ -290,8 +302,8 @@ class Reconciler:
             )
         )
         status, flush = meter(previous, status, when, self.meter_flush_seconds)
-        self._write_status(key, body, previous, status)
-        self.counters.record(key.namespace, "GPUCluster", key.name, flush)
+        if self._write_status(key, body, previous, status):
+            self.counters.record(key.namespace, "GPUCluster", key.name, flush)
 
     def _key_lock(self, key: ClusterKey) -> threading.Lock:
         with self._key_locks_guard:
@@ -308,6 +320,8 @@ class Reconciler:
             self._written.pop(key, None)
             self._kept.pop(key, None)
             self._rendered.pop(key, None)
+            self._own_versions.pop(key, None)
+            self._last_write.pop(key, None)
         self.counters.forget(key.namespace, "GPUCluster", key.name)
         if held is None or held.holds_anything:
             self.request_pass(0)
@@ -366,7 +380,7 @@ class Reconciler:
                     if verdict.preemptions:
                         self._event(key, "Normal", "Preempting", verdict.explanation)
                     moved = True
-                    self.wake(key)
+                    self.wake(key, 0.0)
                 else:
                     still_waiting = True
                     before = self._notes.get(key)
@@ -383,7 +397,7 @@ class Reconciler:
                     )
                     if self._notes.get(key) != note:
                         self._notes[key] = note
-                        self.wake(key)
+                        self.wake(key, 0.0)
             self._write_quota_status(quotas, result, [*running, *job_running], when)
         if retry_soon:
             self.request_pass(0)
@@ -487,7 +501,7 @@ class Reconciler:
         message = preemption.victim_message
         self._notes[key] = QueueNote("Preempted", message, preempted=message)
         self._event(key, "Warning", "Preempted", message)
-        self.wake(key)
+        self.wake(key, 0.0)
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -558,8 +572,13 @@ class Reconciler:
         if existing is None:
             self._refuse_foreign_raycluster(key)
         manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
-        self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
+        result = self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
         self._applied[key] = digest
+        version = (result.get("metadata") or {}).get("resourceVersion")
+        self._own_versions[key] = (
+            self._own_versions.get(key, (None, None))[0],
+            str(version) if version is not None else None,
+        )
         return True
 
     def _render(
@@ -594,14 +613,42 @@ class Reconciler:
 
     def _write_status(
         self, key: ClusterKey, body: Obj, previous: GPUClusterStatus, status: GPUClusterStatus
-    ) -> None:
+    ) -> bool:
+        """Write ``status`` if it differs; False if the write was put off.
+
+        Progress within one phase (the head got an address, one more worker ready) is
+        written at most once per ``status_interval``: KubeRay's updates come in bursts,
+        and each of our writes is an API write and an event for every watcher. A phase
+        change is written at once.
+        """
         old, new = previous.to_api(), status.to_api()
-        if old != new:
-            patch: dict[str, Any] = dict(new)
-            for gone in old.keys() - new.keys():
-                patch[gone] = None
-            self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
-        self._written[key] = (str(body["metadata"].get("uid") or ""), status)
+        uid = str(body["metadata"].get("uid") or "")
+        if old == new:
+            self._written[key] = (uid, status)
+            return True
+        now = self.clock()
+        since = now - self._last_write.get(key, -math.inf)
+        if status.phase == previous.phase and since < self.status_interval:
+            self.wake(key, self.status_interval - since)
+            return False
+        patch: dict[str, Any] = dict(new)
+        for gone in old.keys() - new.keys():
+            patch[gone] = None
+        version = self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
+        self._last_write[key] = now
+        self._written[key] = (uid, status)
+        self._own_versions[key] = (version, self._own_versions.get(key, (None, None))[1])
+        return True
+
+    def is_own_write(self, key: ClusterKey, resource_version: str | None, raycluster: bool) -> bool:
+        """Is this event only the echo of our own last write (nothing new to look at)?
+
+        Called from kopf's handler threads; reads one dict entry, takes no lock.
+        """
+        if resource_version is None:
+            return False
+        ours = self._own_versions.get(key, (None, None))[1 if raycluster else 0]
+        return ours == resource_version
 
     def _previous(self, key: ClusterKey, body: Obj) -> GPUClusterStatus:
         """The last status written: ours if the watch has not delivered it yet."""

@@ -92,7 +92,7 @@ class Writer(Protocol):
         namespace: str,
         name: str,
         status: Mapping[str, Any],
-    ) -> None: ...
+    ) -> str | None: ...
 
     def delete_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str

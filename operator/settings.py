@@ -15,6 +15,8 @@ class OperatorSettings:
     heartbeat_seconds: float = 15.0
     liveness_stale_seconds: float = 90.0
     max_workers: int = 16
+    status_interval_seconds: float = 1.0
+    """Least time between two status writes of one GPUCluster within one phase."""
     watch_server_timeout: int = 300
     mesh: bool = True
     """Plan the WireGuard mesh (GPUNode status.mesh and the catalogue ConfigMap)."""
@@ -23,6 +25,10 @@ class OperatorSettings:
     mesh_pod_prefix: int = 24
     mesh_cooldown_seconds: float = 3600.0
     mesh_catalogue: str = "gpumesh-mesh"
+    mesh_full_resync_seconds: float = 300.0
+    """How often the mesh planner lists GPUNodes and Leases again: one list costs the API
+    server about what ten minutes of heartbeat events do at this period, and a missed
+    event is rare."""
     mesh_node_selector: str = ""
     """Only GPUNodes with these labels join the mesh, as "k=v,k2=v2" (empty: all)."""
 
@@ -37,6 +43,9 @@ class OperatorSettings:
                 env.get("GPUMESH_LIVENESS_STALE_SECONDS", cls.liveness_stale_seconds)
             ),
             max_workers=int(env.get("GPUMESH_MAX_WORKERS", cls.max_workers)),
+            status_interval_seconds=float(
+                env.get("GPUMESH_STATUS_INTERVAL_SECONDS", cls.status_interval_seconds)
+            ),
             watch_server_timeout=int(
                 env.get("GPUMESH_WATCH_SERVER_TIMEOUT", cls.watch_server_timeout)
             ),
@@ -48,6 +57,9 @@ class OperatorSettings:
                 env.get("GPUMESH_MESH_COOLDOWN_SECONDS", cls.mesh_cooldown_seconds)
             ),
             mesh_catalogue=env.get("GPUMESH_MESH_CATALOGUE", cls.mesh_catalogue),
+            mesh_full_resync_seconds=float(
+                env.get("GPUMESH_MESH_FULL_RESYNC_SECONDS", cls.mesh_full_resync_seconds)
+            ),
             mesh_node_selector=env.get("GPUMESH_MESH_NODE_SELECTOR", cls.mesh_node_selector),
         )
 

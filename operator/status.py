@@ -142,7 +142,11 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
             "placements": list(obs.placements),
             "desired_workers": desired,
             "ready_workers": ready,
-            "worker_replicas": ray.ready_by_group.get(PRIMARY_GROUP, 0) if ray else 0,
+            # Ready pods of the main group, never ahead of KubeRay's own count: both
+            # sources then move in the same write.
+            "worker_replicas": (
+                min(ray.ready_by_group.get(PRIMARY_GROUP, 0), ray.ready_workers) if ray else 0
+            ),
             "selector": obs.selector,
             "gpus": gpus,
             "price_per_hour": price.quantize(Decimal("0.0001")) if obs.placements else None,
@@ -166,8 +170,8 @@ def _phase(obs: Observation, placed: bool, all_ready: bool) -> GPUClusterPhase:
 
 
 def _head(ray: RayClusterView | None) -> HeadStatus | None:
-    if ray is None:
-        return None
+    if ray is None or (ray.head_node is None and ray.head_service is None):
+        return None  # nothing known yet: no empty object to write
     dashboard = f"http://{ray.head_service}:8265" if ray.head_service else None
     return HeadStatus(node=ray.head_node, service_name=ray.head_service, dashboard_url=dashboard)
 

@@ -41,6 +41,8 @@ class FakeApi:
         self.status_patches: list[str] = []
         self.events: list[tuple[str, str, str]] = []
         self.woken: list[ClusterKey] = []
+        self.later: list[tuple[ClusterKey, float]] = []
+        self.clock = 0.0
         self.passes_requested: list[float] = []
 
     # Writer
@@ -52,7 +54,13 @@ class FakeApi:
         old = self.rayclusters.get(name, {})
         self.rayclusters[name] = {**copy.deepcopy(dict(manifest)), "status": old.get("status", {})}
         self.applies.append(name)
-        return self.rayclusters[name]
+        return {
+            **self.rayclusters[name],
+            "metadata": {"resourceVersion": f"rc-{len(self.applies)}"},
+        }
+
+    def wake(self, key: ClusterKey, after: float) -> None:
+        (self.woken.append(key) if after <= 0 else self.later.append((key, after)))
 
     def patch_status(
         self,
@@ -62,12 +70,13 @@ class FakeApi:
         namespace: str,
         name: str,
         status: Mapping[str, Any],
-    ) -> None:
+    ) -> str | None:
         target = self.quotas if plural == "gpuquotas" else self.clusters
         merged = {**target[name].get("status", {}), **status}
         target[name]["status"] = {k: v for k, v in merged.items() if v is not None}
         if plural == "gpuclusters":
             self.status_patches.append(name)
+        return f"v-{len(self.status_patches)}"
 
     def get_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str
@@ -144,15 +153,17 @@ class FakeApi:
         }
 
 
-def setup(*offers: NodeOffer) -> tuple[FakeApi, Reconciler]:
+def setup(*offers: NodeOffer, status_interval: float = 0.0) -> tuple[FakeApi, Reconciler]:
     api = FakeApi(offers)
     reconciler = Reconciler(
         api,
         api.post_event,
         api,
-        wake=api.woken.append,
+        wake=api.wake,
         request_pass=api.passes_requested.append,
         counters=UsageCounters(CollectorRegistry()),
+        status_interval=status_interval,
+        clock=lambda: api.clock,
     )
     return api, reconciler
 
@@ -170,7 +181,6 @@ def test_a_new_cluster_waits_for_the_queue_then_gets_one_group_per_node() -> Non
     reconciler.reconcile(ClusterKey(NS, "train"), T0)
     assert api.rayclusters == {} and api.passes_requested == [0]
     assert api.status("train") == {}  # its first status waits for the queue's word
-
 
     settle(api, reconciler)
     assert api.workers_by_node("train") == {"n1": 1, "n2": 1}
@@ -295,7 +305,7 @@ def test_a_restarted_operator_adopts_what_the_rayclusters_hold() -> None:
         api,
         api.post_event,
         api,
-        wake=api.woken.append,
+        wake=api.wake,
         request_pass=api.passes_requested.append,
         counters=UsageCounters(CollectorRegistry()),
     )
@@ -336,3 +346,43 @@ def test_a_victim_mid_reconcile_is_not_preempted_under_it_the_pass_tries_again()
     settle(api, reconciler, at(6))
     assert api.workers_by_node("urgent") == {"n1": 1}
     assert api.workers_by_node("batch") == {}
+
+
+def kuberay_reports(api: FakeApi, name: str, ready_workers: int, head_ready: bool) -> None:
+    api.rayclusters[name]["status"] = {
+        "readyWorkerReplicas": ready_workers,
+        "conditions": [{"type": "HeadPodReady", "status": "True" if head_ready else "False"}],
+        "head": {"serviceName": f"{name}-head-svc"},
+    }
+
+
+def test_progress_within_a_phase_is_written_at_most_once_per_interval() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"), status_interval=2.0)
+    api.create("train", replicas=2)
+    settle(api, reconciler)
+    key = ClusterKey(NS, "train")
+    reconciler.reconcile(key, at(0.1))
+    written = len(api.status_patches)
+
+    api.clock = 0.5
+    kuberay_reports(api, "train", ready_workers=1, head_ready=True)
+    reconciler.reconcile(key, at(0.5))
+    assert len(api.status_patches) == written  # still Provisioning: put off
+    assert api.later == [(key, 1.5)]  # and looked at again once the interval is over
+
+    api.clock = 0.8
+    kuberay_reports(api, "train", ready_workers=2, head_ready=True)
+    reconciler.reconcile(key, at(0.8))
+    assert len(api.status_patches) == written + 1  # Ready: a phase change goes at once
+    assert api.status("train")["phase"] == "Ready"
+
+
+def test_the_echo_of_our_own_writes_is_recognised() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    settle(api, reconciler)
+    key = ClusterKey(NS, "train")
+    assert reconciler.is_own_write(key, f"v-{len(api.status_patches)}", raycluster=False)
+    assert reconciler.is_own_write(key, f"rc-{len(api.applies)}", raycluster=True)
+    assert not reconciler.is_own_write(key, "someone-else", raycluster=False)
+    assert not reconciler.is_own_write(key, None, raycluster=True)

@@ -82,6 +82,14 @@ def test_nothing_is_written_until_the_flush_interval_unless_the_status_changes()
     assert flush is not None and flush.seconds == 30
 
 
+def test_a_change_within_the_first_second_leaves_the_mark_exactly_as_written() -> None:
+    previous = metered(JobStatus(placements=[A]), at(0))
+    moved = previous.model_copy(update={"phase": "Running"})
+    written, flush = meter(previous, moved, at(0.4), flush_after=60)
+    assert written.metering == previous.metering and flush is None
+    assert written.to_api()["metering"] == previous.to_api()["metering"]  # no "0" -> "0.00"
+
+
 def test_whole_seconds_are_counted_and_the_fraction_waits() -> None:
     previous = metered(JobStatus(placements=[A]), at(0))
     first, _ = meter(previous, previous, at(60.7), flush_after=60)

@@ -125,3 +125,13 @@ def test_suspended_has_no_desired_workers() -> None:
     status = compute_status(Observation(1, spec, GPUClusterStatus(), [], None, None, T0, "s"))
     assert status.phase == "Suspended"
     assert status.desired_workers == 0
+
+
+def test_a_head_nothing_is_known_about_is_left_out_rather_than_written_empty() -> None:
+    unknown = RayClusterView("c", 0, False, None, None, {})
+    assert observe(unknown).head is None
+
+
+def test_main_group_replicas_never_run_ahead_of_kuberays_ready_count() -> None:
+    pods_first = RayClusterView("c", 1, True, "dc-0", "c-head-svc", {"workers": 2})
+    assert observe(pods_first).worker_replicas == 1

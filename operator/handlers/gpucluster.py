@@ -169,6 +169,7 @@ def reconciler() -> Reconciler:
                 wake=QUEUE.add,
                 request_pass=_request_pass,
                 retry_after=SETTINGS.resync_seconds,
+                status_interval=SETTINGS.status_interval_seconds,
             )
         return _reconciler
 
@@ -187,7 +188,7 @@ def stop_gpuclusters(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def gpucluster_event(namespace: str | None, name: str, **indexes: Any) -> None:
+def gpucluster_event(namespace: str | None, name: str, meta: kopf.Meta, **indexes: Any) -> None:
     """Listed at start, created, edited, status written or deleted: reconcile it.
 
     A deleted cluster's reconcile finds it gone and releases what it held. No kopf
@@ -195,7 +196,9 @@ def gpucluster_event(namespace: str | None, name: str, **indexes: Any) -> None:
     deleted while the operator is down): each reconcile asks for the next resync itself.
     """
     RUNTIME.remember(indexes)
-    QUEUE.add(ClusterKey(namespace or "", name))
+    key = ClusterKey(namespace or "", name)
+    if not reconciler().is_own_write(key, meta.get("resourceVersion"), raycluster=False):
+        QUEUE.add(key)
 
 
 @kopf.on.event("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
@@ -217,6 +220,8 @@ def raycluster_changed(
             clusters.raycluster_gone(key)
     else:
         clusters.holdings.observe(key, committed_gpus(trim_raycluster(body)))
+        if clusters.is_own_write(key, body.metadata.get("resourceVersion"), raycluster=True):
+            return  # the echo of our own apply: nothing new to look at
     if key.kind == "GPUCluster":
         QUEUE.add(key)
 

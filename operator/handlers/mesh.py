@@ -43,9 +43,8 @@ COALESCE_S = 0.02
 """After a wake-up, wait this long so a burst of events becomes one catalogue write."""
 IDLE_S = 5.0
 BACKOFF_MAX_S = 30.0
-FULL_RESYNC_S = 300.0
-"""Period of the full resync: one list of GPUNodes and Leases costs the API server about
-what ten minutes of heartbeat events do at this period, and a missed event is rare."""
+FULL_RESYNC_S = SETTINGS.mesh_full_resync_seconds
+"""Period of the full resync (``GPUMESH_MESH_FULL_RESYNC_SECONDS``)."""
 
 Event = Callable[[MeshState], None]
 

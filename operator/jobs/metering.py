@@ -92,6 +92,8 @@ def meter(previous: S, current: S, now: datetime, flush_after: float) -> tuple[S
             update={"metering": start, "gpu_seconds": previous.gpu_seconds or 0}
         ), None
     seconds = max(0, int((now - mark.metered_until).total_seconds()))
+    if seconds == 0:
+        return current, None  # nothing to count yet: the mark stays exactly as written
     changed = current.model_dump(exclude=set(_METERED)) != previous.model_dump(
         exclude=set(_METERED)
     )
