@@ -570,6 +570,33 @@ def create_all(
 # --- phases --------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds per named process over a phase: where the two cores went."""
+
+    pids: dict[str, int]
+
+    def read(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    @staticmethod
+    def spent(before: Mapping[str, float], after: Mapping[str, float]) -> str:
+        used = {name: after[name] - before.get(name, 0.0) for name in after}
+        parts = [
+            f"{name} {seconds:.0f} s" for name, seconds in sorted(used.items()) if seconds >= 1
+        ]
+        return "CPU used in the phase: " + ", ".join(parts)
+
+
 @dataclass
 class PhaseResult:
     """All-Ready time of one phase, and each cluster's create -> Ready."""
@@ -597,10 +624,12 @@ def timed_phase(
     kind: tuple[str, str, str],
     bodies: Sequence[Obj],
     ready: Callable[[Obj], bool],
+    cpu: CpuMeter | None = None,
 ) -> PhaseResult:
     group, version, plural = kind
     mesh.ensure_namespace(api, ns)
     before = load()
+    cpu_before = cpu.read() if cpu else {}
     log(f"{what}: creating {len(bodies)} {plural}")
     names = {b["metadata"]["name"] for b in bodies}
     with Watcher(api, ns, group, version, plural, ready) as watcher:
@@ -622,6 +651,8 @@ def timed_phase(
         load_after=load(),
         create_s=create_s,
     )
+    if cpu is not None:
+        result.extra.append(CpuMeter.spent(cpu_before, cpu.read()))
     log(f"{what}: {result.ready}/{result.n} Ready in {result.total_s:.1f} s")
     return result
 
@@ -750,6 +781,13 @@ def operator_log_summary(path: Path) -> str:
         if "being terminated" in text[m.end() : m.end() + 2000] and "(403)" in reason:
             reason = "403 namespace is being terminated"
         failed[f"{m.group(1)}: {reason[:60]}"] += 1
+    retrying = False
+    for line in text.splitlines():  # the work queue logs a failure, then its traceback
+        if "failed; retrying" in line:
+            retrying = True
+        elif retrying and re.match(r"^\w+(Error|Exception)\b", line):
+            failed[f"reconcile: {line[:60]}"] += 1
+            retrying = False
     runs = ", ".join(f"{name} {count}" for name, count in ran.most_common(6))
     errors = "; ".join(f"{count}x {what}" for what, count in failed.most_common(4))
     return f"handlers run: {runs}. Errors: {errors or 'none'}."
@@ -845,6 +883,8 @@ def measure(state_dir: Path, nodes: Sequence[SimNode], profile: str | None) -> O
         out.kuberay_warm_s = warm_up_kuberay(api, nodes)
         out.setup_s = time.monotonic() - started
         log(f"cluster and fleet ready in {out.setup_s:.0f} s")
+        components = {c.name: c.pid for c in cluster.status().components if c.running}
+        cpu = CpuMeter(components)
         for n in SIZES:
             ns = f"bench-baseline-{n}"
             base = timed_phase(
@@ -854,10 +894,13 @@ def measure(state_dir: Path, nodes: Sequence[SimNode], profile: str | None) -> O
                 (RAY_GROUP, RAY_VERSION, RAY_PLURAL),
                 baseline_bodies(requests(n), nodes, ns),
                 raycluster_ready,
+                cpu,
             )
             base.cleanup_s = delete_namespace(api, ns)
             out.baseline[n] = base
         with Operator(cluster.kubeconfig, logs, profile) as operator:
+            assert operator.proc is not None
+            cpu = CpuMeter({**components, "gpumesh-operator": operator.proc.pid})
             out.warm_up_s = warm_up(api) + operator.start_s
             log(f"operator up and first GPUCluster Ready in {out.warm_up_s:.0f} s")
             for i, n in enumerate(SIZES):
@@ -869,6 +912,7 @@ def measure(state_dir: Path, nodes: Sequence[SimNode], profile: str | None) -> O
                     (GROUP, VERSION, "gpuclusters"),
                     [gpucluster_body(r) for r in requests(n)],
                     gpucluster_ready,
+                    cpu,
                 )
                 ours.extra.append(creation_spread(api, ns))
                 ours.cleanup_s = delete_namespace(api, ns)
