@@ -295,3 +295,38 @@ def test_deleting_a_gpucluster_frees_its_gpus_for_the_next_one(running_mesh: Ope
     finally:
         delete(api, "first")
         delete(api, "second")
+
+
+def test_a_raycluster_someone_else_owns_is_left_alone(running_mesh: OperatedMesh) -> None:
+    api = running_mesh.api
+    theirs = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "taken", "labels": {"team": "someone-else"}},
+        "spec": {
+            "suspend": True,
+            "headGroupSpec": {
+                "rayStartParams": {},
+                "template": {"spec": {"containers": [{"name": "ray-head", "image": "ray"}]}},
+            },
+        },
+    }
+    custom(api).create_namespaced_custom_object("ray.io", "v1", NS, "rayclusters", theirs)
+    try:
+        create_cluster(api, "taken", A100_SPEC)
+
+        def refused() -> bool:
+            found = client.CoreV1Api(api).list_namespaced_event(
+                NS, field_selector="involvedObject.name=taken,involvedObject.kind=GPUCluster"
+            )
+            return any(e.reason == "ForeignRayCluster" for e in found.items)
+
+        wait_for("a ForeignRayCluster warning on the GPUCluster", refused, timeout=60)
+        rc = raycluster(api, "taken")
+        assert rc is not None
+        assert rc["metadata"]["labels"] == {"team": "someone-else"}
+        assert "workerGroupSpecs" not in rc["spec"]
+    finally:
+        delete(api, "taken")
+        with contextlib.suppress(ApiException):
+            custom(api).delete_namespaced_custom_object("ray.io", "v1", NS, "rayclusters", "taken")

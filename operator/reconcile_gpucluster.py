@@ -111,10 +111,6 @@ class Writer(Protocol):
         """Returns the new resourceVersion (None if unknown)."""
         ...
 
-    def get_custom(
-        self, group: str, version: str, plural: str, namespace: str, name: str
-    ) -> dict[str, Any] | None: ...
-
 
 class ClusterWorld(Protocol):
     """What the reconciles read: the live kopf indexes in production, dicts in tests."""
@@ -125,6 +121,10 @@ class ClusterWorld(Protocol):
 
     def raycluster(self, key: ClusterKey) -> Obj | None:
         """The trimmed RayCluster (see :func:`~gpumesh.operator.world.trim_raycluster`)."""
+        ...
+
+    def foreign_raycluster(self, key: ClusterKey) -> bool:
+        """Is there a RayCluster of this name that gpumesh does not manage?"""
         ...
 
     def pods(self, key: ClusterKey) -> Sequence[Obj]: ...
@@ -601,11 +601,8 @@ class Reconciler:
         )
 
     def _refuse_foreign_raycluster(self, key: ClusterKey) -> None:
-        found = self.writer.get_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, key.namespace, key.name)
-        if found is None:
-            return
-        labels = found.get("metadata", {}).get("labels") or {}
-        if labels.get(names.MANAGED_BY) != names.MANAGER:
+        """Never take over someone else's RayCluster (read from the index: no API call)."""
+        if self.world.foreign_raycluster(key):
             raise ForeignRayClusterError(
                 f"RayCluster {key.namespace}/{key.name} exists and is not managed by gpumesh; "
                 "rename the GPUCluster or delete that RayCluster"

@@ -12,12 +12,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from gpumesh.operator.jobs.metrics import UsageCounters
 from gpumesh.operator.placement import InventoryIndex, NodeOffer
 from gpumesh.operator.placement.synthetic import make_offer
-from gpumesh.operator.reconcile_gpucluster import Reconciler
+from gpumesh.operator.reconcile_gpucluster import ForeignRayClusterError, Reconciler
 from gpumesh.operator.world import ClusterKey, trim_raycluster
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -37,6 +38,7 @@ class FakeApi:
         self.clusters: dict[str, dict[str, Any]] = {}
         self.rayclusters: dict[str, dict[str, Any]] = {}
         self.quotas: dict[str, dict[str, Any]] = {}
+        self.foreign: set[str] = set()
         self.applies: list[str] = []
         self.status_patches: list[str] = []
         self.events: list[tuple[str, str, str]] = []
@@ -78,12 +80,6 @@ class FakeApi:
             self.status_patches.append(name)
         return f"v-{len(self.status_patches)}"
 
-    def get_custom(
-        self, group: str, version: str, plural: str, namespace: str, name: str
-    ) -> dict[str, Any] | None:
-        found = (self.rayclusters if plural == "rayclusters" else self.clusters).get(name)
-        return copy.deepcopy(found) if found is not None else None
-
     def post_event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append((obj["metadata"]["name"], reason, message))
 
@@ -101,6 +97,9 @@ class FakeApi:
 
     def pods(self, key: ClusterKey) -> list[dict[str, Any]]:
         return []
+
+    def foreign_raycluster(self, key: ClusterKey) -> bool:
+        return key.name in self.foreign
 
     def offers(self) -> InventoryIndex:
         return self.index
@@ -386,3 +385,13 @@ def test_the_echo_of_our_own_writes_is_recognised() -> None:
     assert reconciler.is_own_write(key, f"rc-{len(api.applies)}", raycluster=True)
     assert not reconciler.is_own_write(key, "someone-else", raycluster=False)
     assert not reconciler.is_own_write(key, None, raycluster=True)
+
+
+def test_a_raycluster_someone_else_manages_is_never_taken_over() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.foreign.add("train")
+    api.create("train", replicas=1)
+    reconciler.admission_pass(T0)
+    with pytest.raises(ForeignRayClusterError, match="not managed by gpumesh"):
+        reconciler.reconcile(ClusterKey(NS, "train"), T0)
+    assert api.applies == []

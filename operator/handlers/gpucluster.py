@@ -75,6 +75,9 @@ class IndexWorld:
         found = entries(RUNTIME.index("raycluster_index"), key)
         return found[0] if found else None
 
+    def foreign_raycluster(self, key: ClusterKey) -> bool:
+        return bool(entries(RUNTIME.index("foreign_raycluster_index"), (key.namespace, key.name)))
+
     def pods(self, key: ClusterKey) -> Sequence[Obj]:
         return entries(RUNTIME.index("cluster_pod_index"), key)
 

@@ -94,6 +94,19 @@ def raycluster_index(
     return {workload_key(namespace or "", name, labels): trim_raycluster(body)}
 
 
+def _is_foreign_raycluster(labels: kopf.Labels, **_: Any) -> bool:
+    return labels.get(names.MANAGED_BY) != names.MANAGER
+
+
+@kopf.index("ray.io", "v1", "rayclusters", when=_is_foreign_raycluster)
+def foreign_raycluster_index(
+    namespace: str | None, name: str, **_: Any
+) -> dict[tuple[str, str], bool]:
+    """RayClusters someone else manages, by namespace and name (a GPUCluster of the same
+    name must not take one over)."""
+    return {(namespace or "", name): True}
+
+
 @kopf.index("gpumesh.io", "v1alpha1", "gpuclusters")
 def gpucluster_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any

@@ -40,9 +40,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = SETTINGS.watch_server_timeout + 30
     settings.watching.connect_timeout = 10
     settings.watching.inactivity_timeout = SETTINGS.watch_server_timeout + 60
-    settings.watching.label_selectors["ray.io", "rayclusters"] = (
-        f"{names.MANAGED_BY}={names.MANAGER}"
-    )
+    # RayClusters are watched whole (not only gpumesh's): the names of the others are
+    # indexed so a GPUCluster never takes over a RayCluster it does not own.
     # Our heartbeat and the agents' heartbeats (the mesh handler) live in our namespace.
     settings.watching.field_selectors["coordination.k8s.io", "leases"] = (
         f"metadata.namespace={SETTINGS.namespace}"
