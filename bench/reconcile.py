@@ -1023,7 +1023,10 @@ def report(out: Outcome, nodes: Sequence[SimNode], load_start: str) -> Report:
             f"gpumesh {ours.total_s:.1f} s ({ours.ready}/{n} Ready; creates took "
             f"{ours.create_s:.1f} s; load {ours.load_before} -> {ours.load_after}); ratio "
             f"{ours.total_s / base.total_s:.2f}x. Namespace deletion took "
-            f"{base.cleanup_s:.0f} s / {ours.cleanup_s:.0f} s. " + " ".join(ours.extra)
+            f"{base.cleanup_s:.0f} s / {ours.cleanup_s:.0f} s. "
+            + " ".join(f"KubeRay alone: {e}." for e in base.extra)
+            + " "
+            + " ".join(f"gpumesh: {e}." for e in ours.extra)
         )
     if out.latency is not None:
         s = out.latency
