@@ -27,6 +27,8 @@ def run(
     ] = "0.0.0.0",
 ) -> None:
     """Watch the whole cluster and reconcile gpumesh objects until stopped."""
+    import logging
+
     import kopf
 
     import gpumesh.operator.handlers  # noqa: F401  (registers the handlers)
@@ -38,4 +40,8 @@ def run(
     kopf.configure(
         verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL
     )
+    if not verbose:
+        # "Handler X succeeded" for every watch event: hundreds of lines a second on a
+        # busy mesh, and CPU spent writing them. Failures are warnings and still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(standalone=True, clusterwide=True, liveness_endpoint=liveness)
