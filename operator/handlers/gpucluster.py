@@ -3,8 +3,8 @@
 Workers take keys off the queue and run the one idempotent reconcile; a burst of events
 for a cluster (its status written, KubeRay moving pods) becomes one reconcile. The same
 queue carries admission passes (key ``None``), coalesced: a thousand creations in a
-second cost a handful of passes. Handlers only record and enqueue, so kopf's event loop
-and thread pool never wait for an API round trip of ours.
+second cost a handful of passes. Handlers only record and enqueue, so they run on kopf's
+event loop (``async``, no thread hop per event) and never wait for an API round trip.
 
 The GPUCluster is watched with a plain event handler rather than create/update handlers:
 the reconcile compares the world with the spec each time, so kopf need not remember the
@@ -38,7 +38,6 @@ from gpumesh.operator.workqueue import WorkQueue
 from gpumesh.operator.world import (
     ClusterKey,
     committed_gpus,
-    trim_node,
     trim_raycluster,
     workload_key,
 )
@@ -191,7 +190,9 @@ def stop_gpuclusters(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def gpucluster_event(namespace: str | None, name: str, meta: kopf.Meta, **indexes: Any) -> None:
+async def gpucluster_event(
+    namespace: str | None, name: str, meta: kopf.Meta, **indexes: Any
+) -> None:
     """Listed at start, created, edited, status written or deleted: reconcile it.
 
     A deleted cluster's reconcile finds it gone and releases what it held. No kopf
@@ -205,7 +206,7 @@ def gpucluster_event(namespace: str | None, name: str, meta: kopf.Meta, **indexe
 
 
 @kopf.on.event("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
-def raycluster_changed(
+async def raycluster_changed(
     type: str | None,
     namespace: str | None,
     name: str,
@@ -229,23 +230,8 @@ def raycluster_changed(
         QUEUE.add(key)
 
 
-_inventory_fingerprints: dict[str, str] = {}
-
-
-@kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
-@kopf.on.event("", "v1", "nodes")
-def inventory_changed(name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any) -> None:
-    """Supply changed: waiting clusters get a pass; clusters on the node are looked at."""
-    RUNTIME.remember(indexes)
-    relevant = (
-        repr(trim_node(body))
-        if resource.plural == "nodes"
-        else repr((dict(body.spec), body.status.get("health"), body.status.get("gpuCount")))
-    )
-    key = f"{resource.plural}/{name}"
-    if _inventory_fingerprints.get(key) == relevant:
-        return
-    _inventory_fingerprints[key] = relevant
+def supply_moved(node: str) -> None:
+    """Supply changed on ``node``: waiting clusters get a pass; clusters on it a look."""
     _request_pass()
-    for cluster in reconciler().clusters_on(name):
+    for cluster in reconciler().clusters_on(node):
         QUEUE.add(cluster)

@@ -1,5 +1,9 @@
 """kopf indexes: trimmed, always-current copies of what placement and status read.
 
+The index functions are ``async`` only so kopf calls them on its event loop: they do no
+I/O, and a trip through the thread pool for each of thousands of pod events cost more
+than the functions themselves.
+
 Reading these costs no API call, so a reconcile of one GPUCluster stays O(its inputs)
 however many other objects exist.
 """
@@ -53,14 +57,14 @@ def _is_foreign_gpu_pod(body: kopf.Body, **_: Any) -> bool:
 
 
 @kopf.index("", "v1", "nodes")
-def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     trimmed = trim_node(body)
     INVENTORY_VERSION.observe("node", name, trimmed)
     return {name: trimmed}
 
 
 @kopf.index("gpumesh.io", "v1alpha1", "gpunodes")
-def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     status = dict(body.status)
     trimmed = {"metadata": {"name": name}, "spec": dict(body.spec), "status": status}
     # The heartbeat moves every few seconds and tells placement nothing new.
@@ -70,7 +74,7 @@ def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
 
 
 @kopf.index("", "v1", "pods", when=_is_foreign_gpu_pod)
-def foreign_gpu_pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def foreign_gpu_pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     node = body.spec.get("nodeName") or ""
     trimmed = trim_pod(body)
     INVENTORY_VERSION.observe("pod", f"{body.metadata.namespace}/{body.metadata.name}", trimmed)
@@ -78,7 +82,7 @@ def foreign_gpu_pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
 
 
 @kopf.index("", "v1", "pods", labels={names.CLUSTER: kopf.PRESENT})
-def cluster_pod_index(
+async def cluster_pod_index(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
     # A Job's pods carry gpumesh.io/job too: keyed by the Job, never mixed with a
@@ -87,7 +91,7 @@ def cluster_pod_index(
 
 
 @kopf.index("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
-def raycluster_index(
+async def raycluster_index(
     namespace: str | None, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
     # A Job's RayCluster inherits its RayJob's labels: keyed by the Job (kind "Job").
@@ -99,7 +103,7 @@ def _is_foreign_raycluster(labels: kopf.Labels, **_: Any) -> bool:
 
 
 @kopf.index("ray.io", "v1", "rayclusters", when=_is_foreign_raycluster)
-def foreign_raycluster_index(
+async def foreign_raycluster_index(
     namespace: str | None, name: str, **_: Any
 ) -> dict[tuple[str, str], bool]:
     """RayClusters someone else manages, by namespace and name (a GPUCluster of the same
@@ -108,14 +112,16 @@ def foreign_raycluster_index(
 
 
 @kopf.index("gpumesh.io", "v1alpha1", "gpuclusters")
-def gpucluster_index(
+async def gpucluster_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
     return {ClusterKey(namespace or "", name): dict(body)}
 
 
 @kopf.index("gpumesh.io", "v1alpha1", "jobs")
-def job_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[ClusterKey, Any]:
+async def job_index(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[ClusterKey, Any]:
     meta = body.metadata
     kept = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp")
     trimmed = {
@@ -134,12 +140,12 @@ def job_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> di
     "rayjobs",
     labels={names.MANAGED_BY: names.MANAGER, JOB_LABEL: kopf.PRESENT},
 )
-def rayjob_index(
+async def rayjob_index(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
     return {ClusterKey(namespace or "", labels[JOB_LABEL], "Job"): trim_rayjob(body)}
 
 
 @kopf.index("gpumesh.io", "v1alpha1", "gpuquotas")
-def gpuquota_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def gpuquota_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {namespace or "": dict(body)}

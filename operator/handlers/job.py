@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
@@ -37,7 +37,7 @@ from gpumesh.operator.reconcile_job import (
 )
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.settings import SETTINGS
-from gpumesh.operator.world import ClusterKey, trim_node
+from gpumesh.operator.world import ClusterKey
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +285,14 @@ _cluster_gpus: dict[ClusterKey, int] = {}
 
 
 @kopf.on.event(GROUP, VERSION, "gpuclusters")
-def gpucluster_changed(namespace: str | None, name: str, body: kopf.Body, **kwargs: Any) -> None:
-    """A referenced cluster got Ready or went away; or a cluster gave GPUs back."""
+async def gpucluster_changed(
+    namespace: str | None, name: str, body: kopf.Body, **kwargs: Any
+) -> None:
+    """A referenced cluster got Ready or went away; or a cluster gave GPUs back.
+
+    Runs on kopf's event loop (it only looks things up): the Jobs it concerns are
+    reconciled by the alarm clock, not here.
+    """
     live = _remember(kwargs)
     key = ClusterKey(namespace or "", name)
     deleted = kwargs.get("type") == "DELETED"
@@ -296,45 +302,37 @@ def gpucluster_changed(namespace: str | None, name: str, body: kopf.Body, **kwar
         _cluster_gpus.pop(key, None)
     else:
         _cluster_gpus[key] = gpus
+    now = datetime.now(UTC)
     for store in list(live["job_index"].values()):
         for job in list(store):
             ref = (job.get("spec") or {}).get("clusterRef") or {}
             same = job["metadata"].get("namespace") == key.namespace
             if same and ref.get("name") == name:
-                _reconcile(job, live)
+                ALARMS.at(job_key(key.namespace, job["metadata"]["name"]), now)
     if gpus < before:
         ALARMS.queue_pass()
 
 
 @kopf.on.event(GROUP, VERSION, "gpuquotas")
-def gpuquota_changed(**indexes: Any) -> None:
+async def gpuquota_changed(**indexes: Any) -> None:
     """Quota limits moved: waiting Jobs and GPUClusters may fit now."""
     _remember(indexes)
     ALARMS.queue_pass()
     gpucluster.reconciler().kick()
 
 
-_inventory_fingerprints: dict[str, str] = {}
+def supply_moved(node: str, indexes: Mapping[str, Any]) -> None:
+    """Supply changed on ``node``: running Jobs there may have to move; waiting ones may fit.
 
-
-@kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
-@kopf.on.event("", "v1", "nodes")
-def supply_changed(name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any) -> None:
-    """Supply changed: running Jobs on that node may have to move; waiting ones may fit."""
-    relevant = (
-        repr(trim_node(body))
-        if resource.plural == "nodes"
-        else repr((dict(body.spec), body.status.get("health"), body.status.get("gpuCount")))
-    )
-    fingerprint = f"{resource.plural}/{name}"
-    if _inventory_fingerprints.get(fingerprint) == relevant:
-        return
-    _inventory_fingerprints[fingerprint] = relevant
+    Called on kopf's event loop: the Jobs are reconciled by the alarm clock.
+    """
     live = _remember(indexes)
+    now = datetime.now(UTC)
     for store in list(live["job_index"].values()):
         for job in list(store):
             status = job.get("status") or {}
             nodes = {p.get("node") for p in status.get("placements") or []}
-            if name in nodes or status.get("headNode") == name:
-                _reconcile(job, live)
+            if node in nodes or status.get("headNode") == node:
+                meta = job["metadata"]
+                ALARMS.at(job_key(meta["namespace"], meta["name"]), now)
     ALARMS.queue_pass()

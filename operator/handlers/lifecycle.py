@@ -84,7 +84,7 @@ def stop_heartbeat(**_: Any) -> None:
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", field="metadata.name", value=HEARTBEAT_LEASE)
-def heartbeat_seen(**_: Any) -> None:
+async def heartbeat_seen(**_: Any) -> None:
     global _last_heartbeat_seen
     _last_heartbeat_seen = time.monotonic()
 
