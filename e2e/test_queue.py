@@ -164,7 +164,11 @@ def test_waiting_clusters_are_admitted_by_priority_then_age(api: client.ApiClien
         "young-high admitted once holder is gone", lambda: ready(api, "young-high"), timeout=180
     )
     assert status(api, "old-low")["phase"] == "Pending"
-    assert status(api, "old-low").get("queuePosition") == 0
+    wait_for(
+        "old-low next in line",
+        lambda: status(api, "old-low").get("queuePosition") == 0,
+        timeout=30,
+    )
     assert not raycluster_exists(api, "old-low")
 
 
