@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from gpumesh.api.conditions import STALLED, set_condition
 from gpumesh.api.gpucluster import GPUClusterSpec, GPUClusterStatus
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
-from gpumesh.api.manifests import field_path
+from gpumesh.api.manifests import spec_problems
 from gpumesh.operator.jobs.admission import STALLED_REASONS, placements
 from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
@@ -678,10 +678,7 @@ class Reconciler:
         err: ValidationError,
         now: datetime,
     ) -> None:
-        problems = "; ".join(
-            f"spec.{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
+        problems = spec_problems(err)
         conditions = set_condition(
             previous.conditions,
             STALLED,

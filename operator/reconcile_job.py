@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from gpumesh.api.job import JobSpec, JobStatus
-from gpumesh.api.manifests import field_path
+from gpumesh.api.manifests import spec_problems
 from gpumesh.operator.jobs.admission import (
     STALLED_REASONS,
     JobEntry,
@@ -429,10 +429,7 @@ class JobReconciler:
         err: ValidationError,
         now: datetime,
     ) -> None:
-        problems = "; ".join(
-            f"spec.{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
+        problems = spec_problems(err)
         status = invalid(ref, previous, problems, now)
         if status.to_api() != previous.to_api():
             self.post_event(body, "Warning", "InvalidSpec", problems)

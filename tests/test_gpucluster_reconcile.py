@@ -154,7 +154,12 @@ class FakeApi:
 
 def setup(*offers: NodeOffer, status_interval: float = 0.0) -> tuple[FakeApi, Reconciler]:
     api = FakeApi(offers)
-    reconciler = Reconciler(
+    return api, reconciler_for(api, status_interval)
+
+
+def reconciler_for(api: FakeApi, status_interval: float = 0.0) -> Reconciler:
+    """A reconciler on ``api``; a second one stands for the operator after a restart."""
+    return Reconciler(
         api,
         api.post_event,
         api,
@@ -164,7 +169,6 @@ def setup(*offers: NodeOffer, status_interval: float = 0.0) -> tuple[FakeApi, Re
         status_interval=status_interval,
         clock=lambda: api.clock,
     )
-    return api, reconciler
 
 
 def settle(api: FakeApi, reconciler: Reconciler, now: datetime = T0) -> None:
@@ -300,14 +304,7 @@ def test_a_restarted_operator_adopts_what_the_rayclusters_hold() -> None:
     settle(api, reconciler)
     applies = len(api.applies)
 
-    fresh = Reconciler(
-        api,
-        api.post_event,
-        api,
-        wake=api.wake,
-        request_pass=api.passes_requested.append,
-        counters=UsageCounters(CollectorRegistry()),
-    )
+    fresh = reconciler_for(api)
     api.create("newcomer", replicas=1)
     settle(api, fresh)
     fresh.reconcile(ClusterKey(NS, "resident"), at(5))

@@ -41,6 +41,14 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def spec_problems(err: ValidationError) -> str:
+    """A stored spec's validation errors, one line naming each field and its reason."""
+    return "; ".join(
+        f"spec.{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+        for e in err.errors()
+    )
+
+
 def parse_manifest(doc: Any) -> ApiModel:
     """Validate one decoded YAML document as the gpumesh kind it names."""
     if not isinstance(doc, dict):
