@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
@@ -51,6 +51,7 @@ from gpumesh.operator.placement import (
     Preemption,
     Request,
     Running,
+    Verdict,
     admit,
     place_cluster,
     quota_limits,
@@ -76,6 +77,7 @@ from gpumesh.operator.world import (
     created_at,
     groups_on_nodes,
     parse_gpuquotas,
+    unaccounted,
 )
 
 log = logging.getLogger(__name__)
@@ -218,32 +220,40 @@ class Reconciler:
         self._rendered: dict[ClusterKey, tuple[tuple[Any, ...], str]] = {}
         """What a cluster's RayCluster was last rendered from, and the rendering's hash."""
         self._key_locks: dict[ClusterKey, threading.Lock] = {}
+        self._uids: dict[ClusterKey, str] = {}
+        """The uid each cluster's state here belongs to (a re-created cluster starts over)."""
         self._key_locks_guard = threading.Lock()
         self._offers: InventoryIndex | None = None
         self._offers_epoch = 0
 
     # -- one cluster ---------------------------------------------------------------------
 
-    def reconcile(self, key: ClusterKey, now: datetime | None = None) -> None:
-        """Bring one cluster's RayCluster and status in line with its spec and the queue."""
-        with self._key_lock(key):
-            self._reconcile(key, now or datetime.now(UTC))
+    def reconcile(self, key: ClusterKey, now: datetime | None = None) -> bool:
+        """Bring one cluster's RayCluster and status in line with its spec and the queue.
 
-    def _reconcile(self, key: ClusterKey, when: datetime) -> None:
+        False when the cluster is gone (what it held is released): no resync needed.
+        """
+        with self._key_lock(key):
+            return self._reconcile(key, now or datetime.now(UTC))
+
+    def _reconcile(self, key: ClusterKey, when: datetime) -> bool:
         body = self.world.gpucluster(key)
         if body is None:
             self.forget(key)
-            return
+            with self._key_locks_guard:
+                self._key_locks.pop(key, None)  # a pass holding the old one finds it gone
+            return False
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
-            return
+            return True
+        self._same_incarnation(key, body)
         previous = self._previous(key, body)
         generation = int(meta.get("generation") or 0)
         try:
             spec = self._spec(body)
         except ValidationError as err:
             self._report_invalid(key, body, previous, generation, err, when)
-            return
+            return True
 
         existing = self.world.raycluster(key)
         pods = self.world.pods(key)
@@ -251,11 +261,16 @@ class Reconciler:
         # Decide under the placement lock (it is short and never waits for the API);
         # apply after it, under this cluster's own lock only.
         with self.lock:
-            held = self._holding(key, spec, existing, offers)
+            held = self._holding(key, body, spec, existing, offers)
             waiting: Waiting | None = None
             if spec.suspend:
                 chosen = Placed()
                 self._settle(key, chosen)
+            elif self.world.foreign_raycluster(key):
+                # Never take over someone else's RayCluster; give back what was booked.
+                chosen = Placed()
+                self._settle(key, chosen)
+                waiting = Waiting("ForeignRayCluster", _foreign_message(key))
             elif _wants_more(spec, held):
                 chosen = held
                 waiting = self._waiting(key)
@@ -279,13 +294,15 @@ class Reconciler:
                 else:
                     chosen = held  # nowhere better to go: keep what runs
                     waiting = Waiting("Unschedulable", decision.explanation)
+            if waiting is None:
+                self._notes.pop(key, None)  # not waiting (any more): no stale queue word
         before = _assignments_of(existing, offers) if existing else ()
         if self._apply(key, body, spec, chosen, existing, pods):
             self._announce_changes(body, before, chosen.assignments)
         if waiting is not None:
             self._announce_waiting(body, previous, waiting)
         if waiting is not None and waiting.reason == QUEUED and not previous.conditions:
-            return  # a new cluster: the pass asked for speaks within moments, say it then
+            return True  # a new cluster: the pass asked for speaks within moments, say it then
 
         ray_view = RayClusterView.from_objects(existing, pods) if existing else None
         status = compute_status(
@@ -304,6 +321,16 @@ class Reconciler:
         status, flush = meter(previous, status, when, self.meter_flush_seconds)
         if self._write_status(key, body, previous, status):
             self.counters.record(key.namespace, "GPUCluster", key.name, flush)
+        return True
+
+    def _same_incarnation(self, key: ClusterKey, body: Obj) -> None:
+        """A cluster deleted and created again under its name starts from nothing: what
+        the old one held, or was promised, is not the new one's to keep."""
+        uid = str(body["metadata"].get("uid") or "")
+        known = self._uids.get(key)
+        if known is not None and known != uid:
+            self.forget(key)
+        self._uids[key] = uid
 
     def _key_lock(self, key: ClusterKey) -> threading.Lock:
         with self._key_locks_guard:
@@ -313,6 +340,7 @@ class Reconciler:
         """The cluster is gone: release its GPUs and let waiting work have them."""
         with self.lock:
             held = self._placed.pop(key, None)
+            self._uids.pop(key, None)
             self.holdings.forget(key)
             self._notes.pop(key, None)
             self._seen_by_pass.pop(key, None)
@@ -323,13 +351,13 @@ class Reconciler:
             self._own_versions.pop(key, None)
             self._last_write.pop(key, None)
         self.counters.forget(key.namespace, "GPUCluster", key.name)
-        if held is None or held.holds_anything:
+        if held is not None and held.holds_anything:
             self.request_pass(0)
 
     def raycluster_gone(self, key: ClusterKey) -> None:
         """Its RayCluster was deleted (by hand, or with the cluster): apply it afresh.
 
-        Called from kopf's handler threads: it must not wait for the placement lock.
+        Called on kopf's event loop: it must not wait for the placement lock.
         """
         self._applied.pop(key, None)
         self._rendered.pop(key, None)
@@ -337,7 +365,7 @@ class Reconciler:
     def clusters_on(self, node: str) -> list[ClusterKey]:
         """Clusters holding workers or the head on ``node`` (a failover candidate).
 
-        Called from kopf's handler threads: reads a copy (atomic under the GIL) rather than
+        Called on kopf's event loop: reads a copy (atomic under the GIL) rather than
         waiting for the placement lock.
         """
         return [
@@ -353,52 +381,64 @@ class Reconciler:
         when = now or datetime.now(UTC)
         with self.lock:
             offers = self.world.offers()
-            requests, running = self.workloads(when)
-            job_requests, job_running = self.jobs.workloads(when) if self.jobs else ((), ())
+            requests, running = self._workloads(when, seen_by_pass=True)
+            job_requests, job_running = self.jobs.workloads(when) if self.jobs else ([], [])
+            everyone = [*running, *job_running]
             quotas = parse_gpuquotas(self.world.gpuquotas())
             result = admit(
                 [*requests, *job_requests],
                 offers,
                 now=when,
-                running=[*running, *job_running],
+                running=everyone,
                 quotas=quota_limits(quotas),
+                reserved=unaccounted(self.holdings, everyone),
             )
             moved = False
             still_waiting = False
             retry_soon = False
+            acted: list[Verdict] = []
             for verdict in result.verdicts:
                 if verdict.request.kind != "GPUCluster":
                     continue
                 key = ClusterKey(verdict.request.namespace, verdict.request.name)
                 decision = verdict.decision
                 if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
-                    if not self._take_back(verdict.preemptions, when):
+                    if self.world.foreign_raycluster(key):
+                        self._note(key, QueueNote("ForeignRayCluster", _foreign_message(key)))
+                        continue
+                    try:
+                        taken = self.take_back(verdict.preemptions, when)
+                    except Exception:  # one verdict's failure must not stall the queue
+                        log.exception("queue pass: preempting for %s failed", key)
+                        taken = False
+                    if not taken:
                         retry_soon = True  # a victim is mid-reconcile: try again in a moment
                         continue
                     self._settle(key, Placed(decision.assignments, decision.head_node))
                     self._notes.pop(key, None)
                     if verdict.preemptions:
                         self._event(key, "Normal", "Preempting", verdict.explanation)
+                    acted.append(verdict)
                     moved = True
                     self.wake(key, 0.0)
                 else:
                     still_waiting = True
                     before = self._notes.get(key)
                     preempted = before.preempted if before else None
-                    note = QueueNote(
-                        "Preempted"
-                        if preempted
-                        else _condition_reason(verdict.reason, verdict.request),
-                        f"{preempted}; now {verdict.explanation}"
-                        if preempted
-                        else verdict.explanation,
-                        verdict.position,
-                        preempted,
+                    self._note(
+                        key,
+                        QueueNote(
+                            "Preempted"
+                            if preempted
+                            else _condition_reason(verdict.reason, verdict.request),
+                            f"{preempted}; now {verdict.explanation}"
+                            if preempted
+                            else verdict.explanation,
+                            verdict.position,
+                            preempted,
+                        ),
                     )
-                    if self._notes.get(key) != note:
-                        self._notes[key] = note
-                        self.wake(key, 0.0)
-            self._write_quota_status(quotas, result, [*running, *job_running], when)
+            self._write_quota_status(quotas, result, everyone, acted, when)
         if retry_soon:
             self.request_pass(0)
         elif still_waiting:
@@ -406,10 +446,24 @@ class Reconciler:
         if moved and job_requests and self.jobs is not None:
             self.jobs.kick()
 
+    def _note(self, key: ClusterKey, note: QueueNote) -> None:
+        if self._notes.get(key) != note:
+            self._notes[key] = note
+            self.wake(key, 0.0)
+
     def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
+        """Every GPUCluster as a Job's admission sees it (called with the lock held)."""
+        return self._workloads(now, seen_by_pass=False)
+
+    def _workloads(
+        self, now: datetime, *, seen_by_pass: bool
+    ) -> tuple[list[Request], list[Running]]:
         """Every GPUCluster as the queue sees it: waiting for GPUs, holding them, or both.
 
-        Called with the placement lock held (by a pass of either kind).
+        Only this kind's own pass marks the waiting ones as seen (a Job's pass does not
+        act on their verdicts, so it must not stop them from asking for a pass).
+        A cluster left out (being deleted, or a spec that no longer parses) still holds
+        what its RayCluster holds: the pass counts that through :func:`unaccounted`.
         """
         offers = self.world.offers()
         requests: list[Request] = []
@@ -423,8 +477,9 @@ class Reconciler:
                 spec = self._spec(body)
             except ValidationError:
                 continue
+            self._same_incarnation(key, body)
             created = created_at(body)
-            held = self._holding(key, spec, self.world.raycluster(key), offers)
+            held = self._holding(key, body, spec, self.world.raycluster(key), offers)
             if held.holds_anything and not spec.suspend:
                 running.append(
                     Running(
@@ -439,54 +494,52 @@ class Reconciler:
                     )
                 )
             if not spec.suspend and _wants_more(spec, held):
-                self._seen_by_pass[key] = (int(meta.get("generation") or 0), held)
-                requests.append(
-                    Request.for_cluster(
-                        key.namespace, key.name, spec, created, held.assignments, held.head_node
-                    )
+                if seen_by_pass:
+                    self._seen_by_pass[key] = (int(meta.get("generation") or 0), held)
+                request = Request.for_cluster(
+                    key.namespace, key.name, spec, created, held.assignments, held.head_node
                 )
+                requests.append(replace(request, keep_unhealthy=spec.failover.mode == "Never"))
         return requests, running
 
-    def preempt(self, preemption: Preemption, now: datetime) -> bool:
-        """A Job's admission takes this cluster's workers; False if it cannot right now."""
+    def take_back(self, preemptions: Sequence[Preemption], now: datetime) -> bool:
+        """Take back what every victim holds, all of them or none (the lock is held).
+
+        Victim clusters are locked first: a victim's reconcile may be applying what it
+        decided before this pass, and waiting for its lock here could deadlock (it waits
+        for the placement lock next), so on a busy victim nothing is taken and the caller
+        retries shortly. Then the clusters' workers go, then the Jobs.
+        """
         with self.lock:
-            return self._take_back((preemption,), now)
+            clusters = [p for p in preemptions if p.victim.kind == "GPUCluster"]
+            taken: list[threading.Lock] = []
+            for preemption in clusters:
+                victim = preemption.victim
+                lock = self._key_lock(ClusterKey(victim.namespace, victim.name))
+                if not lock.acquire(blocking=False):
+                    for held in taken:
+                        held.release()
+                    return False
+                taken.append(lock)
+            try:
+                for preemption in clusters:
+                    self._preempt_cluster(preemption)
+            finally:
+                for held in taken:
+                    held.release()
+            jobs = [p for p in preemptions if p.victim.kind == "Job"]
+            if jobs and self.jobs is not None:
+                return self.jobs.take_back(jobs, now)
+            return True
 
     def kick(self) -> None:
         self.request_pass(0)
 
-    def _take_back(self, preemptions: Sequence[Preemption], now: datetime) -> bool:
-        """Take the victims' GPUs back, all of them, or none when one is mid-reconcile.
-
-        Called with the placement lock held. A victim's reconcile may be applying what it
-        decided before this pass; waiting for its lock here could deadlock (it waits for
-        the placement lock next), so the pass tries, and on failure retries shortly.
-        """
-        clusters = [p for p in preemptions if p.victim.kind == "GPUCluster"]
-        taken: list[threading.Lock] = []
-        for preemption in clusters:
-            lock = self._key_lock(ClusterKey(preemption.victim.namespace, preemption.victim.name))
-            if not lock.acquire(blocking=False):
-                for held in taken:
-                    held.release()
-                return False
-            taken.append(lock)
-        try:
-            for preemption in preemptions:
-                if preemption.victim.kind == "GPUCluster":
-                    self._preempt_cluster(preemption)
-                elif self.jobs is not None and not self.jobs.preempt(preemption, now):
-                    return False
-        finally:
-            for held in taken:
-                held.release()
-        return True
-
     def _preempt_cluster(self, preemption: Preemption) -> None:
-        """Scale the victim's workers to zero now, before its preemptor is booked.
+        """Scale the victim's workers to zero now; only then is it booked as holding none.
 
         The head stays (it holds no GPUs, and the Ray cluster survives). Applying before
-        booking means a crash in between overbooks nothing.
+        booking means neither a failed apply nor a crash in between overbooks anything.
         """
         victim = preemption.victim
         key = ClusterKey(victim.namespace, victim.name)
@@ -495,9 +548,10 @@ class Reconciler:
             return
         spec = self._spec(body)
         existing = self.world.raycluster(key)
-        held = self._holding(key, spec, existing, self.world.offers())
-        self._settle(key, Placed((), held.head_node))
-        self._apply(key, body, spec, Placed((), held.head_node), existing, self.world.pods(key))
+        held = self._holding(key, body, spec, existing, self.world.offers())
+        emptied = Placed((), held.head_node)
+        self._apply(key, body, spec, emptied, existing, self.world.pods(key))
+        self._settle(key, emptied)
         message = preemption.victim_message
         self._notes[key] = QueueNote("Preempted", message, preempted=message)
         self._event(key, "Warning", "Preempted", message)
@@ -506,13 +560,18 @@ class Reconciler:
     # -- steps ---------------------------------------------------------------------------
 
     def _holding(
-        self, key: ClusterKey, spec: GPUClusterSpec, existing: Obj | None, offers: InventoryIndex
+        self,
+        key: ClusterKey,
+        body: Obj,
+        spec: GPUClusterSpec,
+        existing: Obj | None,
+        offers: InventoryIndex,
     ) -> Placed:
         """What the cluster holds: as this process decided, else as its RayCluster shows."""
         found = self._placed.get(key)
         if found is not None:
             return found
-        if existing is None:
+        if existing is None or not _ours(existing, body):
             return Placed()
         if existing["spec"].get("suspend"):
             return Placed()
@@ -551,6 +610,8 @@ class Reconciler:
         pods: Sequence[Obj],
     ) -> bool:
         """Server-side apply the RayCluster when its rendering changed; True if applied."""
+        if existing is not None and not _ours(existing, body):
+            return False  # a predecessor's, on its way out: its DELETED event wakes us
         current_groups = groups_on_nodes(existing) if existing else []
         slots = _slots(chosen.assignments, current_groups, pods)
         if existing is None and not chosen.holds_anything:
@@ -569,8 +630,6 @@ class Reconciler:
             return False  # in place already (or applied, and the index has not caught up)
         if manifest is None:
             manifest = self._render(key, body, spec, chosen, slots)
-        if existing is None:
-            self._refuse_foreign_raycluster(key)
         manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
         result = self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
         self._applied[key] = digest
@@ -599,14 +658,6 @@ class Reconciler:
             owner=owner,
             head_node=chosen.head_node,
         )
-
-    def _refuse_foreign_raycluster(self, key: ClusterKey) -> None:
-        """Never take over someone else's RayCluster (read from the index: no API call)."""
-        if self.world.foreign_raycluster(key):
-            raise ForeignRayClusterError(
-                f"RayCluster {key.namespace}/{key.name} exists and is not managed by gpumesh; "
-                "rename the GPUCluster or delete that RayCluster"
-            )
 
     def _write_status(
         self, key: ClusterKey, body: Obj, previous: GPUClusterStatus, status: GPUClusterStatus
@@ -640,7 +691,7 @@ class Reconciler:
     def is_own_write(self, key: ClusterKey, resource_version: str | None, raycluster: bool) -> bool:
         """Is this event only the echo of our own last write (nothing new to look at)?
 
-        Called from kopf's handler threads; reads one dict entry, takes no lock.
+        Called on kopf's event loop; reads one dict entry, takes no lock.
         """
         if resource_version is None:
             return False
@@ -700,22 +751,36 @@ class Reconciler:
         quotas: Sequence[GPUQuota],
         result: AdmissionResult,
         running: Sequence[Running],
+        acted: Sequence[Verdict],
         now: datetime,
     ) -> None:
-        """Each GPUQuota's usage and the workloads holding or awaiting it, as of this pass."""
+        """Each GPUQuota's usage and the workloads holding or awaiting it, after this pass.
+
+        Counts what holds GPUs now plus what this pass itself admitted (a Job's admission
+        is counted once its own reconcile has acted on it, at the next pass).
+        """
         if not quotas:
             return
-        holding: dict[str, set[str]] = {}
-        for workload in running:
-            holding.setdefault(workload.namespace, set()).add(workload.key)
-        for preemption in result.preemptions:
-            holding.get(preemption.victim.namespace, set()).discard(preemption.victim.key)
+        holders: dict[str, tuple[str, int, Decimal]] = {
+            w.key: (w.namespace, w.gpus, w.price_per_hour) for w in running
+        }
+        for verdict in acted:
+            for preemption in verdict.preemptions:
+                holders.pop(preemption.victim.key, None)
+            decision = verdict.decision
+            assert decision is not None
+            request = verdict.request
+            holders[request.key] = (request.namespace, decision.gpus, decision.price_per_hour)
+        used: dict[str, Usage] = {}
+        admitted: dict[str, int] = {}
+        for namespace, gpus, price in holders.values():
+            if gpus > 0:
+                used[namespace] = used.get(namespace, Usage()).plus(gpus, price)
+                admitted[namespace] = admitted.get(namespace, 0) + 1
         waiting: dict[str, int] = {}
         for verdict in result.verdicts:
-            ns = verdict.request.namespace
-            if verdict.outcome in ("Admitted", "Preempting"):
-                holding.setdefault(ns, set()).add(verdict.request.key)
-            elif verdict.outcome == "Queued" and verdict.reason == REASON_QUOTA:
+            if verdict.outcome == "Queued" and verdict.reason == REASON_QUOTA:
+                ns = verdict.request.namespace
                 waiting[ns] = waiting.get(ns, 0) + 1
         for quota in quotas:
             ns, name = quota.metadata.namespace or "", quota.metadata.name or ""
@@ -723,8 +788,8 @@ class Reconciler:
             status = quota_status(
                 previous,
                 quota.metadata.generation,
-                result.usage.get(ns, Usage()),
-                len(holding.get(ns, ())),
+                used.get(ns, Usage()),
+                admitted.get(ns, 0),
                 waiting.get(ns, 0),
                 now,
             )
@@ -771,8 +836,19 @@ class Reconciler:
             self.post_event(body, "Warning", waiting.reason, waiting.message)
 
 
-class ForeignRayClusterError(RuntimeError):
-    """A RayCluster with the GPUCluster's name belongs to someone else."""
+def _ours(trimmed_raycluster: Obj, body: Obj) -> bool:
+    """Is this RayCluster this very GPUCluster's, and staying (not a predecessor's)?"""
+    meta = trimmed_raycluster.get("metadata") or {}
+    owner = meta.get("ownerUid")
+    uid = body["metadata"].get("uid")
+    return not meta.get("deletionTimestamp") and (owner is None or uid is None or owner == uid)
+
+
+def _foreign_message(key: ClusterKey) -> str:
+    return (
+        f"RayCluster {key.namespace}/{key.name} exists and is not managed by gpumesh; "
+        "rename the GPUCluster or delete that RayCluster"
+    )
 
 
 def _wants_more(spec: GPUClusterSpec, held: Placed) -> bool:

@@ -62,7 +62,14 @@ from gpumesh.operator.placement.workload import workload_key
 from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot
 from gpumesh.operator.render.rayjob import rayjob
-from gpumesh.operator.world import ClusterKey, Holdings, QueueSide, created_at, parse_gpuquotas
+from gpumesh.operator.world import (
+    ClusterKey,
+    Holdings,
+    QueueSide,
+    created_at,
+    parse_gpuquotas,
+    unaccounted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +205,13 @@ class JobReconciler:
         """Jobs as a GPUCluster admission pass sees them (called with the lock held)."""
         return job_workloads(self._entries(snap), now)
 
-    def preempt(self, preemption: Preemption, snap: JobSnapshot, now: datetime) -> bool:
-        """A GPUCluster's admission takes this Job's cluster (called with the lock held)."""
+    def take_back(
+        self, preemptions: Sequence[Preemption], snap: JobSnapshot, now: datetime
+    ) -> bool:
+        """A GPUCluster's admission takes these Jobs' clusters (called with the lock held)."""
         with self.lock:
-            self._preempt(preemption, snap, now)
+            for preemption in preemptions:
+                self._preempt(preemption, snap, now)
         return True
 
     # -- the reconcile ---------------------------------------------------------------------
@@ -280,13 +290,15 @@ class JobReconciler:
     ) -> tuple[Step, bool]:
         """Run an admission pass; apply this Job's verdict and any preemption it needs."""
         entries = self._entries(snap, override=(key, JobEntry(ref, spec, step.status)))
+        others = self.clusters.workloads(now) if self.clusters else ([], [])
+        _, running = job_workloads(entries, now)
         result = admission_pass(
             entries,
             snap.offers,
             now=now,
-            reserved={},
+            reserved=unaccounted(self.holdings, [*running, *others[1]]),
             quotas=quota_limits(parse_gpuquotas(snap.gpuquotas)),
-            others=self.clusters.workloads(now) if self.clusters else ((), ()),
+            others=others,
         )
         verdict = result.outcome_of(workload_key("Job", ref.namespace, ref.name))
         if verdict is None:
@@ -294,15 +306,9 @@ class JobReconciler:
         decision = verdict.decision
         stalled = verdict.reason in STALLED_REASONS
         if verdict.outcome in ("Admitted", "Preempting") and decision is not None:
-            for preemption in verdict.preemptions:
-                if preemption.victim.kind == "Job":
-                    self._preempt(preemption, snap, now)
-                elif self.clusters is not None and not self.clusters.preempt(preemption, now):
-                    # A victim cluster is mid-reconcile: stay queued, look again shortly.
-                    stalled = False
-                    break
-            else:
+            if self._take_back(verdict.preemptions, snap, now):
                 return self._admitted(ref, spec, step, verdict, now), True
+            stalled = False  # a victim cluster is mid-reconcile: stay queued, look again soon
         after = queued(
             ref,
             spec,
@@ -316,6 +322,19 @@ class JobReconciler:
         if verdict.outcome in ("Admitted", "Preempting"):
             return replace(_merge(step, after), wake_at=now + PREEMPTION_RETRY), False
         return _merge(step, after), False
+
+    def _take_back(
+        self, preemptions: Sequence[Preemption], snap: JobSnapshot, now: datetime
+    ) -> bool:
+        """Every victim's GPUs, all or none; the GPUClusters' side locks its victims first."""
+        if not preemptions:
+            return True
+        if self.clusters is not None:
+            return self.clusters.take_back(preemptions, now)
+        for preemption in preemptions:
+            if preemption.victim.kind == "Job":
+                self._preempt(preemption, snap, now)
+        return True
 
     def _admitted(
         self, ref: JobRef, spec: JobSpec, step: Step, verdict: Verdict, now: datetime

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -145,8 +145,13 @@ class GroupOnNode:
 def trim_raycluster(body: Obj) -> dict[str, Any]:
     """The parts of a gpumesh-managed RayCluster the operator reads."""
     spec = body.get("spec") or {}
+    references = (body.get("metadata") or {}).get("ownerReferences") or []
+    owner: Mapping[str, Any] = next((o for o in references if o.get("controller")), {})
     return {
-        "metadata": _meta(body, "name", "namespace", "labels", "annotations"),
+        "metadata": {
+            **_meta(body, "name", "namespace", "labels", "annotations", "deletionTimestamp"),
+            "ownerUid": owner.get("uid"),
+        },
         "spec": {
             "suspend": bool(spec.get("suspend")),
             "headNode": _head_node(spec),
@@ -289,6 +294,19 @@ class Holdings:
                         total.pop(node, None)
             return total
 
+    def reserved_except(self, keys: Iterable[ClusterKey]) -> dict[str, int]:
+        """GPUs per node held by every workload but ``keys``."""
+        total = self.reserved()
+        with self._lock:
+            for key in set(keys):
+                for node, gpus in self._effective(key).items():
+                    left = total.get(node, 0) - gpus
+                    if left:
+                        total[node] = left
+                    else:
+                        total.pop(node, None)
+        return total
+
     def _effective(self, key: ClusterKey) -> dict[str, int]:
         found = self._promised.get(key)
         if found is None:
@@ -321,8 +339,8 @@ class QueueSide(Protocol):
         """Who waits for GPUs and who holds them (called with the placement lock held)."""
         ...
 
-    def preempt(self, preemption: Preemption, now: datetime) -> bool:
-        """Take back what the victim (of this kind) holds, before the preemptor is booked.
+    def take_back(self, preemptions: Sequence[Preemption], now: datetime) -> bool:
+        """Take back what the victims hold, all or none, before the preemptor is booked.
 
         False when that cannot be done right now (the preemptor should try again soon).
         """
@@ -331,3 +349,13 @@ class QueueSide(Protocol):
     def kick(self) -> None:
         """Run this kind's queue pass soon: GPUs were freed or taken."""
         ...
+
+
+def unaccounted(holdings: Holdings, running: Iterable[Running]) -> dict[str, int]:
+    """GPUs per node held by gpumesh workloads an admission pass does not list as running.
+
+    A pass accounts for the workloads it lists itself; one it leaves out (being deleted,
+    or a spec that no longer parses) still holds what its RayCluster holds.
+    """
+    listed = {ClusterKey(w.namespace, w.name, w.kind) for w in running}
+    return holdings.reserved_except(listed)

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from gpumesh.operator.jobs.metrics import UsageCounters
 from gpumesh.operator.placement import InventoryIndex, NodeOffer
 from gpumesh.operator.placement.synthetic import make_offer
-from gpumesh.operator.reconcile_gpucluster import ForeignRayClusterError, Reconciler
+from gpumesh.operator.reconcile_gpucluster import Reconciler
 from gpumesh.operator.world import ClusterKey, trim_raycluster
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -388,7 +388,95 @@ def test_a_raycluster_someone_else_manages_is_never_taken_over() -> None:
     api, reconciler = setup(make_offer("n1"))
     api.foreign.add("train")
     api.create("train", replicas=1)
-    reconciler.admission_pass(T0)
-    with pytest.raises(ForeignRayClusterError, match="not managed by gpumesh"):
-        reconciler.reconcile(ClusterKey(NS, "train"), T0)
+    settle(api, reconciler)
     assert api.applies == []
+    assert api.stalled("train")["reason"] == "ForeignRayCluster"
+    assert "not managed by gpumesh" in api.stalled("train")["message"]
+    assert reconciler.holdings.reserved() == {}  # nothing stays booked for it
+    api.foreign.clear()  # its owner deleted it: the next look places the cluster
+    reconciler.reconcile(ClusterKey(NS, "train"), at(30))
+    settle(api, reconciler, at(31))
+    assert api.workers_by_node("train") == {"n1": 1}
+
+
+def test_a_deleted_cluster_is_forgotten_once_and_asks_for_nothing_more() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    settle(api, reconciler)
+    del api.clusters["train"]
+    api.passes_requested.clear()
+    assert reconciler.reconcile(ClusterKey(NS, "train"), at(5)) is False
+    assert api.passes_requested == [0]  # its GPUs are free: the queue looks once
+    assert reconciler.reconcile(ClusterKey(NS, "train"), at(35)) is False
+    assert api.passes_requested == [0]  # and never again for a cluster that is gone
+
+
+def test_a_jobs_admission_does_not_hide_a_new_cluster_from_its_own_pass() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    reconciler.workloads(T0)  # a Job's admission looks at every GPUCluster first
+    reconciler.reconcile(ClusterKey(NS, "train"), T0)
+    assert api.passes_requested == [0]
+
+
+def test_a_cluster_the_pass_leaves_out_keeps_its_gpus() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("old", replicas=1)
+    settle(api, reconciler)
+    api.clusters["old"]["spec"]["workers"]["replicas"] = "many"  # no longer parses
+    api.create("new", replicas=1, age_s=5)
+    settle(api, reconciler, at(5))
+    assert "new" not in api.rayclusters  # old's RayCluster still holds n1's GPUs
+
+
+def test_a_cluster_created_again_under_its_name_starts_from_nothing() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    settle(api, reconciler)
+    api.create("waiting", replicas=1, age_s=1)
+    settle(api, reconciler, at(1))
+    # train is deleted and created again before the operator saw the deletion
+    api.create("train", replicas=1, age_s=10)
+    api.clusters["train"]["metadata"]["uid"] = "uid-train-2"
+    api.rayclusters["train"]["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:05Z"
+    reconciler.reconcile(ClusterKey(NS, "train"), at(10))
+    settle(api, reconciler, at(11))
+    # the old booking went to the one waiting first; the new train waits its turn
+    assert api.workers_by_node("waiting") == {"n1": 1}
+    assert api.status("train")["phase"] == "Pending"
+
+
+def test_a_victim_whose_scale_down_fails_is_not_booked_as_empty() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("batch", replicas=1)
+    settle(api, reconciler)
+    api.create("urgent", replicas=1, priority=100)
+    failing = api.apply_custom
+
+    def refuse(group: str, version: str, plural: str, manifest: Any) -> dict[str, Any]:
+        if manifest["metadata"]["name"] == "batch":
+            raise ApiException(status=500, reason="etcd is unhappy")
+        return failing(group, version, plural, manifest)
+
+    api.apply_custom = refuse  # type: ignore[method-assign]
+    reconciler.admission_pass(at(5))
+    assert "urgent" not in api.rayclusters
+    assert reconciler.holdings.reserved() == {"n1": 8}  # batch still holds its GPUs
+    api.apply_custom = failing  # type: ignore[method-assign]
+    settle(api, reconciler, at(6))
+    assert api.workers_by_node("urgent") == {"n1": 1}
+    assert api.workers_by_node("batch") == {}
+
+
+def test_suspending_clears_a_preemption_notice() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("batch", replicas=1)
+    settle(api, reconciler)
+    api.create("urgent", replicas=1, priority=100)
+    settle(api, reconciler, at(5))
+    assert api.stalled("batch")["reason"] == "Preempted"
+    api.clusters["batch"]["spec"]["suspend"] = True
+    api.clusters["batch"]["metadata"]["generation"] += 1
+    reconciler.reconcile(ClusterKey(NS, "batch"), at(10))
+    assert api.status("batch")["phase"] == "Suspended"
+    assert api.stalled("batch")["status"] == "False"

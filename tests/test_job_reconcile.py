@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -136,8 +136,8 @@ class ResidentClusters:
     def workloads(self, now: datetime) -> tuple[list[Request], list[Running]]:
         return [], [] if self.preempted else [self.resident]
 
-    def preempt(self, preemption: Preemption, now: datetime) -> bool:
-        self.preempted.append(preemption)
+    def take_back(self, preemptions: Sequence[Preemption], now: datetime) -> bool:
+        self.preempted.extend(preemptions)
         return True
 
     def kick(self) -> None:

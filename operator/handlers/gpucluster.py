@@ -29,7 +29,6 @@ from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
     PLURAL,
     VERSION,
-    ForeignRayClusterError,
     Reconciler,
 )
 from gpumesh.operator.render import labels as names
@@ -130,16 +129,10 @@ def _process_in_context(key: ClusterKey | None) -> None:
         reconciler().admission_pass()
         return
     try:
-        reconciler().reconcile(key)
-        # Resync: look again after a while even if no event comes (repairs drift). Events
-        # in between do not postpone it; the earliest time asked for wins.
-        QUEUE.add(key, after=SETTINGS.resync_seconds)
-    except ForeignRayClusterError as err:
-        # Retrying cannot help; the cluster's owner must act. Say so where they look.
-        body = IndexWorld().gpucluster(key)
-        if body is not None:
-            _post_event(body, "Warning", "ForeignRayCluster", str(err))
-        log.warning("%s", err)
+        if reconciler().reconcile(key):
+            # Resync: look again after a while even if no event comes (repairs drift).
+            # Events in between do not postpone it; the earliest time asked for wins.
+            QUEUE.add(key, after=SETTINGS.resync_seconds)
     except ApiException as err:
         if err.status == 403 and "being terminated" in str(err.body or ""):
             return  # the namespace goes, and the cluster with it

@@ -134,6 +134,16 @@ async def job_index(
     return {ClusterKey(namespace or "", name, "Job"): trimmed}
 
 
+@kopf.index("gpumesh.io", "v1alpha1", "jobs")
+async def jobs_by_cluster_index(
+    namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str, str], str]:
+    """Jobs that run on an existing GPUCluster, by that cluster: its changes concern them."""
+    ref = spec.get("clusterRef") or {}
+    cluster = ref.get("name")
+    return {(namespace or "", str(cluster)): name} if cluster else {}
+
+
 @kopf.index(
     "ray.io",
     "v1",

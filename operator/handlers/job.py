@@ -13,7 +13,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -21,7 +21,7 @@ import kopf
 
 from gpumesh.operator import kube
 from gpumesh.operator.handlers import gpucluster
-from gpumesh.operator.handlers.runtime import RUNTIME
+from gpumesh.operator.handlers.runtime import RUNTIME, entries
 from gpumesh.operator.jobs import metrics
 from gpumesh.operator.jobs.naming import JOB
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
@@ -62,11 +62,11 @@ class _JobSide:
             return [], []
         return reconciler().workloads(snapshot(indexes), now)
 
-    def preempt(self, preemption: Preemption, now: datetime) -> bool:
+    def take_back(self, preemptions: Sequence[Preemption], now: datetime) -> bool:
         indexes = RUNTIME.indexes
         if indexes is None:
             return False
-        return reconciler().preempt(preemption, snapshot(indexes), now)
+        return reconciler().take_back(preemptions, snapshot(indexes), now)
 
     def kick(self) -> None:
         ALARMS.queue_pass()
@@ -201,8 +201,11 @@ def _fire_in_context(key: ClusterKey | None) -> None:
     if indexes is None:
         return
     if key is None:
-        for job, outcome in reconciler().reconcile_queue(snapshot(indexes)):
+        outcomes = reconciler().reconcile_queue(snapshot(indexes))
+        for job, outcome in outcomes:
             _follow_up(outcome, job)
+        if outcomes:
+            gpucluster.reconciler().kick()  # GPUQuota status counts what Jobs now hold
         return
     store = indexes["job_index"].get(key)
     body = next(iter(store), None) if store else None
@@ -303,12 +306,8 @@ async def gpucluster_changed(
     else:
         _cluster_gpus[key] = gpus
     now = datetime.now(UTC)
-    for store in list(live["job_index"].values()):
-        for job in list(store):
-            ref = (job.get("spec") or {}).get("clusterRef") or {}
-            same = job["metadata"].get("namespace") == key.namespace
-            if same and ref.get("name") == name:
-                ALARMS.at(job_key(key.namespace, job["metadata"]["name"]), now)
+    for job in entries(live["jobs_by_cluster_index"], (key.namespace, name)):
+        ALARMS.at(job_key(key.namespace, job), now)
     if gpus < before:
         ALARMS.queue_pass()
 

@@ -21,18 +21,24 @@ _fingerprints: dict[str, str] = {}
 @kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
 @kopf.on.event("", "v1", "nodes")
 async def supply_changed(
-    name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any
+    type: str | None, name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any
 ) -> None:
-    """Waiting work gets another try now rather than at resync; running work a look."""
-    relevant = (
-        repr(trim_node(body))
-        if resource.plural == "nodes"
-        else repr((dict(body.spec), body.status.get("health"), body.status.get("gpuCount")))
-    )
+    """Waiting work gets another try now rather than at resync; running work a look.
+
+    A deleted Node or GPUNode always counts: its last state is what the fingerprint has.
+    """
     key = f"{resource.plural}/{name}"
-    if _fingerprints.get(key) == relevant:
-        return
-    _fingerprints[key] = relevant
+    if type == "DELETED":
+        _fingerprints.pop(key, None)
+    else:
+        relevant = (
+            repr(trim_node(body))
+            if resource.plural == "nodes"
+            else repr((dict(body.spec), body.status.get("health"), body.status.get("gpuCount")))
+        )
+        if _fingerprints.get(key) == relevant:
+            return
+        _fingerprints[key] = relevant
     RUNTIME.remember(indexes)
     gpucluster.supply_moved(name)
     job.supply_moved(name, indexes)
