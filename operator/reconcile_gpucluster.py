@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from gpumesh.api.conditions import STALLED, set_condition
-from gpumesh.api.gpucluster import GPUClusterSpec, GPUClusterStatus
+from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
 from gpumesh.operator.jobs.admission import STALLED_REASONS, placements
@@ -272,9 +272,11 @@ class Reconciler:
                 self._settle(key, chosen)
                 waiting = Waiting("ForeignRayCluster", _foreign_message(key))
             elif _wants_more(spec, held):
-                chosen = held
+                # The growth waits for the queue; what it holds already may still have to
+                # leave a failed node meanwhile.
+                chosen = self._keep_in_place(key, _clamped(spec, held), held, offers, generation)
                 waiting = self._waiting(key)
-                if self._seen_by_pass.get(key) != (generation, held):
+                if self._seen_by_pass.get(key) != (generation, chosen):
                     self.request_pass(0)
             elif self._kept.get(key) == (generation, self._epoch_of(offers), held):
                 chosen = held  # neither the spec nor the supply changed since it was kept
@@ -322,6 +324,40 @@ class Reconciler:
         if self._write_status(key, body, previous, status):
             self.counters.record(key.namespace, "GPUCluster", key.name, flush)
         return True
+
+    def _keep_in_place(
+        self,
+        key: ClusterKey,
+        shape: GPUClusterSpec,
+        held: Placed,
+        offers: InventoryIndex,
+        generation: int,
+    ) -> Placed:
+        """What a waiting cluster holds, moved off nodes that can no longer have it.
+
+        ``shape`` is the spec cut down to what it holds, so nothing grows here. Called with
+        the placement lock held; placement runs only when the supply changed.
+        """
+        if not held.assignments or self._kept.get(key) == (
+            generation,
+            self._epoch_of(offers),
+            held,
+        ):
+            return held
+        decision = place_cluster(
+            shape,
+            offers,
+            current=held.assignments,
+            reserved=self.holdings.reserved(exclude=key),
+            current_head=held.head_node,
+            keep_unhealthy=shape.failover.mode == "Never",
+        )
+        if not decision.ok:
+            return held  # nowhere better to go: keep what runs
+        moved = Placed(decision.assignments, decision.head_node)
+        self._settle(key, moved)
+        self._kept[key] = (generation, self._epoch_of(offers), moved)
+        return moved
 
     def _same_incarnation(self, key: ClusterKey, body: Obj) -> None:
         """A cluster deleted and created again under its name starts from nothing: what
@@ -859,6 +895,18 @@ def _wants_more(spec: GPUClusterSpec, held: Placed) -> bool:
     if not held.holds_anything:
         return any(g.replicas > 0 for _, g in groups) or held.head_node is None
     return any(g.replicas > held.workers(name) for name, g in groups)
+
+
+def _clamped(spec: GPUClusterSpec, held: Placed) -> GPUClusterSpec:
+    """``spec`` with no group asking for more workers than it holds now."""
+    workers = spec.workers.model_copy(
+        update={"replicas": min(spec.workers.replicas, held.workers(PRIMARY_GROUP))}
+    )
+    others = [
+        g.model_copy(update={"replicas": min(g.replicas, held.workers(g.name))})
+        for g in spec.additional_worker_groups
+    ]
+    return spec.model_copy(update={"workers": workers, "additional_worker_groups": others})
 
 
 def _condition_reason(queue_reason: str, request: Request) -> str:

@@ -480,3 +480,21 @@ def test_suspending_clears_a_preemption_notice() -> None:
     reconciler.reconcile(ClusterKey(NS, "batch"), at(10))
     assert api.status("batch")["phase"] == "Suspended"
     assert api.stalled("batch")["status"] == "False"
+
+
+def test_a_cluster_waiting_to_grow_still_leaves_a_lost_node() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=1)
+    settle(api, reconciler)
+    (first,) = api.workers_by_node("train")
+    api.edit("train", replicas=3)  # two nodes of 8 GPUs: the third worker cannot fit
+    reconciler.reconcile(ClusterKey(NS, "train"), at(5))
+    settle(api, reconciler, at(6))
+    assert api.workers_by_node("train") == {first: 1}
+    other = "n2" if first == "n1" else "n1"
+    head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
+    api.index = InventoryIndex([make_offer(first, health="Lost"), make_offer(other), head])
+    reconciler.reconcile(ClusterKey(NS, "train"), at(10))
+    assert api.workers_by_node("train") == {other: 1}  # moved while the growth still waits
+    assert api.status("train")["phase"] != "Ready"
+    assert api.stalled("train")["status"] == "True"
