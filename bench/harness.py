@@ -7,16 +7,21 @@ same run, and the ratio between them, rather than absolute numbers alone.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
 import os
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 
 @dataclass(frozen=True)
@@ -130,3 +135,105 @@ def load() -> str:
 def log(text: str) -> None:
     """Progress for the person waiting, stamped with the time and the load."""
     print(f"   [{time.strftime('%H:%M:%S')} load {load()}] {text}", file=sys.stderr, flush=True)
+
+
+def consume(response: Any) -> bytes:
+    """The body of a response fetched with ``_preload_content=False``; its connection goes
+    back to the pool."""
+    body = bytes(response.data)
+    response.release_conn()
+    return body
+
+
+def raw_json(response: Any) -> Any:
+    """A response parsed without the client's model classes (deserialising 1,000 Nodes
+    into them takes seconds of CPU)."""
+    return json.loads(consume(response))
+
+
+def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+class ListWatch:
+    """List, then watch from that version in a thread; ``observe`` sees every object as
+    it is added or changes, with the ``time.monotonic()`` it arrived at.
+
+    ``list_fn`` is a client list call (``list_namespaced_pod``, a bound
+    ``list_namespaced_custom_object``...) taking ``args`` and keyword options. A gone
+    version or an error event lists again; a dropped stream resumes from the last one.
+    """
+
+    def __init__(self, list_fn: Callable[..., Any], *args: Any, name: str, **options: Any) -> None:
+        self.list_fn, self.args, self.options = list_fn, args, options
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{name}", daemon=True)
+        self._rv = ""
+        self._response: Any = None
+
+    def observe(self, obj: Mapping[str, Any], now: float) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._rv = self._list()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._response.close()
+        self._thread.join(timeout=30)
+
+    def _observed(self, obj: Mapping[str, Any], now: float) -> None:
+        with self._cond:
+            self.observe(obj, now)
+            self._cond.notify_all()
+
+    def _list(self) -> str:
+        listed = raw_json(self.list_fn(*self.args, _preload_content=False, **self.options))
+        now = time.monotonic()
+        for obj in listed["items"]:
+            self._observed(obj, now)
+        return str(listed["metadata"]["resourceVersion"])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._response = self.list_fn(
+                    *self.args,
+                    watch=True,
+                    resource_version=self._rv,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=5,  # how long stopping may take
+                    _preload_content=False,
+                    **self.options,
+                )
+                for line in iter_resp_lines(self._response):  # type: ignore[no-untyped-call]
+                    now = time.monotonic()
+                    event = json.loads(line)
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        self._rv = self._list()
+                        break
+                    self._rv = obj["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._observed(obj, now)
+                    if self._stop.is_set():
+                        break
+            except ApiException as err:
+                if err.status == 410:
+                    self._rv = self._list()
+                elif not self._stop.is_set():
+                    time.sleep(0.2)
+            except Exception:  # a closed or dropped stream: resume unless stopping
+                if not self._stop.is_set():
+                    time.sleep(0.2)
+            finally:
+                with contextlib.suppress(Exception):
+                    self._response.release_conn()

@@ -49,10 +49,21 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, watch
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from bench.harness import Report, Row, Stats, api_client, load, log, parallel, untyped
+from bench.harness import (
+    ListWatch,
+    Report,
+    Row,
+    Stats,
+    api_client,
+    load,
+    log,
+    parallel,
+    untyped,
+    wait_until,
+)
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec
 from gpumesh.api.gpunode import GPUNodeStatus
 from gpumesh.devcluster import mesh
@@ -316,14 +327,6 @@ def ready_nodes(core: Any) -> set[str]:
     }
 
 
-def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
 def delete_namespace(api: client.ApiClient, name: str, timeout: float = 900) -> float:
     """Delete a namespace and wait until it is gone; the seconds it took."""
     core = client.CoreV1Api(api)
@@ -350,7 +353,7 @@ def delete_namespace(api: client.ApiClient, name: str, timeout: float = 900) -> 
 Obj = Mapping[str, Any]
 
 
-class Watcher:
+class Watcher(ListWatch):
     """Watches one namespaced kind; per name, when it was first seen and when ``done``
     first held. Times are ``time.monotonic()`` in this process."""
 
@@ -363,69 +366,19 @@ class Watcher:
         plural: str,
         done: Callable[[Obj], bool] | None = None,
     ) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.args = (group, version, namespace, plural)
+        custom = client.CustomObjectsApi(api)
+        super().__init__(
+            custom.list_namespaced_custom_object, group, version, namespace, plural, name=plural
+        )
         self.done = done
         self.seen: dict[str, float] = {}
         self.done_at: dict[str, float] = {}
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"watch-{plural}", daemon=True)
-        self._rv = ""
 
-    def __enter__(self) -> Watcher:
-        self._rv = self._list()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _observe(self, obj: Obj, now: float) -> None:
+    def observe(self, obj: Obj, now: float) -> None:
         name = obj["metadata"]["name"]
-        with self._cond:
-            self.seen.setdefault(name, now)
-            if self.done is not None and name not in self.done_at and self.done(obj):
-                self.done_at[name] = now
-            self._cond.notify_all()
-
-    def _list(self) -> str:
-        listed = untyped(self.custom.list_namespaced_custom_object(*self.args))
-        now = time.monotonic()
-        for obj in listed["items"]:
-            self._observe(obj, now)
-        return str(listed["metadata"]["resourceVersion"])
-
-    def _run(self) -> None:
-        rv = self._rv
-        while not self._stop.is_set():
-            stream = watch.Watch()  # type: ignore[no-untyped-call]
-            try:
-                for event in stream.stream(  # type: ignore[no-untyped-call]
-                    self.custom.list_namespaced_custom_object,
-                    *self.args,
-                    resource_version=rv,
-                    timeout_seconds=10,
-                    allow_watch_bookmarks=True,
-                ):
-                    now = time.monotonic()
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
-                        rv = self._list()
-                        break
-                    rv = obj["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        self._observe(obj, now)
-                    if self._stop.is_set():
-                        break
-            except ApiException as err:
-                if err.status == 410:
-                    rv = self._list()
-                else:
-                    time.sleep(0.5)
-            except Exception:  # a dropped connection: resume from the last version
-                time.sleep(0.5)
+        self.seen.setdefault(name, now)
+        if self.done is not None and name not in self.done_at and self.done(obj):
+            self.done_at[name] = now
 
     def wait(self, names: set[str], deadline: float, *, seen: bool = False, label: str) -> bool:
         """Until every name is done (or seen); False at the deadline. Logs progress."""

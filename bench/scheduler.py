@@ -42,8 +42,6 @@ Knobs (environment): ``BENCH_SCHEDULER_NODES`` (default 1000), ``BENCH_SCHEDULER
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import platform
@@ -52,10 +50,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
@@ -65,9 +62,21 @@ from typing import Any
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
-from bench.harness import Report, Row, Stats, api_client, load, log, parallel, untyped
+from bench.harness import (
+    ListWatch,
+    Report,
+    Row,
+    Stats,
+    api_client,
+    consume,
+    load,
+    log,
+    parallel,
+    raw_json,
+    untyped,
+    wait_until,
+)
 from bench.placement import random_spec
 from gpumesh.api.gpucluster import GPUClusterSpec
 from gpumesh.devcluster import mesh, toolchain
@@ -478,28 +487,6 @@ def check_translation(
 # --- the cluster ---------------------------------------------------------------------------
 
 
-def consume(response: Any) -> bytes:
-    """The body of a response fetched with ``_preload_content=False``; its connection goes
-    back to the pool."""
-    body = bytes(response.data)
-    response.release_conn()
-    return body
-
-
-def raw_json(response: Any) -> Any:
-    """A response parsed without the client's model classes (deserialising 1,000 Nodes
-    into them takes seconds of CPU)."""
-    return json.loads(consume(response))
-
-
-def wait_until(what: str, done: Callable[[], bool], timeout: float, every: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
 def create_nodes(api: client.ApiClient, bodies: Sequence[Obj]) -> str:
     """Create the Nodes, then wait until kwok has taken every one over (its Lease exists)
     and every one is Ready without a not-ready taint, so no round pays for the takeover;
@@ -553,90 +540,32 @@ def wait_for_service_account(api: client.ApiClient, namespace: str) -> None:
 # --- watching bindings ----------------------------------------------------------------------
 
 
-class PodWatch:
+class PodWatch(ListWatch):
     """One round's pods as a watch sees them: when each was first seen, when it was first
     seen bound (``spec.nodeName``) and where, and which the scheduler marked Unschedulable.
     Times are ``time.monotonic()`` in this process."""
 
     def __init__(self, api: client.ApiClient, namespace: str, round_name: str) -> None:
-        self.core = client.CoreV1Api(api)
-        self.selector = f"{ROUND_LABEL}={round_name}"
-        self.namespace = namespace
+        core = client.CoreV1Api(api)
+        selector = f"{ROUND_LABEL}={round_name}"
+        super().__init__(core.list_namespaced_pod, namespace, name="pods", label_selector=selector)
         self.seen: dict[str, float] = {}
         self.bound: dict[str, tuple[float, str]] = {}
         self.unschedulable: set[str] = set()
         self.why: dict[str, str] = {}  # the last PodScheduled=False reason and message
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="watch-pods", daemon=True)
-        self._rv = ""
-        self._response: Any = None
 
-    def __enter__(self) -> PodWatch:
-        self._rv = self._list()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        with contextlib.suppress(Exception):
-            self._response.close()
-        self._thread.join(timeout=30)
-
-    def _observe(self, pod: Obj, now: float) -> None:
+    def observe(self, pod: Mapping[str, Any], now: float) -> None:
         name = pod["metadata"]["name"]
         node = pod["spec"].get("nodeName")
         conds = (pod.get("status") or {}).get("conditions") or []
-        with self._cond:
-            self.seen.setdefault(name, now)
-            if node and name not in self.bound:
-                self.bound[name] = (now, node)
-            for c in conds:
-                if c["type"] == "PodScheduled" and c["status"] == "False":
-                    self.why[name] = f"{c.get('reason')}: {c.get('message')}"
-                    if c.get("reason") == "Unschedulable":
-                        self.unschedulable.add(name)
-            self._cond.notify_all()
-
-    def _list(self) -> str:
-        listed = raw_json(
-            self.core.list_namespaced_pod(
-                self.namespace, _preload_content=False, label_selector=self.selector
-            )
-        )
-        now = time.monotonic()
-        for pod in listed["items"]:
-            self._observe(pod, now)
-        return str(listed["metadata"]["resourceVersion"])
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._response = self.core.list_namespaced_pod(
-                    self.namespace,
-                    watch=True,
-                    resource_version=self._rv,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=5,  # how long stopping may take
-                    _preload_content=False,
-                    label_selector=self.selector,
-                )
-                for line in iter_resp_lines(self._response):  # type: ignore[no-untyped-call]
-                    now = time.monotonic()
-                    event = json.loads(line)
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
-                        self._rv = self._list()
-                        break
-                    self._rv = obj["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        self._observe(obj, now)
-            except Exception:  # a closed or dropped stream: resume unless stopping
-                if not self._stop.is_set():
-                    time.sleep(0.2)
-            finally:
-                with contextlib.suppress(Exception):
-                    self._response.release_conn()
+        self.seen.setdefault(name, now)
+        if node and name not in self.bound:
+            self.bound[name] = (now, node)
+        for c in conds:
+            if c["type"] == "PodScheduled" and c["status"] == "False":
+                self.why[name] = f"{c.get('reason')}: {c.get('message')}"
+                if c.get("reason") == "Unschedulable":
+                    self.unschedulable.add(name)
 
     def wait_seen(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -274,28 +274,16 @@ class Reconciler:
             elif _wants_more(spec, held):
                 # The growth waits for the queue; what it holds already may still have to
                 # leave a failed node meanwhile.
-                chosen = self._keep_in_place(key, _clamped(spec, held), held, offers, generation)
+                chosen = held
+                if held.assignments:
+                    chosen, _ = self._in_place(key, _clamped(spec, held), held, offers, generation)
                 waiting = self._waiting(key)
                 if self._seen_by_pass.get(key) != (generation, chosen):
                     self.request_pass(0)
-            elif self._kept.get(key) == (generation, self._epoch_of(offers), held):
-                chosen = held  # neither the spec nor the supply changed since it was kept
             else:
-                decision = place_cluster(
-                    spec,
-                    offers,
-                    current=held.assignments,
-                    reserved=self.holdings.reserved(exclude=key),
-                    current_head=held.head_node,
-                    keep_unhealthy=spec.failover.mode == "Never",
-                )
-                if decision.ok:
-                    chosen = Placed(decision.assignments, decision.head_node)
-                    self._settle(key, chosen)
-                    self._kept[key] = (generation, self._epoch_of(offers), chosen)
-                else:
-                    chosen = held  # nowhere better to go: keep what runs
-                    waiting = Waiting("Unschedulable", decision.explanation)
+                chosen, why = self._in_place(key, spec, held, offers, generation)
+                if why is not None:
+                    waiting = Waiting("Unschedulable", why)
             if waiting is None:
                 self._notes.pop(key, None)  # not waiting (any more): no stale queue word
         before = _assignments_of(existing, offers) if existing else ()
@@ -325,25 +313,23 @@ class Reconciler:
             self.counters.record(key.namespace, "GPUCluster", key.name, flush)
         return True
 
-    def _keep_in_place(
+    def _in_place(
         self,
         key: ClusterKey,
         shape: GPUClusterSpec,
         held: Placed,
         offers: InventoryIndex,
         generation: int,
-    ) -> Placed:
-        """What a waiting cluster holds, moved off nodes that can no longer have it.
+    ) -> tuple[Placed, str | None]:
+        """Re-place a cluster that needs no new GPUs: what it holds stays where it still
+        fits, shrinks to ``shape``, and leaves nodes that can no longer have it.
 
-        ``shape`` is the spec cut down to what it holds, so nothing grows here. Called with
-        the placement lock held; placement runs only when the supply changed.
+        Returns the placement, and why it could not be kept when it could not (then what
+        runs stays). Called with the placement lock held; placement runs only when the
+        spec or the supply changed since the cluster was last kept.
         """
-        if not held.assignments or self._kept.get(key) == (
-            generation,
-            self._epoch_of(offers),
-            held,
-        ):
-            return held
+        if self._kept.get(key) == (generation, self._epoch_of(offers), held):
+            return held, None
         decision = place_cluster(
             shape,
             offers,
@@ -353,11 +339,11 @@ class Reconciler:
             keep_unhealthy=shape.failover.mode == "Never",
         )
         if not decision.ok:
-            return held  # nowhere better to go: keep what runs
-        moved = Placed(decision.assignments, decision.head_node)
-        self._settle(key, moved)
-        self._kept[key] = (generation, self._epoch_of(offers), moved)
-        return moved
+            return held, decision.explanation  # nowhere better to go: keep what runs
+        placed = Placed(decision.assignments, decision.head_node)
+        self._settle(key, placed)
+        self._kept[key] = (generation, self._epoch_of(offers), placed)
+        return placed, None
 
     def _same_incarnation(self, key: ClusterKey, body: Obj) -> None:
         """A cluster deleted and created again under its name starts from nothing: what
