@@ -334,7 +334,7 @@ class Reconciler:
             shape,
             offers,
             current=held.assignments,
-            reserved=self.holdings.reserved(exclude=key),
+            reserved=self.holdings.reserved(exclude=[key]),
             current_head=held.head_node,
             keep_unhealthy=shape.failover.mode == "Never",
         )

@@ -235,8 +235,7 @@ class Holdings:
         self._lock = threading.Lock()
         self._promised: dict[ClusterKey, dict[str, int]] = {}
         self._observed: dict[ClusterKey, dict[str, int]] = {}
-        self._totals: dict[str, dict[str, int]] = {}
-        """Per workload kind, GPUs per node."""
+        self._totals: dict[str, int] = {}
 
     def promise(self, key: ClusterKey, per_node: Mapping[str, int]) -> None:
         """This process gave ``key`` these GPUs (an empty map: it holds none now)."""
@@ -263,49 +262,13 @@ class Holdings:
             self._observed.pop(key, None)
             self._shift(key, before)
 
-    def of(self, key: ClusterKey) -> dict[str, int]:
+    def reserved(self, exclude: Iterable[ClusterKey] = ()) -> dict[str, int]:
+        """GPUs per node held by every workload but those in ``exclude``."""
         with self._lock:
-            return dict(self._effective(key))
-
-    def promised(self, key: ClusterKey) -> dict[str, int] | None:
-        """What this process promised ``key``; None if it promised nothing yet."""
-        with self._lock:
-            found = self._promised.get(key)
-            return None if found is None else dict(found)
-
-    def reserved(
-        self, exclude: ClusterKey | None = None, kind: str | None = None
-    ) -> dict[str, int]:
-        """GPUs per node held by workloads (of ``kind``, if given) other than ``exclude``."""
-        with self._lock:
-            if kind is None:
-                total: dict[str, int] = {}
-                for per_kind in self._totals.values():
-                    for node, gpus in per_kind.items():
-                        total[node] = total.get(node, 0) + gpus
-            else:
-                total = dict(self._totals.get(kind, {}))
-            if exclude is not None and (kind is None or exclude.kind == kind):
-                for node, gpus in self._effective(exclude).items():
-                    left = total.get(node, 0) - gpus
-                    if left:
-                        total[node] = left
-                    else:
-                        total.pop(node, None)
+            total = dict(self._totals)
+            for key in set(exclude):
+                _add(total, self._effective(key), -1)
             return total
-
-    def reserved_except(self, keys: Iterable[ClusterKey]) -> dict[str, int]:
-        """GPUs per node held by every workload but ``keys``."""
-        total = self.reserved()
-        with self._lock:
-            for key in set(keys):
-                for node, gpus in self._effective(key).items():
-                    left = total.get(node, 0) - gpus
-                    if left:
-                        total[node] = left
-                    else:
-                        total.pop(node, None)
-        return total
 
     def _effective(self, key: ClusterKey) -> dict[str, int]:
         found = self._promised.get(key)
@@ -315,17 +278,19 @@ class Holdings:
 
     def _shift(self, key: ClusterKey, before: Mapping[str, int]) -> None:
         after = self._effective(key)
-        if after == before:
-            return
-        totals = self._totals.setdefault(key.kind, {})
-        for node, gpus in before.items():
-            left = totals.get(node, 0) - gpus
-            if left:
-                totals[node] = left
-            else:
-                totals.pop(node, None)
-        for node, gpus in after.items():
-            totals[node] = totals.get(node, 0) + gpus
+        if after != before:
+            _add(self._totals, before, -1)
+            _add(self._totals, after, 1)
+
+
+def _add(total: dict[str, int], per_node: Mapping[str, int], sign: int) -> None:
+    """Add (or with ``sign`` -1, take away) GPUs per node; nodes at zero are dropped."""
+    for node, gpus in per_node.items():
+        left = total.get(node, 0) + sign * gpus
+        if left:
+            total[node] = left
+        else:
+            total.pop(node, None)
 
 
 class QueueSide(Protocol):
@@ -357,5 +322,4 @@ def unaccounted(holdings: Holdings, running: Iterable[Running]) -> dict[str, int
     A pass accounts for the workloads it lists itself; one it leaves out (being deleted,
     or a spec that no longer parses) still holds what its RayCluster holds.
     """
-    listed = {ClusterKey(w.namespace, w.name, w.kind) for w in running}
-    return holdings.reserved_except(listed)
+    return holdings.reserved(exclude=[ClusterKey(w.namespace, w.name, w.kind) for w in running])

@@ -300,10 +300,10 @@ def test_job_gpus_count_for_gpucluster_placement_through_the_shared_holdings() -
     api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4), holdings=holdings)
     api.create("train", template(3))
     run(api, reconciler, inventory, "train", T0)
-    assert holdings.reserved(exclude=ClusterKey(NS, "some-gpucluster")) == {"node-a": 3}
+    assert holdings.reserved(exclude=[ClusterKey(NS, "some-gpucluster")]) == {"node-a": 3}
     api.kuberay("train", "Complete", "SUCCEEDED")
     run(api, reconciler, inventory, "train", at(5))
-    assert holdings.reserved(exclude=ClusterKey(NS, "x")) == {}
+    assert holdings.reserved(exclude=[ClusterKey(NS, "x")]) == {}
 
 
 def test_gpucluster_gpus_are_not_given_to_a_job_of_the_same_priority() -> None:
