@@ -74,8 +74,11 @@ from gpumesh.operator.world import (
     GroupOnNode,
     Holdings,
     QueueSide,
+    SpecCache,
+    StatusMemory,
     created_at,
     groups_on_nodes,
+    merge_patch,
     parse_gpuquotas,
     unaccounted,
 )
@@ -212,8 +215,8 @@ class Reconciler:
         self._notes: dict[ClusterKey, QueueNote] = {}
         self._seen_by_pass: dict[ClusterKey, tuple[int, Placed]] = {}
         self._applied: dict[ClusterKey, str] = {}
-        self._written: dict[ClusterKey, tuple[str, GPUClusterStatus]] = {}
-        self._specs: dict[tuple[str, int], GPUClusterSpec] = {}
+        self._written = StatusMemory(GPUClusterStatus)
+        self._specs = SpecCache(GPUClusterSpec, limit=20_000)
         self._quota_written: dict[tuple[str, str], GPUQuotaStatus] = {}
         self._kept: dict[ClusterKey, tuple[int, int, Placed]] = {}
         """(generation, inventory epoch, placement) when placement last kept a cluster as is."""
@@ -367,7 +370,7 @@ class Reconciler:
             self._notes.pop(key, None)
             self._seen_by_pass.pop(key, None)
             self._applied.pop(key, None)
-            self._written.pop(key, None)
+            self._written.forget(key)
             self._kept.pop(key, None)
             self._rendered.pop(key, None)
             self._own_versions.pop(key, None)
@@ -694,19 +697,17 @@ class Reconciler:
         old, new = previous.to_api(), status.to_api()
         uid = str(body["metadata"].get("uid") or "")
         if old == new:
-            self._written[key] = (uid, status)
+            self._written.remember(key, uid, status)
             return True
         now = self.clock()
         since = now - self._last_write.get(key, -math.inf)
         if status.phase == previous.phase and since < self.status_interval:
             self.wake(key, self.status_interval - since)
             return False
-        patch: dict[str, Any] = dict(new)
-        for gone in old.keys() - new.keys():
-            patch[gone] = None
+        patch = merge_patch(old, new)
         version = self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
         self._last_write[key] = now
-        self._written[key] = (uid, status)
+        self._written.remember(key, uid, status)
         self._own_versions[key] = (version, self._own_versions.get(key, (None, None))[1])
         return True
 
@@ -721,26 +722,10 @@ class Reconciler:
         return ours == resource_version
 
     def _previous(self, key: ClusterKey, body: Obj) -> GPUClusterStatus:
-        """The last status written: ours if the watch has not delivered it yet."""
-        uid = str(body["metadata"].get("uid") or "")
-        cached = self._written.get(key)
-        if cached is not None and cached[0] == uid:
-            return cached[1]
-        try:
-            return GPUClusterStatus.model_validate(body.get("status") or {})
-        except ValidationError:
-            return GPUClusterStatus()
+        return self._written.previous(key, body)
 
     def _spec(self, body: Obj) -> GPUClusterSpec:
-        meta = body["metadata"]
-        cache_key = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
-        spec = self._specs.get(cache_key)
-        if spec is None:
-            spec = GPUClusterSpec.model_validate(body.get("spec") or {})
-            if len(self._specs) > 20_000:
-                self._specs.clear()
-            self._specs[cache_key] = spec
-        return spec
+        return self._specs.parse(body)
 
     def _report_invalid(
         self,

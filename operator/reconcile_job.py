@@ -66,7 +66,10 @@ from gpumesh.operator.world import (
     ClusterKey,
     Holdings,
     QueueSide,
+    SpecCache,
+    StatusMemory,
     created_at,
+    merge_patch,
     parse_gpuquotas,
     unaccounted,
 )
@@ -156,10 +159,10 @@ class JobReconciler:
         """The GPUClusters in the same queue (None: Jobs alone, as in some tests)."""
         self.counters = counters
         self.settings = settings or JobSettings()
-        self._written: dict[ClusterKey, tuple[str, JobStatus]] = {}
+        self._written = StatusMemory(JobStatus)
         self._applied: dict[ClusterKey, dict[str, str]] = {}
         """Per Job, the hash last applied per RayJob (the index may lag behind)."""
-        self._specs: dict[tuple[str, int], JobSpec] = {}
+        self._specs = SpecCache(JobSpec, limit=10_000)
         self._unhealthy_since: dict[ClusterKey, dict[str, datetime]] = {}
 
     # -- entry points --------------------------------------------------------------------
@@ -196,7 +199,7 @@ class JobReconciler:
         """The Job is gone: drop what this process kept for it."""
         with self.lock:
             self.holdings.forget(key)
-            self._written.pop(key, None)
+            self._written.forget(key)
             self._unhealthy_since.pop(key, None)
             self._applied.pop(key, None)
         self.counters.forget(key.namespace, "Job", key.name)
@@ -432,11 +435,9 @@ class JobReconciler:
         status, flush = meter(previous, status, now, self.settings.meter_flush_seconds)
         old, new = previous.to_api(), status.to_api()
         if old != new:
-            patch: dict[str, Any] = dict(new)
-            for gone in old.keys() - new.keys():
-                patch[gone] = None
+            patch = merge_patch(old, new)
             self.writer.patch_status(GROUP, VERSION, PLURAL, ref.namespace, ref.name, patch)
-        self._written[key] = (ref.uid, status)
+        self._written.remember(key, ref.uid, status)
         self.counters.record(ref.namespace, "Job", ref.name, flush)
 
     def _report_invalid(
@@ -465,25 +466,10 @@ class JobReconciler:
 
     def _previous(self, key: ClusterKey, body: Obj) -> JobStatus:
         """The last status written: ours if the watch has not caught up with it yet."""
-        uid = str(body["metadata"].get("uid") or "")
-        cached = self._written.get(key)
-        if cached is not None and cached[0] == uid:
-            return cached[1]
-        try:
-            return JobStatus.model_validate(body.get("status") or {})
-        except ValidationError:
-            return JobStatus()
+        return self._written.previous(key, body)
 
     def _spec(self, body: Obj) -> JobSpec:
-        meta = body["metadata"]
-        cache_key = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
-        spec = self._specs.get(cache_key)
-        if spec is None:
-            spec = JobSpec.model_validate(body.get("spec") or {})
-            if len(self._specs) > 10_000:
-                self._specs.clear()
-            self._specs[cache_key] = spec
-        return spec
+        return self._specs.parse(body)
 
     def _entries(
         self, snap: JobSnapshot, override: tuple[ClusterKey, JobEntry] | None = None

@@ -20,9 +20,9 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gpumesh.api.gpuquota import GPUQuota
 from gpumesh.operator.placement import Preemption, Request, Running
@@ -49,6 +49,70 @@ class ClusterKey:
 def _meta(body: Obj, *keys: str) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {k: meta[k] for k in keys if k in meta}
+
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+StatusT = TypeVar("StatusT", bound=BaseModel)
+
+
+class SpecCache(Generic[SpecT]):
+    """Specs parsed once per object version (uid, generation): most reconciles see a spec
+    they have parsed before, and parsing is the costly part of one that changes nothing."""
+
+    def __init__(self, model: type[SpecT], limit: int) -> None:
+        self._model = model
+        self._limit = limit
+        self._parsed: dict[tuple[str, int], SpecT] = {}
+
+    def parse(self, body: Obj) -> SpecT:
+        """The body's spec; raises pydantic's ValidationError if it does not parse."""
+        meta = body["metadata"]
+        version = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
+        spec = self._parsed.get(version)
+        if spec is None:
+            spec = self._model.model_validate(body.get("spec") or {})
+            if len(self._parsed) > self._limit:
+                self._parsed.clear()
+            self._parsed[version] = spec
+        return spec
+
+
+class StatusMemory(Generic[StatusT]):
+    """The status this process last wrote per object.
+
+    The watch may not have delivered it yet; a reconcile that starts from an older one
+    would write again, and a meter or a retry counter must never step back.
+    """
+
+    def __init__(self, model: type[StatusT]) -> None:
+        self._model = model
+        self._written: dict[ClusterKey, tuple[str, StatusT]] = {}
+
+    def previous(self, key: ClusterKey, body: Obj) -> StatusT:
+        """The last status written: ours if it was for this very object, else the body's."""
+        uid = str(body["metadata"].get("uid") or "")
+        cached = self._written.get(key)
+        if cached is not None and cached[0] == uid:
+            return cached[1]
+        try:
+            return self._model.model_validate(body.get("status") or {})
+        except ValidationError:
+            return self._model()
+
+    def remember(self, key: ClusterKey, uid: str, status: StatusT) -> None:
+        """``status`` is now the one written for the object with this uid."""
+        self._written[key] = (uid, status)
+
+    def forget(self, key: ClusterKey) -> None:
+        self._written.pop(key, None)
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that turns ``old`` into ``new``: top-level keys gone are nulled."""
+    patch = dict(new)
+    for gone in old.keys() - new.keys():
+        patch[gone] = None
+    return patch
 
 
 def created_at(body: Obj) -> datetime:
