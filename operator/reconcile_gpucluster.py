@@ -209,8 +209,10 @@ class Reconciler:
         """Least seconds between two status writes of one cluster within one phase."""
         self.clock = clock
         self._last_write: dict[ClusterKey, float] = {}
-        self._own_versions: dict[ClusterKey, tuple[str | None, str | None]] = {}
-        """Per cluster, the resourceVersions of our last status write and RayCluster apply."""
+        self._status_versions: dict[ClusterKey, str | None] = {}
+        self._apply_versions: dict[ClusterKey, str | None] = {}
+        """Per cluster, the resourceVersion our last status write, and our last RayCluster
+        apply, left: their echoes through the watch need no reconcile."""
         self._placed: dict[ClusterKey, Placed] = {}
         self._notes: dict[ClusterKey, QueueNote] = {}
         self._seen_by_pass: dict[ClusterKey, tuple[int, Placed]] = {}
@@ -373,7 +375,8 @@ class Reconciler:
             self._written.forget(key)
             self._kept.pop(key, None)
             self._rendered.pop(key, None)
-            self._own_versions.pop(key, None)
+            self._status_versions.pop(key, None)
+            self._apply_versions.pop(key, None)
             self._last_write.pop(key, None)
         self.counters.forget(key.namespace, "GPUCluster", key.name)
         if held is not None and held.holds_anything:
@@ -659,10 +662,7 @@ class Reconciler:
         result = self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
         self._applied[key] = digest
         version = (result.get("metadata") or {}).get("resourceVersion")
-        self._own_versions[key] = (
-            self._own_versions.get(key, (None, None))[0],
-            str(version) if version is not None else None,
-        )
+        self._apply_versions[key] = str(version) if version is not None else None
         return True
 
     def _render(
@@ -708,7 +708,7 @@ class Reconciler:
         version = self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
         self._last_write[key] = now
         self._written.remember(key, uid, status)
-        self._own_versions[key] = (version, self._own_versions.get(key, (None, None))[1])
+        self._status_versions[key] = version
         return True
 
     def is_own_write(self, key: ClusterKey, resource_version: str | None, raycluster: bool) -> bool:
@@ -718,7 +718,7 @@ class Reconciler:
         """
         if resource_version is None:
             return False
-        ours = self._own_versions.get(key, (None, None))[1 if raycluster else 0]
+        ours = (self._apply_versions if raycluster else self._status_versions).get(key)
         return ours == resource_version
 
     def _previous(self, key: ClusterKey, body: Obj) -> GPUClusterStatus:
