@@ -21,7 +21,7 @@ import kopf
 
 from gpumesh.operator import kube
 from gpumesh.operator.handlers import gpucluster
-from gpumesh.operator.handlers.runtime import RUNTIME, entries
+from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
 from gpumesh.operator.jobs import metrics
 from gpumesh.operator.jobs.naming import JOB
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
@@ -99,25 +99,20 @@ def _remember(indexes: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _first(index: Any) -> dict[Any, Any]:
-    return {key: next(iter(store)) for key, store in list(index.items()) if store}
+    return {key: store[0] for key, store in frozen(index).items() if store}
 
 
 def snapshot(indexes: Mapping[str, Any]) -> JobSnapshot:
-    """Freeze the kopf indexes into reconcile input (they change while we read)."""
-    for attempt in range(3):
-        try:
-            return JobSnapshot(
-                jobs=_first(indexes["job_index"]),
-                rayjobs={k: list(s) for k, s in list(indexes["rayjob_index"].items())},
-                gpuclusters=_first(indexes["gpucluster_index"]),
-                gpuquotas=[q for s in list(indexes["gpuquota_index"].values()) for q in s],
-                offers=gpucluster.inventory(indexes),
-                node_names=frozenset(indexes["node_index"].keys()),
-            )
-        except RuntimeError:  # an index changed size while we copied it
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    """Freeze the kopf indexes into reconcile input (consistent copies: they change while
+    we read)."""
+    return JobSnapshot(
+        jobs=_first(indexes["job_index"]),
+        rayjobs=frozen(indexes["rayjob_index"]),
+        gpuclusters=_first(indexes["gpucluster_index"]),
+        gpuquotas=[q for s in frozen(indexes["gpuquota_index"]).values() for q in s],
+        offers=gpucluster.inventory(indexes),
+        node_names=frozenset(frozen(indexes["node_index"])),
+    )
 
 
 # --- alarms and queue passes ------------------------------------------------------------------
@@ -207,8 +202,7 @@ def _fire_in_context(key: ClusterKey | None) -> None:
         if outcomes:
             gpucluster.reconciler().kick()  # GPUQuota status counts what Jobs now hold
         return
-    store = indexes["job_index"].get(key)
-    body = next(iter(store), None) if store else None
+    body = _job_body(indexes, key)
     if body is not None:
         _follow_up(reconciler().reconcile(body, snapshot(indexes)), key)
 
@@ -232,8 +226,8 @@ def _reconcile(body: Mapping[str, Any], indexes: Mapping[str, Any]) -> None:
 
 
 def _job_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] | None:
-    store = indexes["job_index"].get(key)
-    return next(iter(store), None) if store else None
+    found = entries(indexes["job_index"], key)
+    return found[0] if found else None
 
 
 # --- handlers ----------------------------------------------------------------------------
