@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -135,6 +136,18 @@ def load() -> str:
 def log(text: str) -> None:
     """Progress for the person waiting, stamped with the time and the load."""
     print(f"   [{time.strftime('%H:%M:%S')} load {load()}] {text}", file=sys.stderr, flush=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """Terminate a child the benchmark started; kill it if it outlives ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def consume(response: Any) -> bytes:

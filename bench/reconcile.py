@@ -61,6 +61,7 @@ from bench.harness import (
     load,
     log,
     parallel,
+    stop_process,
     untyped,
     wait_until,
 )
@@ -682,14 +683,7 @@ class Operator:
         return True
 
     def __exit__(self, *_: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(60 if self.profile else 20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc, grace=60 if self.profile else 20)
 
 
 def _supports_metrics_port() -> bool:

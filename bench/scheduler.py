@@ -74,6 +74,7 @@ from bench.harness import (
     log,
     parallel,
     raw_json,
+    stop_process,
     untyped,
     wait_until,
 )
@@ -719,14 +720,7 @@ class BenchScheduler:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc, grace=15)
 
 
 def dev_scheduler_config(state_dir: Path) -> Obj:
