@@ -16,7 +16,13 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster.testing import KubeTarget, OperatedMesh, operated_mesh, wait_for
+from gpumesh.devcluster.testing import (
+    KubeTarget,
+    OperatedMesh,
+    find_custom,
+    operated_mesh,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -57,15 +63,7 @@ def gpucluster(api: client.ApiClient, name: str) -> dict[str, Any]:
 
 
 def raycluster(api: client.ApiClient, name: str) -> dict[str, Any] | None:
-    try:
-        found: dict[str, Any] = custom(api).get_namespaced_custom_object(
-            "ray.io", "v1", NS, "rayclusters", name
-        )
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-    return found
+    return find_custom(api, "ray.io", "v1", NS, "rayclusters", name)
 
 
 def cluster_pods(api: client.ApiClient, name: str) -> list[Any]:

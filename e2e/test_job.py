@@ -33,7 +33,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.devcluster import mesh
-from gpumesh.devcluster.testing import KubeTarget, OperatedMesh, operated_mesh, wait_for
+from gpumesh.devcluster.testing import (
+    KubeTarget,
+    OperatedMesh,
+    find_custom,
+    operated_mesh,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -118,12 +124,7 @@ def job_status(api: client.ApiClient, name: str) -> dict[str, Any]:
 
 
 def get(api: client.ApiClient, group: str, version: str, plural: str, name: str) -> Any:
-    try:
-        return custom(api).get_namespaced_custom_object(group, version, NS, plural, name)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    return find_custom(api, group, version, NS, plural, name)
 
 
 def rayjob(api: client.ApiClient, name: str) -> dict[str, Any] | None:

@@ -17,7 +17,13 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster.testing import KubeTarget, OperatedMesh, operated_mesh, wait_for
+from gpumesh.devcluster.testing import (
+    KubeTarget,
+    OperatedMesh,
+    find_custom,
+    operated_mesh,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -109,13 +115,7 @@ def worker_pods(api: client.ApiClient, name: str) -> list[Any]:
 
 
 def raycluster_exists(api: client.ApiClient, name: str) -> bool:
-    try:
-        custom(api).get_namespaced_custom_object("ray.io", "v1", NS, "rayclusters", name)
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
+    return find_custom(api, "ray.io", "v1", NS, "rayclusters", name) is not None
 
 
 def reasons(api: client.ApiClient, name: str) -> set[str]:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 from kubernetes import client
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from gpumesh.devcluster import mesh
 from gpumesh.devcluster.fleet import Fleet
@@ -108,6 +109,22 @@ class OperatedMesh:
             text = log.read_text()
             if "Traceback" in text or "ERROR" in text:
                 print(f"--- {log.name}\n{text[-3000:]}")
+
+
+def find_custom(
+    api: ApiClient, group: str, version: str, namespace: str, plural: str, name: str
+) -> dict[str, Any] | None:
+    """A namespaced custom object, or None when it does not exist."""
+    custom: Any = client.CustomObjectsApi(api)
+    try:
+        found: dict[str, Any] = custom.get_namespaced_custom_object(
+            group, version, namespace, plural, name
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    return found
 
 
 def steady_fleet(source: Path, target: Path) -> Path:
