@@ -150,7 +150,7 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
             "selector": obs.selector,
             "gpus": gpus,
             "price_per_hour": price.quantize(Decimal("0.0001")) if obs.placements else None,
-            "head": _head(ray),
+            "head": _head(ray, obs.previous.head),
             "queue_position": obs.waiting.position if obs.waiting else None,
         }
     )
@@ -169,9 +169,18 @@ def _phase(obs: Observation, placed: bool, all_ready: bool) -> GPUClusterPhase:
     return "Provisioning"
 
 
-def _head(ray: RayClusterView | None) -> HeadStatus | None:
-    if ray is None or (ray.head_node is None and ray.head_service is None):
-        return None  # nothing known yet: no empty object to write
+def _head(ray: RayClusterView | None, previous: HeadStatus | None) -> HeadStatus | None:
+    """Where the head runs, taken when the head is ready; until then the last one seen.
+
+    A head that is not ready has no dashboard to open yet, and its pod's node and
+    Service arrive in separate events: taking them only with readiness saves a status
+    write per cluster (each is an API write and an event for every watcher). The Ready
+    condition's message tells whether the head is ready now.
+    """
+    if ray is None or not ray.head_ready:
+        return previous
+    if ray.head_node is None and ray.head_service is None:
+        return previous  # nothing known: no empty object to write
     dashboard = f"http://{ray.head_service}:8265" if ray.head_service else None
     return HeadStatus(node=ray.head_node, service_name=ray.head_service, dashboard_url=dashboard)
 

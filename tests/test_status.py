@@ -128,8 +128,18 @@ def test_suspended_has_no_desired_workers() -> None:
 
 
 def test_a_head_nothing_is_known_about_is_left_out_rather_than_written_empty() -> None:
-    unknown = RayClusterView("c", 0, False, None, None, {})
+    unknown = RayClusterView("c", 0, True, None, None, {})
     assert observe(unknown).head is None
+
+
+def test_the_head_is_shown_once_ready_and_kept_while_it_is_not() -> None:
+    starting = observe(ray(0, head_ready=False))
+    assert starting.head is None
+    ready = observe(ray(2))
+    assert ready.head is not None and ready.head.node == "dc-0"
+    restarting = RayClusterView("c", 2, False, "dc-1", None, {"workers": 2})
+    kept = observe(restarting, previous=ready)
+    assert kept.head == ready.head
 
 
 def test_main_group_replicas_never_run_ahead_of_kuberays_ready_count() -> None:
