@@ -328,3 +328,59 @@ def test_a_raycluster_someone_else_owns_is_left_alone(running_mesh: OperatedMesh
         delete(api, "taken")
         with contextlib.suppress(ApiException):
             custom(api).delete_namespaced_custom_object("ray.io", "v1", NS, "rayclusters", "taken")
+
+
+def test_gpus_a_pod_gpumesh_did_not_create_holds_are_not_placed_on(
+    running_mesh: OperatedMesh,
+) -> None:
+    """The operator streams only others' pods (a server-side label selector): those it
+    must still see, or it would book GPUs a foreign pod already holds."""
+    api = running_mesh.api
+    core: Any = client.CoreV1Api(api)
+    foreign: dict[str, Any] = {
+        "metadata": {"name": "someone-elses-training"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": "nordic-a100-0"},
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {
+                    "name": "train",
+                    "image": "registry.invalid/train:1",
+                    "resources": {"limits": {"nvidia.com/gpu": "4"}},
+                }
+            ],
+        },
+    }
+    core.create_namespaced_pod(NS, foreign)
+    every_a100 = {
+        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 2},
+        "placement": {"verifiedOnly": True},
+    }
+    try:
+        wait_for(
+            "the foreign pod bound",
+            lambda: core.read_namespaced_pod("someone-elses-training", NS).spec.node_name or None,
+            timeout=60,
+        )
+        create_cluster(api, "whole-a100-fleet", every_a100)
+
+        def waiting() -> str | None:
+            status = gpucluster(api, "whole-a100-fleet").get("status") or {}
+            stalled = {c["type"]: c for c in status.get("conditions", [])}.get("Stalled")
+            if status.get("phase") == "Pending" and stalled and stalled["status"] == "True":
+                return str(stalled["message"])
+            return None
+
+        wait_for("Pending: 4 of the 16 GPUs are someone else's", waiting, timeout=60)
+        assert raycluster(api, "whole-a100-fleet") is None
+        core.delete_namespaced_pod("someone-elses-training", NS, grace_period_seconds=0)
+        obj = wait_for(
+            "Ready once the foreign pod is gone",
+            lambda: ready(api, "whole-a100-fleet"),
+            timeout=180,
+        )
+        assert placed_nodes(obj) == {"nordic-a100-0": 1, "nordic-a100-1": 1}
+    finally:
+        with contextlib.suppress(ApiException):
+            core.delete_namespaced_pod("someone-elses-training", NS, grace_period_seconds=0)
+        delete(api, "whole-a100-fleet")

@@ -125,6 +125,16 @@ class Kube:
         found = cast(dict[str, Any], self.custom.list_cluster_custom_object(group, version, plural))
         return cast(list[dict[str, Any]], found.get("items", []))
 
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Pods of one namespace matching ``label_selector``, as plain JSON."""
+        response: Any = self.core.list_namespaced_pod(
+            namespace, label_selector=label_selector, _preload_content=False
+        )
+        try:
+            return cast(list[dict[str, Any]], json.loads(response.data).get("items") or [])
+        finally:
+            response.release_conn()
+
     def list_leases(self, namespace: str) -> list[dict[str, Any]]:
         """Leases of one namespace, as plain JSON (camelCase keys, like a watch delivers)."""
         found = self.coordination.list_namespaced_lease(namespace)

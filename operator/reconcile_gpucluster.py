@@ -261,7 +261,6 @@ class Reconciler:
             return True
 
         existing = self.world.raycluster(key)
-        pods = self.world.pods(key)
         offers = self.world.offers()
         # Decide under the placement lock (it is short and never waits for the API);
         # apply after it, under this cluster's own lock only.
@@ -292,14 +291,18 @@ class Reconciler:
             if waiting is None:
                 self._notes.pop(key, None)  # not waiting (any more): no stale queue word
         before = _assignments_of(existing, offers) if existing else ()
-        if self._apply(key, body, spec, chosen, existing, pods):
+        if self._apply(key, body, spec, chosen, existing):
             self._announce_changes(body, before, chosen.assignments)
         if waiting is not None:
             self._announce_waiting(body, previous, waiting)
         if waiting is not None and waiting.reason == QUEUED and not previous.conditions:
             return True  # a new cluster: the pass asked for speaks within moments, say it then
 
-        ray_view = RayClusterView.from_objects(existing, pods) if existing else None
+        ray_view = None
+        if existing is not None:
+            # Only pods tell KubeRay's ready workers apart by group.
+            pods = self.world.pods(key) if len(spec.worker_groups()) > 1 else None
+            ray_view = RayClusterView.from_objects(existing, pods)
         status = compute_status(
             Observation(
                 generation=generation,
@@ -578,7 +581,7 @@ class Reconciler:
         existing = self.world.raycluster(key)
         held = self._holding(key, body, spec, existing, self.world.offers())
         emptied = Placed((), held.head_node)
-        self._apply(key, body, spec, emptied, existing, self.world.pods(key))
+        self._apply(key, body, spec, emptied, existing)
         self._settle(key, emptied)
         message = preemption.victim_message
         self._notes[key] = QueueNote("Preempted", message, preempted=message)
@@ -635,13 +638,12 @@ class Reconciler:
         spec: GPUClusterSpec,
         chosen: Placed,
         existing: Obj | None,
-        pods: Sequence[Obj],
     ) -> bool:
         """Server-side apply the RayCluster when its rendering changed; True if applied."""
         if existing is not None and not _ours(existing, body):
             return False  # a predecessor's, on its way out: its DELETED event wakes us
         current_groups = groups_on_nodes(existing) if existing else []
-        slots = _slots(chosen.assignments, current_groups, pods)
+        slots = _slots(chosen.assignments, current_groups, lambda: self.world.pods(key))
         if existing is None and not chosen.holds_anything:
             return False  # nothing admitted yet: no RayCluster to hold nothing
         meta = body["metadata"]
@@ -920,19 +922,25 @@ def _current_assignments(
 
 
 def _slots(
-    chosen: Sequence[Assignment], current: Sequence[GroupOnNode], pods: Sequence[Obj]
+    chosen: Sequence[Assignment],
+    current: Sequence[GroupOnNode],
+    pods: Callable[[], Sequence[Obj]],
 ) -> list[WorkerSlot]:
     """Chosen workers, plus empty slots for groups whose pods are still going away.
 
     KubeRay leaves pods of a group that vanished from the spec; scaling the group to
-    zero first and dropping it once its pods are gone removes them cleanly.
+    zero first and dropping it once its pods are gone removes them cleanly. The pods
+    are asked for only when a group leaves (moving off a node, scaling down).
     """
     slots = {(a.group, a.node): WorkerSlot(a.group, a.node, a.workers) for a in chosen}
+    leaving = [g for g in current if (g.group, g.node) not in slots]
+    if not leaving:
+        return list(slots.values())
     alive = {
         (p["metadata"]["labels"].get(names.GROUP), p["metadata"]["labels"].get(names.NODE))
-        for p in pods
+        for p in pods()
     }
-    for g in current:
-        if (g.group, g.node) not in slots and (g.group, g.node) in alive:
+    for g in leaving:
+        if (g.group, g.node) in alive:
             slots[(g.group, g.node)] = WorkerSlot(g.group, g.node, 0)
     return list(slots.values())

@@ -39,25 +39,30 @@ class RayClusterView:
 
     @classmethod
     def from_objects(
-        cls, raycluster: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]
+        cls, raycluster: Mapping[str, Any], pods: Sequence[Mapping[str, Any]] | None = None
     ) -> RayClusterView:
+        """From the trimmed RayCluster and, for a cluster with several worker groups, its pods.
+
+        The head's node is where gpumesh pinned it. KubeRay counts ready workers over
+        all groups; only pods tell them apart, so ``pods`` is needed when the cluster
+        has more than one group. Without them every ready worker is the main group's.
+        """
         status = raycluster.get("status") or {}
         conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-        ready_by_group: dict[str, int] = {}
-        head_node = None
-        for pod in pods:
-            pod_labels = pod.get("metadata", {}).get("labels", {})
-            group = pod_labels.get(names.GROUP)
-            if group == "head":
-                head_node = pod.get("spec", {}).get("nodeName")
-            elif group and _pod_ready(pod):
-                ready_by_group[group] = ready_by_group.get(group, 0) + 1
+        ready = int(status.get("readyWorkerReplicas") or 0)
+        ready_by_group: dict[str, int] = {PRIMARY_GROUP: ready}
+        if pods is not None:
+            ready_by_group = {}
+            for pod in pods:
+                group = pod.get("metadata", {}).get("labels", {}).get(names.GROUP)
+                if group and group != "head" and _pod_ready(pod):
+                    ready_by_group[group] = ready_by_group.get(group, 0) + 1
         head = status.get("head") or {}
         return cls(
             name=raycluster["metadata"]["name"],
-            ready_workers=int(status.get("readyWorkerReplicas") or 0),
+            ready_workers=ready,
             head_ready=conditions.get("HeadPodReady") == "True",
-            head_node=head_node,
+            head_node=(raycluster.get("spec") or {}).get("headNode"),
             head_service=head.get("serviceName"),
             ready_by_group=ready_by_group,
         )

@@ -140,10 +140,17 @@ def trim_node(body: Obj) -> dict[str, Any]:
     """The parts of a Node that placement reads."""
     spec = body.get("spec") or {}
     status = body.get("status") or {}
+    # Only the Ready condition's status: kubelet heartbeats move its times every few
+    # seconds, and placement treats a NotReady node as Lost.
+    ready = [
+        {"type": "Ready", "status": c.get("status")}
+        for c in status.get("conditions") or []
+        if c.get("type") == "Ready"
+    ]
     return {
         "metadata": _meta(body, "name", "labels", "annotations"),
         "spec": {k: spec[k] for k in ("unschedulable", "taints") if k in spec},
-        "status": {"allocatable": status.get("allocatable") or {}},
+        "status": {"allocatable": status.get("allocatable") or {}, "conditions": ready},
     }
 
 
@@ -185,6 +192,13 @@ def workload_key(namespace: str, name: str, labels: Mapping[str, str]) -> Cluste
     """The workload an object labelled ``labels`` belongs to: its Job if it names one."""
     job = labels.get(JOB_LABEL)
     return ClusterKey(namespace, job, "Job") if job else ClusterKey(namespace, name)
+
+
+def pod_selector(key: ClusterKey) -> str:
+    """The label selector of a workload's pods (see :func:`workload_key`)."""
+    if key.kind == "Job":
+        return f"{JOB_LABEL}={key.name}"
+    return f"{names.CLUSTER}={key.name},!{JOB_LABEL}"
 
 
 def is_gpumesh_pod(pod: Obj) -> bool:

@@ -46,6 +46,8 @@ class FakeApi:
         self.later: list[tuple[ClusterKey, float]] = []
         self.clock = 0.0
         self.passes_requested: list[float] = []
+        self.live_pods: dict[str, list[dict[str, Any]]] = {}
+        self.pod_lists: list[ClusterKey] = []
 
     # Writer
     def apply_custom(
@@ -96,7 +98,8 @@ class FakeApi:
         return trim_raycluster(found) if found is not None else None
 
     def pods(self, key: ClusterKey) -> list[dict[str, Any]]:
-        return []
+        self.pod_lists.append(key)
+        return self.live_pods.get(key.name, [])
 
     def foreign_raycluster(self, key: ClusterKey) -> bool:
         return key.name in self.foreign
@@ -283,6 +286,34 @@ def test_scaling_down_needs_no_queue_and_keeps_the_rest_in_place() -> None:
     assert api.passes_requested == []
     assert sum(after.values()) == 2
     assert all(before[node] >= n for node, n in after.items())
+
+
+def test_pods_are_listed_only_while_a_group_leaves_and_it_stays_at_zero_until_they_go() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=2)
+    settle(api, reconciler)
+    key = ClusterKey(NS, "train")
+    reconciler.reconcile(key, at(5))
+    assert api.pod_lists == [], "a steady single-group cluster needs no pod list"
+    labels = {"gpumesh.io/cluster": "train", "gpumesh.io/group": "workers"}
+    api.live_pods["train"] = [
+        {"metadata": {"labels": {**labels, "gpumesh.io/node": n}}, "spec": {}} for n in ("n1", "n2")
+    ]
+    api.edit("train", replicas=1)
+    reconciler.reconcile(key, at(6))
+    assert api.pod_lists == [key]
+    assert sorted(replicas_by_node(api, "train").values()) == [0, 1], "left at zero, pod alive"
+    api.live_pods["train"] = []
+    reconciler.reconcile(key, at(7))
+    assert list(replicas_by_node(api, "train").values()) == [1], "dropped once its pod is gone"
+
+
+def replicas_by_node(api: FakeApi, name: str) -> dict[str, int]:
+    groups = api.rayclusters[name]["spec"]["workerGroupSpecs"]
+    return {
+        g["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"]: g["replicas"]
+        for g in groups
+    }
 
 
 def test_scaling_up_waits_for_the_queue_and_keeps_running_workers() -> None:

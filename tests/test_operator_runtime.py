@@ -6,7 +6,7 @@ from typing import Any, cast
 
 import kopf
 
-from gpumesh.operator.handlers.lifecycle import JobsOnlyDiffBase
+from gpumesh.operator.handlers.lifecycle import JobsOnlyDiffBase, watch_pods_of_others
 
 STORAGE = JobsOnlyDiffBase(prefix="gpumesh.io", key="last-handled-configuration")
 
@@ -39,3 +39,18 @@ def test_other_objects_get_an_empty_essence_and_nothing_is_copied() -> None:
     assert STORAGE.build(body=body(raycluster)) == {}
     batch_job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {}}
     assert STORAGE.build(body=body(batch_job)) == {}
+
+
+def test_only_others_unfinished_pods_are_streamed_and_no_other_kind_is_filtered() -> None:
+    settings = kopf.OperatorSettings()
+    watch_pods_of_others(settings)
+    pods = kopf.Resource("", "v1", "pods", namespaced=True)
+    nodes = kopf.Resource("", "v1", "nodes", namespaced=False)
+    rayclusters = kopf.Resource("ray.io", "v1", "rayclusters", namespaced=True)
+    assert settings.watching.label_selectors.collect(pods) == ["!gpumesh.io/cluster"]
+    assert settings.watching.field_selectors.collect(pods) == [
+        "status.phase!=Succeeded,status.phase!=Failed"
+    ]
+    for other in (nodes, rayclusters):
+        assert settings.watching.label_selectors.collect(other) == []
+        assert settings.watching.field_selectors.collect(other) == []

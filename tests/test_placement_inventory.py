@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from gpumesh.api.gpucluster import GPUSelector
-from gpumesh.operator.placement import build_inventory
+from gpumesh.operator.placement import OfferCache, build_inventory
 from gpumesh.operator.placement.matching import model_matches, selector_accepts
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes, parse_quantity
+from gpumesh.operator.world import trim_node
 
 GIB = 2**30
 
@@ -152,6 +153,19 @@ def test_not_ready_nodes_are_lost_and_cordons_and_taints_close_nodes() -> None:
     assert by_name["mine"].cordoned
 
 
+def test_the_operators_trimmed_node_keeps_readiness_but_not_heartbeats() -> None:
+    def down(heartbeat: str) -> dict[str, Any]:
+        conditions = [
+            {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat},
+            {"type": "Ready", "status": "False", "lastHeartbeatTime": heartbeat},
+        ]
+        return node("down", conditions=conditions)
+
+    [offer] = build_inventory([gpunode("down")], [trim_node(down("10:00"))], [])
+    assert offer.health == "Lost"
+    assert trim_node(down("10:00")) == trim_node(down("10:05"))
+
+
 @pytest.mark.parametrize(
     ("verification", "nonce", "label", "verified"),
     [
@@ -259,3 +273,17 @@ def test_quantities_round_up_and_reject_garbage() -> None:
     assert memory_bytes("1.5") == 2
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
         parse_quantity("12Q")
+
+
+def test_the_offer_cache_parses_again_only_nodes_whose_inputs_changed() -> None:
+    gpunodes = [gpunode("a"), gpunode("b")]
+    nodes = [node("a"), node("b")]
+    cache = OfferCache()
+    first = {o.name: o for o in cache.build(gpunodes, nodes, [])}
+    nodes[1] = node("b", labels={"team": "x"})  # a new object, as kopf's index stores it
+    second = {o.name: o for o in cache.build(gpunodes, nodes, [pod("a")])}
+    assert second["a"] is not first["a"] and second["a"].gpus_free == 7  # pods moved
+    assert ("team", "x") in second["b"].labels
+    third = {o.name: o for o in cache.build(gpunodes, nodes, [pod("a")])}
+    assert third["a"] is second["a"] and third["b"] is second["b"]
+    assert list(third.values()) == build_inventory(gpunodes, nodes, [pod("a")])

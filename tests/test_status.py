@@ -145,3 +145,29 @@ def test_the_head_is_shown_once_ready_and_kept_while_it_is_not() -> None:
 def test_main_group_replicas_never_run_ahead_of_kuberays_ready_count() -> None:
     pods_first = RayClusterView("c", 1, True, "dc-0", "c-head-svc", {"workers": 2})
     assert observe(pods_first).worker_replicas == 1
+
+
+def test_the_view_reads_the_pinned_head_node_and_counts_groups_only_from_pods() -> None:
+    raycluster = {
+        "metadata": {"name": "c"},
+        "spec": {"headNode": "head-0"},
+        "status": {
+            "readyWorkerReplicas": 3,
+            "conditions": [{"type": "HeadPodReady", "status": "True"}],
+            "head": {"serviceName": "c-head-svc"},
+        },
+    }
+    alone = RayClusterView.from_objects(raycluster)
+    assert alone.head_node == "head-0" and alone.head_ready
+    assert alone.ready_by_group == {"workers": 3}
+
+    def pod(group: str, ready: bool) -> dict[str, object]:
+        condition = {"type": "Ready", "status": "True" if ready else "False"}
+        return {
+            "metadata": {"labels": {"gpumesh.io/group": group}},
+            "status": {"conditions": [condition]},
+        }
+
+    pods = [pod("head", True), pod("workers", True), pod("eval", True), pod("eval", False)]
+    grouped = RayClusterView.from_objects(raycluster, pods)
+    assert grouped.ready_by_group == {"workers": 1, "eval": 1}

@@ -353,7 +353,10 @@ class GPUClusterStatus(StatusModel):
     metering: Metering | None = Field(
         default=None, description="Where GPU-time metering stands (for the operator)."
     )
-    head: HeadStatus | None = Field(default=None, description="The Ray head, once it was ready: its node, Service and dashboard.")
+    head: HeadStatus | None = Field(
+        default=None,
+        description="The Ray head, once it was ready: its node, Service and dashboard.",
+    )
     queue_position: int | None = Field(
         default=None,
         ge=0,

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from gpumesh.operator import kube
 from gpumesh.operator.handlers.indexes import INVENTORY_VERSION
 from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
-from gpumesh.operator.placement import InventoryIndex, build_inventory
+from gpumesh.operator.placement import InventoryIndex, OfferCache
 from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
     PLURAL,
@@ -37,6 +37,8 @@ from gpumesh.operator.workqueue import WorkQueue
 from gpumesh.operator.world import (
     ClusterKey,
     committed_gpus,
+    pod_selector,
+    trim_pod,
     trim_raycluster,
     workload_key,
 )
@@ -77,7 +79,10 @@ class IndexWorld:
         return bool(entries(RUNTIME.index("foreign_raycluster_index"), (key.namespace, key.name)))
 
     def pods(self, key: ClusterKey) -> Sequence[Obj]:
-        return entries(RUNTIME.index("cluster_pod_index"), key)
+        """The workload's pods, listed when a reconcile needs them (rarely: see
+        :func:`~gpumesh.operator.handlers.lifecycle.configure`, pods are not watched)."""
+        pods = kube.shared().list_pods(key.namespace, pod_selector(key))
+        return [trim_pod(p) for p in pods]
 
     def offers(self) -> InventoryIndex:
         return inventory(RUNTIME.indexes or {})
@@ -88,6 +93,7 @@ class IndexWorld:
 
 _inventory_lock = threading.Lock()
 _inventory: tuple[tuple[int, ...], InventoryIndex] | None = None
+_offers = OfferCache()
 
 
 def inventory(indexes: Mapping[str, Any]) -> InventoryIndex:
@@ -106,7 +112,7 @@ def inventory(indexes: Mapping[str, Any]) -> InventoryIndex:
     )
     with _inventory_lock:
         if _inventory is None or _inventory[0] != key:
-            offers = build_inventory(
+            offers = _offers.build(
                 _values(indexes["gpunode_index"]), _values(indexes["node_index"]), _values(pods)
             )
             _inventory = (key, InventoryIndex(offers))

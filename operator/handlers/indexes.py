@@ -81,15 +81,6 @@ async def foreign_gpu_pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {node: trimmed}
 
 
-@kopf.index("", "v1", "pods", labels={names.CLUSTER: kopf.PRESENT})
-async def cluster_pod_index(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[ClusterKey, Any]:
-    # A Job's pods carry gpumesh.io/job too: keyed by the Job, never mixed with a
-    # GPUCluster of the same name.
-    return {workload_key(namespace or "", labels[names.CLUSTER], labels): trim_pod(body)}
-
-
 @kopf.index("ray.io", "v1", "rayclusters", labels={names.MANAGED_BY: names.MANAGER})
 async def raycluster_index(
     namespace: str | None, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any

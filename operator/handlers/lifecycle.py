@@ -71,11 +71,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.field_selectors["coordination.k8s.io", "leases"] = (
         f"metadata.namespace={SETTINGS.namespace}"
     )
+    watch_pods_of_others(settings)
     settings.execution.max_workers = SETTINGS.max_workers
     settings.posting.level = logging.INFO
     settings.posting.reporting_component = "gpumesh-operator"
     settings.posting.event_name_prefix = "gpumesh-"
     threading.Thread(target=_renew_heartbeat, name="heartbeat", daemon=True).start()
+
+
+def watch_pods_of_others(settings: kopf.OperatorSettings) -> None:
+    """Stream only pods gpumesh did not create, and only while they may hold GPUs.
+
+    Placement must count GPUs that others' pods hold; gpumesh's own pods are known
+    from the RayClusters (their count of ready workers, the nodes we pinned), so their
+    events, most of a busy mesh's pod traffic, never reach the operator. A pod that
+    finishes or gains our label stops matching and arrives as deleted.
+    """
+    pods = ("", "v1", "pods")
+    settings.watching.label_selectors[pods] = f"!{names.CLUSTER}"
+    settings.watching.field_selectors[pods] = "status.phase!=Succeeded,status.phase!=Failed"
 
 
 @kopf.on.cleanup()

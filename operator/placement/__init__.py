@@ -8,7 +8,7 @@ for a pass over the queue, and write the results back as status, conditions and 
 from gpumesh.operator.placement.decision import Assignment, Decision, NodeUsage
 from gpumesh.operator.placement.gang import place_cluster, plan_cluster
 from gpumesh.operator.placement.index import InventoryIndex, Ledger, as_index
-from gpumesh.operator.placement.inventory import NodeOffer, build_inventory
+from gpumesh.operator.placement.inventory import NodeOffer, OfferCache, build_inventory
 from gpumesh.operator.placement.preemption import Preemption
 from gpumesh.operator.placement.queue import (
     AdmissionPolicy,
@@ -31,6 +31,7 @@ __all__ = [
     "Ledger",
     "NodeOffer",
     "NodeUsage",
+    "OfferCache",
     "Preemption",
     "QuotaLimit",
     "Request",

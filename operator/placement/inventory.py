@@ -95,17 +95,46 @@ def build_inventory(
     Nodes without a GPUNode, GPUNodes whose health is Unknown, and objects that do not
     parse are not offered. CPU-only nodes are offered with no GPUs: they can host heads.
     """
-    usage = pod_usage(pods)
-    node_by_name = {_name(n): n for n in nodes if _name(n)}
-    offers = []
-    for raw in gpunodes:
-        node = node_by_name.get(_name(raw))
-        if node is None:
-            continue
-        offer = _offer(raw, node, usage.get(_name(raw), _PodUsage()))
-        if offer is not None:
-            offers.append(offer)
-    return sorted(offers, key=lambda o: o.name)
+    return OfferCache().build(gpunodes, nodes, pods)
+
+
+class OfferCache:
+    """:func:`build_inventory` that parses again only the nodes whose inputs changed.
+
+    Whoever feeds it replaces an object when it changes (kopf's indexes do), so the
+    same object means the same input. Building a 1,000-node inventory from scratch
+    parses 1,000 GPUNodes; one node's new label should cost one.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[object, object, _PodUsage | None, NodeOffer | None]] = {}
+
+    def build(
+        self,
+        gpunodes: Sequence[Mapping[str, Any]],
+        nodes: Sequence[Mapping[str, Any]],
+        pods: Iterable[Mapping[str, Any]],
+    ) -> list[NodeOffer]:
+        usage = pod_usage(pods)
+        node_by_name = {_name(n): n for n in nodes if _name(n)}
+        memo: dict[str, tuple[object, object, _PodUsage | None, NodeOffer | None]] = {}
+        offers = []
+        for raw in gpunodes:
+            name = _name(raw)
+            node = node_by_name.get(name)
+            if node is None:
+                continue
+            used = usage.get(name)
+            seen = self._memo.get(name)
+            if seen is not None and seen[0] is raw and seen[1] is node and seen[2] == used:
+                offer = seen[3]
+            else:
+                offer = _offer(raw, node, used or _PodUsage())
+            memo[name] = (raw, node, used, offer)
+            if offer is not None:
+                offers.append(offer)
+        self._memo = memo
+        return sorted(offers, key=lambda o: o.name)
 
 
 def pod_usage(pods: Iterable[Mapping[str, Any]]) -> dict[str, _PodUsage]:
