@@ -20,6 +20,7 @@ from gpumesh.api.gpucluster import GPUClusterSpec
 from gpumesh.operator.placement import (
     InventoryIndex,
     NodeOffer,
+    OfferCache,
     QuotaLimit,
     Request,
     admit,
@@ -293,6 +294,24 @@ def run() -> Report:
     gpunodes, nodes, pods = raw_objects(offers)
     build = sample(lambda: build_inventory(gpunodes, nodes, pods), repeat=3, warmup=1)
     report.rows.append(Row(f"build_inventory ({len(pods):,} pods)", build))
+    cache = OfferCache()
+    cache.build(gpunodes, nodes, pods)
+
+    def one_node_relabelled() -> None:
+        first = nodes[0]
+        labels = {**first["metadata"]["labels"], "bench/touched": str(time.monotonic())}
+        nodes[0] = {**first, "metadata": {**first["metadata"], "labels": labels}}
+        cache.build(gpunodes, nodes, pods)
+
+    rebuild = sample(one_node_relabelled, repeat=5, warmup=1)
+    report.rows.append(
+        Row(
+            f"inventory after one node changed: OfferCache vs build_inventory ({len(nodes):,} "
+            "nodes)",
+            rebuild,
+            build,
+        )
+    )
     report.rows.append(Row("index the inventory", Stats((index_seconds,))))
 
     outcomes: dict[str, int] = {}
