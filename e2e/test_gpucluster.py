@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +385,60 @@ def test_gpus_a_pod_gpumesh_did_not_create_holds_are_not_placed_on(
         with contextlib.suppress(ApiException):
             core.delete_namespaced_pod("someone-elses-training", NS, grace_period_seconds=0)
         delete(api, "whole-a100-fleet")
+
+
+def _set_node_ready(core: Any, node: str, ready: bool) -> None:
+    """Write the Node's Ready condition as a kubelet that stopped (or came back) would."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    condition = {
+        "type": "Ready",
+        "status": "True" if ready else "False",
+        "reason": "KubeletReady" if ready else "KubeletNotReady",
+        "message": "e2e: back" if ready else "e2e: the supplier's machine stopped answering",
+        "lastHeartbeatTime": now,
+        "lastTransitionTime": now,
+    }
+    core.patch_node_status(node, {"status": {"conditions": [condition]}})
+
+
+def test_workers_leave_a_node_that_goes_not_ready_and_the_move_is_counted(
+    running_mesh: OperatedMesh,
+) -> None:
+    """Last in this module: it takes a node down for a while."""
+    api = running_mesh.api
+    core: Any = client.CoreV1Api(api)
+    spec = {
+        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
+        "placement": {"verifiedOnly": True},
+        "failover": {"unhealthyGraceSeconds": 5},
+    }
+    create_cluster(api, "survives-a-node", spec)
+    down: str | None = None
+    try:
+        obj = wait_for("ready", lambda: ready(api, "survives-a-node"), timeout=120)
+        (down,) = placed_nodes(obj)
+        _set_node_ready(core, down, False)
+
+        def moved_and_ready() -> dict[str, Any] | None:
+            obj = ready(api, "survives-a-node")
+            if obj is None or down in placed_nodes(obj):
+                return None
+            return obj if worker_nodes(api, "survives-a-node") == placed_nodes(obj) else None
+
+        moved = wait_for("Ready again on the other A100 node", moved_and_ready, timeout=180)
+        assert set(placed_nodes(moved)) == {"nordic-a100-0", "nordic-a100-1"} - {down}
+        assert moved["status"]["migrations"] == 1
+    finally:
+        delete(api, "survives-a-node")
+        if down is not None:
+            _set_node_ready(core, down, True)
+            wait_for(
+                f"{down} Ready and untainted",
+                lambda: (
+                    not any(
+                        t.key.startswith("node.kubernetes.io/")
+                        for t in core.read_node(down).spec.taints or []
+                    )
+                ),
+                timeout=120,
+            )

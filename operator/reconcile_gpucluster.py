@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -39,7 +39,7 @@ from gpumesh.api.conditions import STALLED, set_condition
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
-from gpumesh.operator.jobs.admission import STALLED_REASONS, placements
+from gpumesh.operator.jobs.admission import STALLED_REASONS, placement_trouble, placements
 from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
@@ -57,6 +57,7 @@ from gpumesh.operator.placement import (
     quota_limits,
 )
 from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
+from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH
 from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
 from gpumesh.operator.placement.quota import Usage
 from gpumesh.operator.render import digest as manifest_digest
@@ -220,8 +221,9 @@ class Reconciler:
         self._written = StatusMemory(GPUClusterStatus)
         self._specs = SpecCache(GPUClusterSpec, limit=20_000)
         self._quota_written: dict[tuple[str, str], GPUQuotaStatus] = {}
-        self._kept: dict[ClusterKey, tuple[int, int, Placed]] = {}
-        """(generation, inventory epoch, placement) when placement last kept a cluster as is."""
+        self._kept: dict[ClusterKey, tuple[int, int, Placed, bool]] = {}
+        """(generation, inventory epoch, placement, failover due) when placement last kept a
+        cluster as is."""
         self._rendered: dict[ClusterKey, tuple[tuple[Any, ...], str]] = {}
         """What a cluster's RayCluster was last rendered from, and the rendering's hash."""
         self._key_locks: dict[ClusterKey, threading.Lock] = {}
@@ -230,6 +232,10 @@ class Reconciler:
         self._key_locks_guard = threading.Lock()
         self._offers: InventoryIndex | None = None
         self._offers_epoch = 0
+        self._unhealthy_since: dict[ClusterKey, dict[str, datetime]] = {}
+        """Per cluster, since when each of its nodes has been unhealthy (failover grace)."""
+        self._migrations: dict[ClusterKey, int] = {}
+        """Per cluster, migrations counted here, until a written status carries them."""
 
     # -- one cluster ---------------------------------------------------------------------
 
@@ -280,14 +286,16 @@ class Reconciler:
                 # leave a failed node meanwhile.
                 chosen = held
                 if held.assignments:
-                    chosen, _ = self._in_place(key, _clamped(spec, held), held, offers, generation)
+                    chosen, _ = self._in_place(
+                        key, _clamped(spec, held), held, offers, generation, when, previous
+                    )
                 waiting = self._waiting(key)
                 if self._seen_by_pass.get(key) != (generation, chosen):
                     self.request_pass(0)
             else:
-                chosen, why = self._in_place(key, spec, held, offers, generation)
-                if why is not None:
-                    waiting = Waiting("Unschedulable", why)
+                chosen, waiting = self._in_place(
+                    key, spec, held, offers, generation, when, previous
+                )
             if waiting is None:
                 self._notes.pop(key, None)  # not waiting (any more): no stale queue word
         before = _assignments_of(existing, offers) if existing else ()
@@ -316,6 +324,9 @@ class Reconciler:
                 raycluster_name=key.name if key in self._applied else None,
             )
         )
+        migrations = self._migrations.get(key, 0)
+        if migrations > status.migrations:
+            status = status.model_copy(update={"migrations": migrations})
         status, flush = meter(previous, status, when, self.meter_flush_seconds)
         if self._write_status(key, body, previous, status):
             self.counters.record(key.namespace, "GPUCluster", key.name, flush)
@@ -328,15 +339,42 @@ class Reconciler:
         held: Placed,
         offers: InventoryIndex,
         generation: int,
-    ) -> tuple[Placed, str | None]:
+        now: datetime,
+        previous: GPUClusterStatus,
+    ) -> tuple[Placed, Waiting | None]:
         """Re-place a cluster that needs no new GPUs: what it holds stays where it still
         fits, shrinks to ``shape``, and leaves nodes that can no longer have it.
 
+        Failover follows ``spec.failover``: a Lost or vanished node is left at once; an
+        Unhealthy or NeedsReset one once it stayed so for ``unhealthyGraceSeconds``
+        (never with mode Never); and no more once ``maxMigrations`` moves were made.
         Returns the placement, and why it could not be kept when it could not (then what
         runs stays). Called with the placement lock held; placement runs only when the
-        spec or the supply changed since the cluster was last kept.
+        spec, the supply or the failover verdict changed since the cluster was last kept.
         """
-        if self._kept.get(key) == (generation, self._epoch_of(offers), held):
+        failover = shape.failover
+        trouble = placement_trouble(
+            [a.node for a in held.assignments],
+            offers.by_name,
+            frozenset(offers.by_name),
+            failover,
+            self._unhealthy_since.get(key, {}),
+            now,
+        )
+        self._unhealthy_since[key] = trouble.unhealthy_since
+        if trouble.wake_at is not None:
+            self.wake(key, max(0.0, (trouble.wake_at - now).total_seconds()))
+        grace = timedelta(seconds=failover.unhealthy_grace_seconds)
+        overdue = any(now - since >= grace for since in trouble.unhealthy_since.values())
+        migrations = max(previous.migrations, self._migrations.get(key, 0))
+        if trouble.reason is not None and migrations >= failover.max_migrations:
+            return held, Waiting(
+                "MigrationLimit",
+                f"{trouble.reason}; failover.maxMigrations ({failover.max_migrations}) "
+                "reached: the workers stay",
+            )
+        memo = (generation, self._epoch_of(offers), held, overdue)
+        if self._kept.get(key) == memo:
             return held, None
         decision = place_cluster(
             shape,
@@ -344,13 +382,16 @@ class Reconciler:
             current=held.assignments,
             reserved=self.holdings.reserved(exclude=[key]),
             current_head=held.head_node,
-            keep_unhealthy=shape.failover.mode == "Never",
+            keep_unhealthy=not overdue,
         )
         if not decision.ok:
-            return held, decision.explanation  # nowhere better to go: keep what runs
+            return held, Waiting("Unschedulable", decision.explanation)  # keep what runs
         placed = Placed(decision.assignments, decision.head_node)
+        left = {a.node for a in held.assignments} - {a.node for a in placed.assignments}
+        if any(_failing(offers.by_name.get(node)) for node in left):
+            self._migrations[key] = migrations + 1
         self._settle(key, placed)
-        self._kept[key] = (generation, self._epoch_of(offers), placed)
+        self._kept[key] = (generation, self._epoch_of(offers), placed, overdue)
         return placed, None
 
     def _same_incarnation(self, key: ClusterKey, body: Obj) -> None:
@@ -377,6 +418,8 @@ class Reconciler:
             self._applied.pop(key, None)
             self._written.forget(key)
             self._kept.pop(key, None)
+            self._unhealthy_since.pop(key, None)
+            self._migrations.pop(key, None)
             self._rendered.pop(key, None)
             self._status_versions.pop(key, None)
             self._apply_versions.pop(key, None)
@@ -880,6 +923,11 @@ def _clamped(spec: GPUClusterSpec, held: Placed) -> GPUClusterSpec:
         for g in spec.additional_worker_groups
     ]
     return spec.model_copy(update={"workers": workers, "additional_worker_groups": others})
+
+
+def _failing(offer: NodeOffer | None) -> bool:
+    """A node workers move off (gone, Lost, or unhealthy past the grace period)."""
+    return offer is None or offer.health not in ACCEPTING_HEALTH
 
 
 def _condition_reason(queue_reason: str, request: Request) -> str:

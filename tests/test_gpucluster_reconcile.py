@@ -529,3 +529,65 @@ def test_a_cluster_waiting_to_grow_still_leaves_a_lost_node() -> None:
     assert api.workers_by_node("train") == {other: 1}  # moved while the growth still waits
     assert api.status("train")["phase"] != "Ready"
     assert api.stalled("train")["status"] == "True"
+
+
+def _nodes(api: FakeApi, *offers: NodeOffer) -> None:
+    head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
+    api.index = InventoryIndex([*offers, head])
+
+
+def test_workers_wait_out_the_grace_period_on_an_unhealthy_node_then_move_once() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=1, failover={"unhealthyGraceSeconds": 30})
+    settle(api, reconciler)
+    (first,) = api.workers_by_node("train")
+    other = "n2" if first == "n1" else "n1"
+    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    key = ClusterKey(NS, "train")
+    api.later.clear()
+    reconciler.reconcile(key, at(10))
+    assert api.workers_by_node("train") == {first: 1}, "within the grace period it stays"
+    assert (key, 30.0) in api.later, "and the reconcile comes back when the grace ends"
+    reconciler.reconcile(key, at(39))
+    assert api.workers_by_node("train") == {first: 1}
+    reconciler.reconcile(key, at(40))
+    assert api.workers_by_node("train") == {other: 1}
+    assert api.status("train")["migrations"] == 1
+    reconciler.reconcile(key, at(41))
+    assert api.status("train")["migrations"] == 1, "one move counts once"
+
+
+def test_a_node_that_recovers_within_the_grace_period_keeps_its_workers() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=1, failover={"unhealthyGraceSeconds": 30})
+    settle(api, reconciler)
+    (first,) = api.workers_by_node("train")
+    other = "n2" if first == "n1" else "n1"
+    key = ClusterKey(NS, "train")
+    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    reconciler.reconcile(key, at(10))
+    _nodes(api, make_offer(first), make_offer(other))
+    reconciler.reconcile(key, at(20))
+    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    reconciler.reconcile(key, at(45))  # unhealthy again: the grace starts over
+    assert api.workers_by_node("train") == {first: 1}
+    assert api.status("train").get("migrations", 0) == 0
+
+
+def test_after_max_migrations_the_workers_stay_and_the_cluster_says_why() -> None:
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    failover = {"unhealthyGraceSeconds": 0, "maxMigrations": 1}
+    api.create("train", replicas=1, failover=failover)
+    settle(api, reconciler)
+    (first,) = api.workers_by_node("train")
+    other = "n2" if first == "n1" else "n1"
+    key = ClusterKey(NS, "train")
+    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    reconciler.reconcile(key, at(10))
+    assert api.workers_by_node("train") == {other: 1}
+    _nodes(api, make_offer(first), make_offer(other, health="Unhealthy"))
+    reconciler.reconcile(key, at(20))
+    assert api.workers_by_node("train") == {other: 1}
+    stalled = api.stalled("train")
+    assert stalled["status"] == "True" and stalled["reason"] == "MigrationLimit"
+    assert "maxMigrations (1)" in stalled["message"]
