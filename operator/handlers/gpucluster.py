@@ -27,7 +27,6 @@ from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
 from gpumesh.operator.placement import InventoryIndex, OfferCache
 from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
-    PLURAL,
     VERSION,
     Reconciler,
 )
@@ -188,17 +187,14 @@ def stop_gpuclusters(**_: Any) -> None:
     QUEUE.stop()
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-async def gpucluster_event(
-    namespace: str | None, name: str, meta: kopf.Meta, **indexes: Any
-) -> None:
+def gpucluster_event(namespace: str | None, name: str, meta: kopf.Meta) -> None:
     """Listed at start, created, edited, status written or deleted: reconcile it.
 
-    A deleted cluster's reconcile finds it gone and releases what it held. No kopf
-    timer either (a timer makes kopf put a finalizer on every cluster, so none could be
-    deleted while the operator is down): each reconcile asks for the next resync itself.
+    Called by the one GPUCluster event handler (:mod:`.clusters`). A deleted cluster's
+    reconcile finds it gone and releases what it held. No kopf timer either (a timer
+    makes kopf put a finalizer on every cluster, so none could be deleted while the
+    operator is down): each reconcile asks for the next resync itself.
     """
-    RUNTIME.remember(indexes)
     key = ClusterKey(namespace or "", name)
     if not reconciler().is_own_write(key, meta.get("resourceVersion"), raycluster=False):
         QUEUE.add(key)

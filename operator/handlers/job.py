@@ -281,18 +281,17 @@ def rayjob_changed(namespace: str | None, labels: kopf.Labels, **indexes: Any) -
 _cluster_gpus: dict[ClusterKey, int] = {}
 
 
-@kopf.on.event(GROUP, VERSION, "gpuclusters")
-async def gpucluster_changed(
-    namespace: str | None, name: str, body: kopf.Body, **kwargs: Any
+def gpucluster_changed(
+    type: str | None, namespace: str | None, name: str, body: kopf.Body, indexes: Mapping[str, Any]
 ) -> None:
     """A referenced cluster got Ready or went away; or a cluster gave GPUs back.
 
-    Runs on kopf's event loop (it only looks things up): the Jobs it concerns are
-    reconciled by the alarm clock, not here.
+    Called by the one GPUCluster event handler (:mod:`.clusters`), on kopf's event loop
+    (it only looks things up): the Jobs it concerns are reconciled by the alarm clock.
     """
-    live = _remember(kwargs)
+    live = _remember(indexes)
     key = ClusterKey(namespace or "", name)
-    deleted = kwargs.get("type") == "DELETED"
+    deleted = type == "DELETED"
     gpus = 0 if deleted else int(body.get("status", {}).get("gpus") or 0)
     before = _cluster_gpus.get(key, 0)
     if deleted:
