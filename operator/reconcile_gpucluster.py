@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -364,8 +364,7 @@ class Reconciler:
         self._unhealthy_since[key] = trouble.unhealthy_since
         if trouble.wake_at is not None:
             self.wake(key, max(0.0, (trouble.wake_at - now).total_seconds()))
-        grace = timedelta(seconds=failover.unhealthy_grace_seconds)
-        overdue = any(now - since >= grace for since in trouble.unhealthy_since.values())
+        overdue = bool(trouble.overdue)
         migrations = max(previous.migrations, self._migrations.get(key, 0))
         if trouble.reason is not None and migrations >= failover.max_migrations:
             return held, Waiting(

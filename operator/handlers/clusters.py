@@ -26,6 +26,6 @@ async def gpucluster_event(
     **indexes: Any,
 ) -> None:
     """Listed at start, created, edited, status written or deleted."""
-    RUNTIME.remember(indexes)
+    live = RUNTIME.remember(indexes)
     gpucluster.gpucluster_event(namespace, name, meta)
-    job.gpucluster_changed(type, namespace, name, body, indexes)
+    job.gpucluster_changed(type, namespace, name, body, live)

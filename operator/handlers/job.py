@@ -282,14 +282,14 @@ _cluster_gpus: dict[ClusterKey, int] = {}
 
 
 def gpucluster_changed(
-    type: str | None, namespace: str | None, name: str, body: kopf.Body, indexes: Mapping[str, Any]
+    type: str | None, namespace: str | None, name: str, body: kopf.Body, live: Mapping[str, Any]
 ) -> None:
     """A referenced cluster got Ready or went away; or a cluster gave GPUs back.
 
     Called by the one GPUCluster event handler (:mod:`.clusters`), on kopf's event loop
     (it only looks things up): the Jobs it concerns are reconciled by the alarm clock.
+    ``live`` is the runtime's live indexes, which that handler has already remembered.
     """
-    live = _remember(indexes)
     key = ClusterKey(namespace or "", name)
     deleted = type == "DELETED"
     gpus = 0 if deleted else int(body.get("status", {}).get("gpus") or 0)

@@ -160,6 +160,8 @@ class Trouble:
     reason: str | None
     wake_at: datetime | None
     unhealthy_since: dict[str, datetime]
+    overdue: tuple[str, ...] = ()
+    """Unhealthy nodes past the grace period (Lost ones are in ``reason`` only)."""
 
 
 def placement_trouble(
@@ -208,4 +210,4 @@ def placement_trouble(
         parts.append(
             f"node {', '.join(failing)} unhealthy for over {failover.unhealthy_grace_seconds}s"
         )
-    return Trouble("; ".join(parts) or None, wake, since)
+    return Trouble("; ".join(parts) or None, wake, since, tuple(failing))
