@@ -33,8 +33,7 @@ class FakeApi:
     """Writer and world at once: writes land in dicts the world then reads."""
 
     def __init__(self, offers: Sequence[NodeOffer]) -> None:
-        head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
-        self.index = InventoryIndex([*offers, head])
+        self.set_offers(*offers)
         self.clusters: dict[str, dict[str, Any]] = {}
         self.rayclusters: dict[str, dict[str, Any]] = {}
         self.quotas: dict[str, dict[str, Any]] = {}
@@ -48,6 +47,11 @@ class FakeApi:
         self.passes_requested: list[float] = []
         self.live_pods: dict[str, list[dict[str, Any]]] = {}
         self.pod_lists: list[ClusterKey] = []
+
+    def set_offers(self, *offers: NodeOffer) -> None:
+        """The supply placement sees from now on, with the head node always in it."""
+        head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
+        self.index = InventoryIndex([*offers, head])
 
     # Writer
     def apply_custom(
@@ -146,13 +150,16 @@ class FakeApi:
     def stalled(self, name: str) -> dict[str, Any]:
         return next(c for c in self.status(name)["conditions"] if c["type"] == "Stalled")
 
-    def workers_by_node(self, name: str) -> dict[str, int]:
+    def replicas_by_node(self, name: str) -> dict[str, int]:
+        """Every worker group's replicas by its pinned node, groups at zero included."""
         groups = self.rayclusters[name]["spec"]["workerGroupSpecs"]
         return {
             g["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"]: g["replicas"]
             for g in groups
-            if g["replicas"]
         }
+
+    def workers_by_node(self, name: str) -> dict[str, int]:
+        return {node: n for node, n in self.replicas_by_node(name).items() if n}
 
 
 def setup(*offers: NodeOffer, status_interval: float = 0.0) -> tuple[FakeApi, Reconciler]:
@@ -302,18 +309,10 @@ def test_pods_are_listed_only_while_a_group_leaves_and_it_stays_at_zero_until_th
     api.edit("train", replicas=1)
     reconciler.reconcile(key, at(6))
     assert api.pod_lists == [key]
-    assert sorted(replicas_by_node(api, "train").values()) == [0, 1], "left at zero, pod alive"
+    assert sorted(api.replicas_by_node("train").values()) == [0, 1], "left at zero, pod alive"
     api.live_pods["train"] = []
     reconciler.reconcile(key, at(7))
-    assert list(replicas_by_node(api, "train").values()) == [1], "dropped once its pod is gone"
-
-
-def replicas_by_node(api: FakeApi, name: str) -> dict[str, int]:
-    groups = api.rayclusters[name]["spec"]["workerGroupSpecs"]
-    return {
-        g["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"]: g["replicas"]
-        for g in groups
-    }
+    assert list(api.replicas_by_node("train").values()) == [1], "dropped once its pod is gone"
 
 
 def test_scaling_up_waits_for_the_queue_and_keeps_running_workers() -> None:
@@ -523,26 +522,27 @@ def test_a_cluster_waiting_to_grow_still_leaves_a_lost_node() -> None:
     settle(api, reconciler, at(6))
     assert api.workers_by_node("train") == {first: 1}
     other = "n2" if first == "n1" else "n1"
-    head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
-    api.index = InventoryIndex([make_offer(first, health="Lost"), make_offer(other), head])
+    api.set_offers(make_offer(first, health="Lost"), make_offer(other))
     reconciler.reconcile(ClusterKey(NS, "train"), at(10))
     assert api.workers_by_node("train") == {other: 1}  # moved while the growth still waits
     assert api.status("train")["phase"] != "Ready"
     assert api.stalled("train")["status"] == "True"
 
 
-def _nodes(api: FakeApi, *offers: NodeOffer) -> None:
-    head = make_offer("head-0", gpus_total=0, gpu_model="", head_capable=True)
-    api.index = InventoryIndex([*offers, head])
+def one_worker_on_two_nodes(
+    failover: dict[str, int],
+) -> tuple[FakeApi, Reconciler, str, str]:
+    """A one-worker cluster placed on n1 or n2: (api, reconciler, its node, the other)."""
+    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
+    api.create("train", replicas=1, failover=failover)
+    settle(api, reconciler)
+    (first,) = api.workers_by_node("train")
+    return api, reconciler, first, "n2" if first == "n1" else "n1"
 
 
 def test_workers_wait_out_the_grace_period_on_an_unhealthy_node_then_move_once() -> None:
-    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
-    api.create("train", replicas=1, failover={"unhealthyGraceSeconds": 30})
-    settle(api, reconciler)
-    (first,) = api.workers_by_node("train")
-    other = "n2" if first == "n1" else "n1"
-    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    api, reconciler, first, other = one_worker_on_two_nodes({"unhealthyGraceSeconds": 30})
+    api.set_offers(make_offer(first, health="Unhealthy"), make_offer(other))
     key = ClusterKey(NS, "train")
     api.later.clear()
     reconciler.reconcile(key, at(10))
@@ -558,34 +558,26 @@ def test_workers_wait_out_the_grace_period_on_an_unhealthy_node_then_move_once()
 
 
 def test_a_node_that_recovers_within_the_grace_period_keeps_its_workers() -> None:
-    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
-    api.create("train", replicas=1, failover={"unhealthyGraceSeconds": 30})
-    settle(api, reconciler)
-    (first,) = api.workers_by_node("train")
-    other = "n2" if first == "n1" else "n1"
+    api, reconciler, first, other = one_worker_on_two_nodes({"unhealthyGraceSeconds": 30})
     key = ClusterKey(NS, "train")
-    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    api.set_offers(make_offer(first, health="Unhealthy"), make_offer(other))
     reconciler.reconcile(key, at(10))
-    _nodes(api, make_offer(first), make_offer(other))
+    api.set_offers(make_offer(first), make_offer(other))
     reconciler.reconcile(key, at(20))
-    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    api.set_offers(make_offer(first, health="Unhealthy"), make_offer(other))
     reconciler.reconcile(key, at(45))  # unhealthy again: the grace starts over
     assert api.workers_by_node("train") == {first: 1}
     assert api.status("train").get("migrations", 0) == 0
 
 
 def test_after_max_migrations_the_workers_stay_and_the_cluster_says_why() -> None:
-    api, reconciler = setup(make_offer("n1"), make_offer("n2"))
     failover = {"unhealthyGraceSeconds": 0, "maxMigrations": 1}
-    api.create("train", replicas=1, failover=failover)
-    settle(api, reconciler)
-    (first,) = api.workers_by_node("train")
-    other = "n2" if first == "n1" else "n1"
+    api, reconciler, first, other = one_worker_on_two_nodes(failover)
     key = ClusterKey(NS, "train")
-    _nodes(api, make_offer(first, health="Unhealthy"), make_offer(other))
+    api.set_offers(make_offer(first, health="Unhealthy"), make_offer(other))
     reconciler.reconcile(key, at(10))
     assert api.workers_by_node("train") == {other: 1}
-    _nodes(api, make_offer(first), make_offer(other, health="Unhealthy"))
+    api.set_offers(make_offer(first), make_offer(other, health="Unhealthy"))
     reconciler.reconcile(key, at(20))
     assert api.workers_by_node("train") == {other: 1}
     stalled = api.stalled("train")
