@@ -235,7 +235,7 @@ class Reconciler:
         self._unhealthy_since: dict[ClusterKey, dict[str, datetime]] = {}
         """Per cluster, since when each of its nodes has been unhealthy (failover grace)."""
         self._migrations: dict[ClusterKey, int] = {}
-        """Per cluster, migrations counted here, until a written status carries them."""
+        """Per cluster, the migrations this process counted (a status write may lag it)."""
 
     # -- one cluster ---------------------------------------------------------------------
 
@@ -925,7 +925,7 @@ def _clamped(spec: GPUClusterSpec, held: Placed) -> GPUClusterSpec:
 
 
 def _failing(offer: NodeOffer | None) -> bool:
-    """A node workers move off (gone, Lost, or unhealthy past the grace period)."""
+    """A node gone or not fit for work: moving workers off it counts as a migration."""
     return offer is None or offer.health not in ACCEPTING_HEALTH
 
 
