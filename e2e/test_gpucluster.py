@@ -158,8 +158,20 @@ def test_gpucluster_runs_on_the_chosen_a100_nodes_and_becomes_ready(
             "Reconciling": "False",
             "Stalled": "False",
         }
+        # Who wrote what, as `kubectl get --show-managed-fields` tells it: the operator
+        # applied the RayCluster server-side and wrote the GPUCluster's status.
+        assert {m for m in managers(rc) if m[2] != "status"} == {("gpumesh-operator", "Apply", "")}
+        assert ("gpumesh-operator", "Update", "status") in managers(obj)
     finally:
         delete(api, "a100")
+
+
+def managers(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(manager, operation, subresource) of each managedFields entry."""
+    return {
+        (m["manager"], m["operation"], m.get("subresource", ""))
+        for m in obj["metadata"].get("managedFields") or []
+    }
 
 
 def test_scaling_adds_and_removes_workers_without_moving_healthy_ones(
@@ -404,7 +416,7 @@ def _set_node_ready(core: Any, node: str, ready: bool) -> None:
 def test_workers_leave_a_node_that_goes_not_ready_and_the_move_is_counted(
     running_mesh: OperatedMesh,
 ) -> None:
-    """Last in this module: it takes a node down for a while."""
+    """Late in this module: it takes a node down for a while."""
     api = running_mesh.api
     core: Any = client.CoreV1Api(api)
     spec = {
@@ -441,4 +453,65 @@ def test_workers_leave_a_node_that_goes_not_ready_and_the_move_is_counted(
                     )
                 ),
                 timeout=120,
+            )
+
+
+def gpunode_health(api: client.ApiClient, node: str) -> str | None:
+    found = custom(api).get_cluster_custom_object(GROUP, VERSION, "gpunodes", node)
+    return (found.get("status") or {}).get("health")
+
+
+def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> None:
+    """The agent of the worker's node is restarted with a 6 s Lease, then killed (SIGKILL):
+    once its Lease lapses the operator marks the GPUNode Lost and the worker moves. A
+    restarted agent writes its own health again."""
+    api = running_mesh.api
+    core: Any = client.CoreV1Api(api)
+    spec = {
+        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
+        "placement": {"verifiedOnly": True},
+    }
+    create_cluster(api, "outlives-an-agent", spec)
+    quiet: str | None = None
+    try:
+        obj = wait_for("ready", lambda: ready(api, "outlives-an-agent"), timeout=120)
+        (quiet,) = placed_nodes(obj)
+        running_mesh.start_agent(quiet, "--lease-duration=6", "--lease-renew=2")
+        lease_name = f"gpumesh-agent-{quiet}"
+        coordination: Any = client.CoordinationV1Api(api)
+        wait_for(
+            "the agent renewing a 6 s Lease",
+            lambda: (
+                coordination.read_namespaced_lease(
+                    lease_name, "gpumesh-system"
+                ).spec.lease_duration_seconds
+                == 6
+            ),
+        )
+        assert gpunode_health(api, quiet) == "Healthy"
+        running_mesh.kill_agent(quiet)
+
+        wait_for(f"{quiet} Lost", lambda: gpunode_health(api, quiet) == "Lost", timeout=60)
+        events = core.list_event_for_all_namespaces(
+            field_selector=f"involvedObject.name={quiet},reason=AgentLost"
+        ).items
+        assert events and lease_name in events[0].message
+
+        def moved_and_ready() -> dict[str, Any] | None:
+            obj = ready(api, "outlives-an-agent")
+            if obj is None or quiet in placed_nodes(obj):
+                return None
+            return obj if worker_nodes(api, "outlives-an-agent") == placed_nodes(obj) else None
+
+        moved = wait_for("Ready again on the other A100 node", moved_and_ready, timeout=120)
+        assert set(placed_nodes(moved)) == {"nordic-a100-0", "nordic-a100-1"} - {quiet}
+        assert moved["status"]["migrations"] == 1
+    finally:
+        delete(api, "outlives-an-agent")
+        if quiet is not None:
+            running_mesh.start_agent(quiet)
+            wait_for(
+                f"{quiet}'s agent back and Healthy",
+                lambda: gpunode_health(api, quiet) == "Healthy",
+                timeout=60,
             )

@@ -113,6 +113,14 @@ def run(
         str, typer.Option(help="Namespace of the heartbeat Lease and the mesh catalogue.")
     ] = "gpumesh-system",
     lease_renew: Annotated[float, typer.Option(min=1, help="Seconds between renewals.")] = 10.0,
+    lease_duration: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="Seconds the heartbeat Lease lasts unrenewed; once it lapses the operator "
+            "marks this node Lost. Longer than --lease-renew.",
+        ),
+    ] = 40,
     heartbeat: Annotated[
         float, typer.Option(min=1, help="Most seconds between GPUNode status writes.")
     ] = 30.0,
@@ -161,6 +169,11 @@ def run(
     node_name = node or socket.gethostname()
     if fake_verification not in ("pass", "fail"):
         raise typer.BadParameter("--fake-verification is pass or fail")
+    if lease_duration <= lease_renew:
+        raise typer.BadParameter(
+            f"{lease_duration} s would lapse before the next renewal ({lease_renew} s)",
+            param_hint="--lease-duration",
+        )
     try:
         policy = HealthPolicy(
             reset_xids=_xids(reset_xids, DEFAULT_RESET_XIDS, "--reset-xids"),
@@ -206,6 +219,7 @@ def run(
         public_endpoint=public_endpoint,
         namespace=namespace,
         lease_renew_s=lease_renew,
+        lease_duration_s=lease_duration,
         heartbeat_s=heartbeat,
     )
     mesh_agent: MeshAgent | None = None

@@ -76,6 +76,7 @@ class Kube:
                 plural,
                 name,
                 {"status": dict(status)},
+                field_manager=FIELD_MANAGER,
                 _content_type=MERGE,
             )
         except ApiException as err:
@@ -113,7 +114,13 @@ class Kube:
         whole ``{"status": ...}`` document). False when the object is gone."""
         try:
             self.custom.patch_cluster_custom_object_status(
-                group, version, plural, name, dict(patch), _content_type=MERGE
+                group,
+                version,
+                plural,
+                name,
+                dict(patch),
+                field_manager=FIELD_MANAGER,
+                _content_type=MERGE,
             )
         except ApiException as err:
             if err.status == 404:

@@ -114,6 +114,14 @@ def test_a_health_change_is_written_at_once() -> None:
     assert patch["status"]["gpus"][1]["reasons"] == ["why Lost"]
 
 
+def test_an_agent_back_after_the_operator_marked_its_node_lost_writes_its_own_health() -> None:
+    obj = applied(gpunode(), status_patch(gpunode(), snap(), now=NOW, heartbeat_s=30))
+    marked = applied(obj, {"status": {"health": "Lost"}})  # its Lease lapsed meanwhile
+    patch = status_patch(marked, snap(), now=NOW + timedelta(seconds=1), heartbeat_s=30)
+    assert patch is not None
+    assert patch["status"]["health"] == "Healthy"
+
+
 def test_fields_the_agent_no_longer_has_are_nulled_and_others_left_alone() -> None:
     obj = applied(gpunode(), status_patch(gpunode(), snap(), now=NOW, heartbeat_s=30))
     obj["status"]["reputation"] = 0.9

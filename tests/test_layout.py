@@ -18,6 +18,7 @@ PURE = [
     "operator/placement",
     "operator/mesh",
     "operator/render",
+    "operator/liveness.py",
     "operator/status.py",
     "operator/world.py",
 ]

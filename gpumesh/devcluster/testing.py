@@ -76,7 +76,9 @@ class OperatedMesh:
     operator_env: dict[str, str] = field(default_factory=dict)
     operator_args: list[str] = field(default_factory=list)
     operator: subprocess.Popen[bytes] | None = None
-    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    """Each fleet node's agent, by node."""
+    agent_argvs: dict[str, list[str]] = field(default_factory=dict)
 
     def start_operator(self) -> None:
         self.operator, _ = mesh.spawn(
@@ -92,8 +94,22 @@ class OperatedMesh:
         self.operator.kill()
         self.operator.wait(10)
 
+    def start_agent(self, node: str, *extra_args: str) -> None:
+        """(Re)start ``node``'s agent, with ``extra_args`` after its usual ones."""
+        running = self.agents.get(node)
+        if running is not None and running.poll() is None:
+            self.kill_agent(node)
+        argv = [*self.agent_argvs[node], *extra_args]
+        self.agents[node] = mesh.spawn(f"agent-{node}", argv, self.logs)[0]
+
+    def kill_agent(self, node: str) -> None:
+        """SIGKILL ``node``'s agent, as a crash or a hang would: no chance to clean up."""
+        proc = self.agents[node]
+        proc.kill()
+        proc.wait(10)
+
     def stop(self) -> None:
-        procs = [*self.agents, *([self.operator] if self.operator else [])]
+        procs = [*self.agents.values(), *([self.operator] if self.operator else [])]
         for proc in procs:
             proc.terminate()
         for proc in procs:
@@ -171,8 +187,10 @@ def operated_mesh(
     )
     try:
         for supplier, node in mesh.fleet_nodes(kube.fleet):
-            argv = mesh.agent_argv(steady, supplier, node, kube.kubeconfig, interval=1.0)
-            world.agents.append(mesh.spawn(f"agent-{node.name}", argv, world.logs)[0])
+            world.agent_argvs[node.name] = mesh.agent_argv(
+                steady, supplier, node, kube.kubeconfig, interval=1.0
+            )
+            world.start_agent(node.name)
         gpu_nodes = {n.name for _, n in mesh.fleet_nodes(kube.fleet) if n.gpu_count}
         wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
         world.start_operator()

@@ -1,5 +1,25 @@
 """kopf handlers: the only operator code that reacts to the API. Importing registers them."""
 
-from gpumesh.operator.handlers import clusters, gpucluster, indexes, job, lifecycle, mesh, supply
+from gpumesh.operator.handlers import (
+    clusters,
+    gpucluster,
+    indexes,
+    job,
+    leases,
+    lifecycle,
+    liveness,
+    mesh,
+    supply,
+)
 
-__all__ = ["clusters", "gpucluster", "indexes", "job", "lifecycle", "mesh", "supply"]
+__all__ = [
+    "clusters",
+    "gpucluster",
+    "indexes",
+    "job",
+    "leases",
+    "lifecycle",
+    "liveness",
+    "mesh",
+    "supply",
+]

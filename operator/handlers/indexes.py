@@ -66,7 +66,8 @@ async def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
 @kopf.index("gpumesh.io", "v1alpha1", "gpunodes")
 async def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     status = dict(body.status)
-    trimmed = {"metadata": {"name": name}, "spec": dict(body.spec), "status": status}
+    meta = {"name": name, "uid": body.metadata.uid}  # the uid: events about the node
+    trimmed = {"metadata": meta, "spec": dict(body.spec), "status": status}
     # The heartbeat moves every few seconds and tells placement nothing new.
     relevant = {**trimmed, "status": {k: v for k, v in status.items() if k != "heartbeatTime"}}
     INVENTORY_VERSION.observe("gpunode", name, relevant)

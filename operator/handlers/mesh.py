@@ -181,9 +181,8 @@ def mesh_gpunode(
         feed(lambda state: state.gpunode(trimmed, _now()))
 
 
-@kopf.on.event("coordination.k8s.io", "v1", "leases", when=is_agent_lease)
-def mesh_lease(type: str | None, body: kopf.Body, **_: Any) -> None:
-    """An agent renewed (or dropped) its heartbeat Lease."""
+def lease_changed(type: str | None, body: kopf.Body) -> None:
+    """An agent renewed (or dropped) its heartbeat Lease (called by :mod:`.leases`)."""
     copy = dict(body)
     if type == "DELETED":
         feed(lambda state: state.lease_deleted(copy, _now()))
