@@ -47,8 +47,8 @@ def run(
         # busy mesh, and CPU spent writing them. Failures are warnings and still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # uvloop, as kopf's own CLI uses when installed: the event loop decodes and
-    # dispatches every watch event, and uvloop's costs the operator about a seventh less
-    # CPU under a burst of GPUClusters (docs/benchmarks-reconcile.md).
+    # dispatches every watch event, and uvloop's costs the operator a little less CPU
+    # under a burst of GPUClusters (docs/architecture.md).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         kopf.run(
             loop=runner.get_loop(),
