@@ -74,9 +74,14 @@ class Row:
     baseline: Stats | None = None
     target: str = ""
     met: bool | None = None
+    ratio: float | None = None
+    """The ratio shown, when it is not ours p50 over baseline p50 (paired rounds)."""
 
     def cells(self) -> list[str]:
-        ratio = f"{self.ours.p50 / self.baseline.p50:.2f}x" if self.baseline else "-"
+        value = self.ratio
+        if value is None and self.baseline:
+            value = self.ours.p50 / self.baseline.p50
+        ratio = f"{value:.2f}x" if value is not None else "-"
         base = _ms(self.baseline) if self.baseline else "-"
         verdict = {True: "met", False: "MISSED", None: "-"}[self.met]
         return [self.metric, _ms(self.ours), base, ratio, self.target or "-", verdict]

@@ -1,10 +1,9 @@
-"""kopf glue for agent liveness: a GPUNode whose agent's Lease lapsed is marked Lost.
+"""kopf glue for agent liveness: a GPUNode whose agent stopped renewing its Lease is Lost.
 
-Lease events (through :mod:`.leases`) only note when each agent's Lease lapses. One
-worker thread wakes at that time, re-reads the Lease (renewals may just be late through
-the watch), and writes the GPUNode's health if the Lease really lapsed. The rules are in
-:mod:`gpumesh.operator.liveness`. A restarted operator learns every Lease again from
-kopf's initial listing, so a Lease that lapsed while it was down is marked at once.
+Lease events (through :mod:`.leases`) feed :class:`~gpumesh.operator.liveness.AgentLiveness`
+and ask for a look when the new deadline passes. One worker thread then re-reads the Lease
+(a renewal may just be late through the watch) and writes the GPUNode's health if the agent
+is really silent. The rules are in :mod:`gpumesh.operator.liveness`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import kopf
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator import kube
 from gpumesh.operator.handlers.runtime import RUNTIME, entries
-from gpumesh.operator.liveness import lapses_at, lost_patch
+from gpumesh.operator.liveness import AgentLiveness
 from gpumesh.operator.mesh.publish import LEASE_PREFIX
 from gpumesh.operator.mesh.state import lease_node
 from gpumesh.operator.settings import SETTINGS
@@ -32,28 +31,25 @@ log = logging.getLogger(__name__)
 NOT_STARTED_RETRY_S = 1.0
 
 _lock = threading.Lock()
-_lapses: dict[str, float] = {}
-"""node -> when its agent's Lease lapses (Unix time), as the watch last showed it."""
+_liveness = AgentLiveness()
 
 
 def lease_changed(type: str | None, body: Mapping[str, Any]) -> None:
-    """An agent renewed, created or deleted its Lease: look when it would lapse.
+    """An agent renewed, created or deleted its Lease: look again at its deadline.
 
-    A deleted Lease keeps the time it had left: an agent that restarts may delete and
+    A deleted Lease keeps the deadline it had: an agent that restarts may delete and
     recreate it, and must not make its node Lost for that.
     """
     node = lease_node(body)
     if node is None:
         return
+    now = time.time()
     with _lock:
-        if type == "DELETED":
-            at = _lapses.get(node)
-        else:
-            at = lapses_at(body)
-            if at is not None:
-                _lapses[node] = at
-    if at is not None:
-        QUEUE.add(node, after=max(0.0, at - time.time()))
+        deadline = (
+            _liveness.deadline(node) if type == "DELETED" else _liveness.observe(node, body, now)
+        )
+    if deadline is not None:
+        QUEUE.add(node, after=max(0.0, deadline - now))
 
 
 def _check(node: str) -> None:
@@ -62,51 +58,47 @@ def _check(node: str) -> None:
 
 
 def _check_in_context(node: str) -> bool:
-    with _lock:
-        at = _lapses.get(node)
     now = time.time()
-    if at is None:
+    with _lock:
+        deadline = _liveness.deadline(node)
+    if deadline is None:
         return True
-    if at > now:
-        QUEUE.add(node, after=at - now)  # renewed since this wake-up was asked for
+    if deadline > now:
+        QUEUE.add(node, after=deadline - now)  # renewed since this look was asked for
         return True
     k = kube.shared()
     lease = k.get_lease(SETTINGS.namespace, f"{LEASE_PREFIX}{node}")
-    fresh = lapses_at(lease) if lease is not None else None
-    if fresh is not None and fresh > now:
-        with _lock:
-            _lapses[node] = max(fresh, _lapses.get(node, fresh))
-        QUEUE.add(node, after=fresh - now)
-        return True
     found = entries(RUNTIME.index("gpunode_index"), node)
     gpunode: Mapping[str, Any] = found[0] if found else {}
-    patch = lost_patch((gpunode.get("status") or {}).get("health"), lease, now)
-    if (
-        found
-        and patch is not None
-        and k.patch_cluster_status(GROUP, VERSION, "gpunodes", node, patch)
-    ):
-        log.warning("GPUNode %s: its agent's Lease lapsed; marked Lost", node)
-        kopf.event(
-            cast(
-                kopf.Body,
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "GPUNode",
-                    "metadata": gpunode["metadata"],
-                },
-            ),
-            type="Warning",
-            reason="AgentLost",
-            message=(
-                f"the agent's Lease {SETTINGS.namespace}/{LEASE_PREFIX}{node} "
-                f"{'is gone' if lease is None else 'lapsed'}: no GPU health is known, so "
-                "the node is Lost until the agent reports again"
-            ),
+    health = (gpunode.get("status") or {}).get("health") if found else None
+    with _lock:
+        verdict = _liveness.verdict(node, lease, health, time.time())
+        if lease is None and verdict.recheck_at is None:
+            _liveness.forget(node)  # gone for good: nothing left to watch
+    if verdict.recheck_at is not None:
+        QUEUE.add(node, after=max(0.0, verdict.recheck_at - time.time()))
+    if verdict.held_back:
+        log.warning(
+            "agent of %s is silent, but so are most agents: not marking it Lost (the "
+            "trouble looks like ours: the API server or this operator's network)",
+            node,
         )
-    if lease is None:
-        with _lock:
-            _lapses.pop(node, None)  # gone for good: nothing left to watch
+    if verdict.patch is None:
+        return True
+    if not k.patch_cluster_status(GROUP, VERSION, "gpunodes", node, verdict.patch):
+        return True
+    log.warning("GPUNode %s: its agent stopped renewing its Lease; marked Lost", node)
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GPUNode", "metadata": gpunode["metadata"]}
+    kopf.event(
+        cast(kopf.Body, body),
+        type="Warning",
+        reason="AgentLost",
+        message=(
+            f"the agent's Lease {SETTINGS.namespace}/{LEASE_PREFIX}{node} "
+            f"{'is gone' if lease is None else 'was not renewed in time'}: no GPU health is "
+            "known, so the node is Lost until the agent reports again"
+        ),
+    )
     return True
 
 
