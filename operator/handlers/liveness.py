@@ -77,12 +77,8 @@ def _check_in_context(node: str) -> bool:
             _liveness.forget(node)  # gone for good: nothing left to watch
     if verdict.recheck_at is not None:
         QUEUE.add(node, after=max(0.0, verdict.recheck_at - time.time()))
-    if verdict.held_back:
-        log.warning(
-            "agent of %s is silent, but so are most agents: not marking it Lost (the "
-            "trouble looks like ours: the API server or this operator's network)",
-            node,
-        )
+    if verdict.held_back or verdict.patch is not None:
+        _note_hold(verdict.held_back, node)  # only verdicts that weighed the silence
     if verdict.patch is None:
         return True
     if not k.patch_cluster_status(GROUP, VERSION, "gpunodes", node, verdict.patch):
@@ -100,6 +96,24 @@ def _check_in_context(node: str) -> bool:
         ),
     )
     return True
+
+
+_holding = False
+
+
+def _note_hold(held_back: bool, node: str) -> None:
+    """Say once when marking stops because most agents are silent, and once when it
+    resumes (every silent node is looked at again each Lease duration meanwhile)."""
+    global _holding
+    if held_back and not _holding:
+        log.warning(
+            "most agents are silent at once (%s among them): marking none Lost while it "
+            "lasts; the trouble looks like ours (the API server or this operator's network)",
+            node,
+        )
+    elif not held_back and _holding:
+        log.warning("fewer than half of the agents are silent now: marking resumes")
+    _holding = held_back
 
 
 QUEUE: WorkQueue[str] = WorkQueue(_check, workers=1, name="agent-liveness")
