@@ -413,6 +413,21 @@ def _set_node_ready(core: Any, node: str, ready: bool) -> None:
     core.patch_node_status(node, {"status": {"conditions": [condition]}})
 
 
+def moved_off_a100(api: client.ApiClient, name: str, left: str, timeout: float) -> None:
+    """Wait until cluster ``name``'s one worker runs Ready on the A100 80GB node it did not
+    leave, and check that the move counted as one migration."""
+
+    def moved_and_ready() -> dict[str, Any] | None:
+        obj = ready(api, name)
+        if obj is None or left in placed_nodes(obj):
+            return None
+        return obj if worker_nodes(api, name) == placed_nodes(obj) else None
+
+    moved = wait_for("Ready again on the other A100 node", moved_and_ready, timeout=timeout)
+    assert set(placed_nodes(moved)) == {"nordic-a100-0", "nordic-a100-1"} - {left}
+    assert moved["status"]["migrations"] == 1
+
+
 def test_workers_leave_a_node_that_goes_not_ready_and_the_move_is_counted(
     running_mesh: OperatedMesh,
 ) -> None:
@@ -430,16 +445,7 @@ def test_workers_leave_a_node_that_goes_not_ready_and_the_move_is_counted(
         obj = wait_for("ready", lambda: ready(api, "survives-a-node"), timeout=120)
         (down,) = placed_nodes(obj)
         _set_node_ready(core, down, False)
-
-        def moved_and_ready() -> dict[str, Any] | None:
-            obj = ready(api, "survives-a-node")
-            if obj is None or down in placed_nodes(obj):
-                return None
-            return obj if worker_nodes(api, "survives-a-node") == placed_nodes(obj) else None
-
-        moved = wait_for("Ready again on the other A100 node", moved_and_ready, timeout=180)
-        assert set(placed_nodes(moved)) == {"nordic-a100-0", "nordic-a100-1"} - {down}
-        assert moved["status"]["migrations"] == 1
+        moved_off_a100(api, "survives-a-node", down, timeout=180)
     finally:
         delete(api, "survives-a-node")
         if down is not None:
@@ -497,15 +503,7 @@ def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> No
         ).items
         assert events and lease_name in events[0].message
 
-        def moved_and_ready() -> dict[str, Any] | None:
-            obj = ready(api, "outlives-an-agent")
-            if obj is None or quiet in placed_nodes(obj):
-                return None
-            return obj if worker_nodes(api, "outlives-an-agent") == placed_nodes(obj) else None
-
-        moved = wait_for("Ready again on the other A100 node", moved_and_ready, timeout=120)
-        assert set(placed_nodes(moved)) == {"nordic-a100-0", "nordic-a100-1"} - {quiet}
-        assert moved["status"]["migrations"] == 1
+        moved_off_a100(api, "outlives-an-agent", quiet, timeout=120)
     finally:
         delete(api, "outlives-an-agent")
         if quiet is not None:
