@@ -43,6 +43,9 @@ unit: $(STAMP) ## Unit tests only (no cluster)
 test: lint typecheck toolchain ## Everything CI runs: lint, types, unit and e2e tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-gpu: $(STAMP) ## The agent on a real NVIDIA GPU (real NVML, proof of GPU); needs one
+	$(PY) -m pytest -m gpu tests/test_gpu_real.py -v -W default $(PYTEST_ARGS)
+
 up: $(STAMP) ## Start the local mesh: control plane, simulated suppliers, sample GPUCluster
 	$(VENV)/bin/gpumesh dev up --fleet $(FLEET)
 
@@ -52,4 +55,4 @@ down: $(STAMP) ## Stop the local mesh
 bench: $(STAMP) ## Run the benchmarks in bench/ and write docs/BENCHMARKS.md
 	$(PY) -m bench
 
-.PHONY: help install lint typecheck toolchain crds unit test up down bench
+.PHONY: help install lint typecheck toolchain crds unit test test-gpu up down bench

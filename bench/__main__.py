@@ -1,8 +1,9 @@
 """`python -m bench [NAME ...]`: run benchmark modules in bench/ and update docs/BENCHMARKS.md.
 
-A benchmark module is any ``bench/*.py`` with a ``run() -> Report`` function. With names,
-only those run and only their sections of BENCHMARKS.md are replaced; the sections of
-the others are kept as they were measured (each says when).
+A benchmark module is any ``bench/*.py`` with a ``run() -> Report`` function; one that
+raises ``UnavailableHereError`` (it needs hardware this machine lacks) keeps its section.
+With names, only those run and only their sections of BENCHMARKS.md are replaced; the
+sections of the others are kept as they were measured (each says when).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from bench.harness import UnavailableHereError
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "docs" / "BENCHMARKS.md"
@@ -48,7 +51,12 @@ def main(argv: list[str]) -> int:
         module = importlib.import_module(f"bench.{name}")
         print(f"== bench/{name}.py", flush=True)
         started = time.perf_counter()
-        report = module.run()
+        try:
+            report = module.run()
+        except UnavailableHereError as why:
+            kept = "kept the section measured earlier" if name in sections else "no section"
+            print(f"   not run here: {why}; {kept}", flush=True)
+            continue
         took = time.perf_counter() - started
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         body = report.markdown() + f"\n_Measured {stamp} on {machine}; took {took:.0f} s._\n"

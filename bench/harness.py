@@ -25,6 +25,10 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 
+class UnavailableHereError(Exception):
+    """A benchmark that cannot run on this machine (no GPU, say); its section is kept."""
+
+
 @dataclass(frozen=True)
 class Stats:
     """Latency samples in seconds, summarised."""
@@ -81,7 +85,7 @@ class Row:
         value = self.ratio
         if value is None and self.baseline:
             value = self.ours.p50 / self.baseline.p50
-        ratio = f"{value:.2f}x" if value is not None else "-"
+        ratio = "-" if value is None else f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
         base = _ms(self.baseline) if self.baseline else "-"
         verdict = {True: "met", False: "MISSED", None: "-"}[self.met]
         return [self.metric, _ms(self.ours), base, ratio, self.target or "-", verdict]

@@ -7,13 +7,15 @@ Mounted by the main CLI as ``gpumesh agent``; also runnable alone as
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -23,6 +25,9 @@ from gpumesh.node_agent.nvml.types import NvmlBackend
 from gpumesh.node_agent.wg import cli as mesh_cli
 from gpumesh.node_agent.wg.agent import MeshAgent
 from gpumesh.operator.mesh.model import valid_endpoint
+
+if TYPE_CHECKING:
+    from gpumesh.node_agent.nvml.fake import FleetNodeScript
 
 app = typer.Typer(
     name="agent",
@@ -167,8 +172,6 @@ def run(
 
     setup_logging(log_level)
     node_name = node or socket.gethostname()
-    if fake_verification not in ("pass", "fail"):
-        raise typer.BadParameter("--fake-verification is pass or fail")
     if lease_duration <= lease_renew:
         raise typer.BadParameter(
             f"{lease_duration} s would lapse before the next renewal ({lease_renew} s)",
@@ -181,24 +184,11 @@ def run(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    backend: NvmlBackend
-    if fake_nvml is not None:
-        from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
-
-        try:
-            script = load_fleet_node(fake_nvml, fake_node or node_name)
-        except (KeyError, ValueError) as err:
-            raise typer.BadParameter(str(err), param_hint="--fake-nvml") from None
-        outcome: Literal["pass", "fail"] = "fail" if fake_verification == "fail" else "pass"
-        backend = fake_from_fleet(script, verification=outcome)
+    backend, script = _backend(fake_nvml, fake_node or node_name, fake_verification)
+    if script is not None:
         supplier = supplier or script.supplier
         region = region or script.region
         price = price or script.price_per_gpu_hour
-        log.info("fake NVML: %d GPUs, %d scripted faults", len(script.gpus), len(script.faults))
-    else:
-        from gpumesh.node_agent.nvml.real import PynvmlBackend
-
-        backend = PynvmlBackend()
     api = RestKubeApi.connect(str(kubeconfig) if kubeconfig else None)
     if api is None:
         log.warning("no kubeconfig and not in a pod: serving metrics only, reporting nothing")
@@ -250,6 +240,69 @@ def run(
             start_http_server(mesh_metrics_port, metrics_host, registry=registry)
     agent = Agent(config, backend, api=api, report=report)
     asyncio.run(_serve(agent, mesh_agent))
+
+
+def _backend(
+    fake_nvml: Path | None, fake_node: str, fake_verification: str
+) -> tuple[NvmlBackend, FleetNodeScript | None]:
+    """Real NVML, or the fake playing ``fake_node`` of a fleet file (and that node's script)."""
+    if fake_nvml is None:
+        from gpumesh.node_agent.nvml.real import PynvmlBackend
+
+        return PynvmlBackend(), None
+    from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
+
+    if fake_verification not in ("pass", "fail"):
+        raise typer.BadParameter("--fake-verification is pass or fail")
+    try:
+        script = load_fleet_node(fake_nvml, fake_node)
+    except (KeyError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--fake-nvml") from None
+    outcome: Literal["pass", "fail"] = "fail" if fake_verification == "fail" else "pass"
+    log.info("fake NVML: %d GPUs, %d scripted faults", len(script.gpus), len(script.faults))
+    return fake_from_fleet(script, verification=outcome), script
+
+
+@app.command()
+def probe(
+    node: Annotated[
+        str | None,
+        typer.Option(envvar="NODE_NAME", help="Node name to report as (default: host name)."),
+    ] = None,
+    proof: Annotated[
+        bool, typer.Option("--proof/--no-proof", help="Also run the proof-of-GPU challenge.")
+    ] = False,
+    nonce: Annotated[
+        str | None, typer.Option(help="Nonce for the proof (default: a fresh random one).")
+    ] = None,
+    fake_nvml: Annotated[
+        Path | None,
+        typer.Option(
+            "--fake-nvml", exists=True, dir_okay=False, help="Fleet file to play instead of NVML."
+        ),
+    ] = None,
+    fake_node: Annotated[
+        str | None, typer.Option(help="Fleet node to play (default: --node).")
+    ] = None,
+    fake_verification: Annotated[
+        str, typer.Option(help="Scripted proof-of-GPU outcome: pass or fail.")
+    ] = "pass",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """Print what the agent sees on this host as JSON, once: NVML, each GPU's identity,
+    readings and health, and the proof of GPU with --proof. Exits 1 unless the node is fit
+    to join (NVML answers, every GPU Healthy, the proof Passed when asked for)."""
+    from gpumesh.node_agent.clock import SystemClock
+    from gpumesh.node_agent.probe import probe as probe_node
+
+    setup_logging(log_level)
+    node_name = node or socket.gethostname()
+    backend, _script = _backend(fake_nvml, fake_node or node_name, fake_verification)
+    if proof and nonce is None:
+        nonce = secrets.token_hex(16)
+    report, fit = probe_node(backend, node_name, SystemClock(), nonce=nonce if proof else None)
+    typer.echo(json.dumps(report, indent=2, default=str))
+    raise typer.Exit(0 if fit else 1)
 
 
 async def _serve(agent: Agent, mesh: MeshAgent | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pynvml
 import pytest
 
-from gpumesh.node_agent.nvml.real import FIELDS, PynvmlBackend, map_error
+from gpumesh.node_agent.nvml.real import FIELDS, PynvmlBackend, _field_value, map_error
 from gpumesh.node_agent.nvml.types import (
     GpuLostError,
     GpuResetRequiredError,
@@ -217,6 +217,19 @@ def test_xid_events_are_registered_and_mapped_to_gpu_indices(
     backend.shutdown()
     with pytest.raises(NvmlError):
         backend.device_count()
+
+
+@pytest.mark.parametrize(
+    ("value_type", "member", "raw", "expected"),
+    [(0, "dVal", 1.5, 1.5), (4, "sllVal", -3, -3), (6, "usVal", 7, 7), (9, "ullVal", 1, None)],
+)
+def test_a_field_value_is_read_from_the_member_its_type_names(
+    value_type: int, member: str, raw: float, expected: float | None
+) -> None:
+    value = SimpleNamespace(
+        nvmlReturn=0, valueType=value_type, value=SimpleNamespace(**{member: raw})
+    )
+    assert _field_value(value) == expected
 
 
 def test_fields_are_the_documented_nvml_ids() -> None:

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 from gpumesh.node_agent.nvml.types import (
@@ -85,23 +84,28 @@ def _address(handle: Any) -> int:
     return ctypes.cast(handle, ctypes.c_void_p).value or 0
 
 
+_UNION_MEMBER: Final = {
+    0: "dVal",
+    1: "uiVal",
+    2: "ulVal",
+    3: "ullVal",
+    4: "sllVal",
+    5: "siVal",
+    6: "usVal",
+}
+"""nvmlValueType_t -> the member of nvmlValue_t that holds the value."""
+
+
 def _field_value(v: Any) -> float | int | None:
     if v.nvmlReturn != NVML_SUCCESS:
         if v.nvmlReturn == NVML_ERROR_GPU_IS_LOST:
             raise GpuLostError("GPU is lost", NVML_ERROR_GPU_IS_LOST)
         return None
-    union = v.value
-    readers: dict[int, Callable[[], float | int]] = {
-        0: lambda: float(union.dVal),
-        1: lambda: int(union.uiVal),
-        2: lambda: int(union.ulVal),
-        3: lambda: int(union.ullVal),
-        4: lambda: int(union.sllVal),
-        5: lambda: int(union.siVal),
-        6: lambda: int(union.usVal),
-    }
-    reader = readers.get(int(v.valueType))
-    return reader() if reader else None
+    member = _UNION_MEMBER.get(int(v.valueType))
+    if member is None:
+        return None
+    value = getattr(v.value, member)
+    return float(value) if member == "dVal" else int(value)
 
 
 def _int(value: float | int | None) -> int | None:

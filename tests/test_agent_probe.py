@@ -1,0 +1,83 @@
+"""``gpumesh agent probe``: one look at the host's GPUs, fit to join or not, as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from gpumesh.node_agent.cli import app
+
+FLEET = """suppliers:
+  - name: probe-dc
+    region: eu-west
+    pricePerGpuHour: "2.00"
+    nodes:
+      - name: good-0
+        gpuModel: NVIDIA H100 80GB HBM3
+        gpuCount: 2
+        gpuMemoryMiB: 81559
+        computeCapability: "9.0"
+      - name: lost-0
+        gpuModel: NVIDIA H100 80GB HBM3
+        gpuCount: 2
+        gpuMemoryMiB: 81559
+        computeCapability: "9.0"
+        faults:
+          - {atSeconds: 0, gpuIndex: 1, kind: gpu_lost}
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Path:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(FLEET)
+    return path
+
+
+def probe(fleet: Path, node: str, *extra: str) -> tuple[int, Any]:
+    result = CliRunner().invoke(app, ["probe", "--node", node, "--fake-nvml", str(fleet), *extra])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_a_healthy_node_with_a_passing_proof_is_fit(fleet: Path) -> None:
+    code, report = probe(fleet, "good-0", "--proof", "--nonce", "n-1")
+    assert code == 0
+    assert report["fit"] is True
+    assert report["health"] == "Healthy"
+    gpus = report["gpus"]
+    assert [g["identity"]["name"] for g in gpus] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert report["verification"] == {
+        "engine": "scripted",
+        "nonce": "n-1",
+        "result": "Passed",
+        "checkedTime": report["verification"]["checkedTime"],
+        "message": report["verification"]["message"],
+        "vramVerifiedMib": 2 * (81559 - 1536),
+        "matmulTflops": 710.0,
+    }
+
+
+def test_without_proof_no_challenge_runs(fleet: Path) -> None:
+    code, report = probe(fleet, "good-0")
+    assert code == 0
+    assert "verification" not in report
+
+
+def test_a_failed_proof_makes_the_node_unfit(fleet: Path) -> None:
+    code, report = probe(fleet, "good-0", "--proof", "--fake-verification", "fail")
+    assert code == 1
+    assert report["fit"] is False
+    assert report["verification"]["result"] == "Failed"
+
+
+def test_a_lost_gpu_makes_the_node_unfit_and_says_which(fleet: Path) -> None:
+    code, report = probe(fleet, "lost-0")
+    assert code == 1
+    assert report["health"] == "Lost"
+    gpus = report["gpus"]
+    assert [g["health"] for g in gpus] == ["Healthy", "Lost"]
+    assert gpus[1]["reasons"]
