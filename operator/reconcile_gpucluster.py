@@ -39,7 +39,13 @@ from gpumesh.api.conditions import STALLED, set_condition
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
-from gpumesh.operator.jobs.admission import STALLED_REASONS, placement_trouble, placements
+from gpumesh.operator.jobs.admission import (
+    STALLED_REASONS,
+    placement_trouble,
+    placements,
+    unhealthy_nodes,
+    unhealthy_since,
+)
 from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
@@ -327,6 +333,12 @@ class Reconciler:
         migrations = self._migrations.get(key, 0)
         if migrations > status.migrations:
             status = status.model_copy(update={"migrations": migrations})
+        on = {a.node for a in chosen.assignments}
+        if not on:
+            self._unhealthy_since.pop(key, None)
+        remembered = self._remembered_trouble(key, previous)
+        troubled = unhealthy_nodes({n: t for n, t in remembered.items() if n in on})
+        status = status.model_copy(update={"unhealthy_nodes": troubled})
         status, flush = meter(previous, status, when, self.meter_flush_seconds)
         if self._write_status(key, body, previous, status):
             self.counters.record(key.namespace, "GPUCluster", key.name, flush)
@@ -358,7 +370,7 @@ class Reconciler:
             offers.by_name,
             frozenset(offers.by_name),
             failover,
-            self._unhealthy_since.get(key, {}),
+            self._remembered_trouble(key, previous),
             now,
         )
         self._unhealthy_since[key] = trouble.unhealthy_since
@@ -392,6 +404,14 @@ class Reconciler:
         self._settle(key, placed)
         self._kept[key] = (generation, self._epoch_of(offers), placed, overdue)
         return placed, None
+
+    def _remembered_trouble(
+        self, key: ClusterKey, previous: GPUClusterStatus
+    ) -> dict[str, datetime]:
+        """Since when its nodes are unhealthy: this process's memory, else (after a
+        restart) what the last status says, so the failover grace runs on, not over."""
+        remembered = self._unhealthy_since.get(key)
+        return unhealthy_since(previous.unhealthy_nodes) if remembered is None else remembered
 
     def _same_incarnation(self, key: ClusterKey, body: Obj) -> None:
         """A cluster deleted and created again under its name starts from nothing: what

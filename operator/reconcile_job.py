@@ -32,6 +32,8 @@ from gpumesh.operator.jobs.admission import (
     admission_pass,
     placement_trouble,
     placements,
+    unhealthy_nodes,
+    unhealthy_since,
 )
 from gpumesh.operator.jobs.admission import workloads as job_workloads
 from gpumesh.operator.jobs.machine import (
@@ -245,7 +247,11 @@ class JobReconciler:
             self.writer.delete_custom(
                 RAY_GROUP, RAY_VERSION, RAY_PLURAL, ref.namespace, step.stop_rayjob
             )
-        self._commit(key, ref, previous, step.status, now)
+        on = {p.node for p in step.status.placements} | {step.status.head_node or ""}
+        remembered = self._unhealthy_since.get(key, {}) if step.status.placements else {}
+        troubled = unhealthy_nodes({n: t for n, t in remembered.items() if n in on})
+        status = step.status.model_copy(update={"unhealthy_nodes": troubled})
+        self._commit(key, ref, previous, status, now)
         self._post(body, step.events)
         if step.delete_job:
             self.writer.delete_custom(GROUP, VERSION, PLURAL, ref.namespace, ref.name)
@@ -276,11 +282,17 @@ class JobReconciler:
             _by_name(snap.offers),
             snap.node_names,
             template.failover,
-            self._unhealthy_since.get(key, {}),
+            self._remembered_trouble(key, status),
             now,
         )
         self._unhealthy_since[key] = trouble.unhealthy_since
         return World(now, view, trouble=trouble.reason, trouble_wake=trouble.wake_at)
+
+    def _remembered_trouble(self, key: ClusterKey, previous: JobStatus) -> dict[str, datetime]:
+        """Since when its nodes are unhealthy: this process's memory, else (after a
+        restart) what the last status says, so the failover grace runs on, not over."""
+        remembered = self._unhealthy_since.get(key)
+        return unhealthy_since(previous.unhealthy_nodes) if remembered is None else remembered
 
     def _admit(
         self,
@@ -367,7 +379,11 @@ class JobReconciler:
         step = preempted(ref, spec, previous, by, preemption.victim_message, now)
         self.holdings.promise(key, {})
         self._sync_rayjob(ref, spec, step.status, _attempt(snap, key, previous.ray_job_name), snap)
-        self._commit(key, ref, previous, step.status, now)
+        on = {p.node for p in step.status.placements} | {step.status.head_node or ""}
+        remembered = self._unhealthy_since.get(key, {}) if step.status.placements else {}
+        troubled = unhealthy_nodes({n: t for n, t in remembered.items() if n in on})
+        status = step.status.model_copy(update={"unhealthy_nodes": troubled})
+        self._commit(key, ref, previous, status, now)
         self._post(body, step.events)
 
     # -- writes ----------------------------------------------------------------------------

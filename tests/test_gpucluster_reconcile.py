@@ -557,6 +557,22 @@ def test_workers_wait_out_the_grace_period_on_an_unhealthy_node_then_move_once()
     assert api.status("train")["migrations"] == 1, "one move counts once"
 
 
+def test_the_grace_period_runs_on_across_an_operator_restart() -> None:
+    api, reconciler, first, other = one_worker_on_two_nodes({"unhealthyGraceSeconds": 30})
+    api.set_offers(make_offer(first, health="Unhealthy"), make_offer(other))
+    key = ClusterKey(NS, "train")
+    reconciler.reconcile(key, at(10))
+    assert api.status("train")["unhealthyNodes"] == [
+        {"node": first, "since": at(10).isoformat().replace("+00:00", "Z")}
+    ]
+    restarted = reconciler_for(api)
+    settle(api, restarted, at(25))
+    assert api.workers_by_node("train") == {first: 1}, "still within the grace from 10 s"
+    restarted.reconcile(key, at(40))
+    assert api.workers_by_node("train") == {other: 1}, "not a new grace from the restart"
+    assert api.status("train")["unhealthyNodes"] == []
+
+
 def test_a_node_that_recovers_within_the_grace_period_keeps_its_workers() -> None:
     api, reconciler, first, other = one_worker_on_two_nodes({"unhealthyGraceSeconds": 30})
     key = ClusterKey(NS, "train")
@@ -564,6 +580,7 @@ def test_a_node_that_recovers_within_the_grace_period_keeps_its_workers() -> Non
     reconciler.reconcile(key, at(10))
     api.set_offers(make_offer(first), make_offer(other))
     reconciler.reconcile(key, at(20))
+    assert api.status("train")["unhealthyNodes"] == []
     api.set_offers(make_offer(first, health="Unhealthy"), make_offer(other))
     reconciler.reconcile(key, at(45))  # unhealthy again: the grace starts over
     assert api.workers_by_node("train") == {first: 1}

@@ -151,7 +151,18 @@ def setup(
 ) -> tuple[FakeApi, JobReconciler, list[NodeOffer], CollectorRegistry]:
     api = FakeApi()
     registry = CollectorRegistry()
-    reconciler = JobReconciler(
+    reconciler = reconciler_on(api, registry, holdings, clusters)
+    return api, reconciler, mesh(*offers), registry
+
+
+def reconciler_on(
+    api: FakeApi,
+    registry: CollectorRegistry,
+    holdings: Holdings | None = None,
+    clusters: ResidentClusters | None = None,
+) -> JobReconciler:
+    """A reconciler on ``api``; a second one stands for the operator after a restart."""
+    return JobReconciler(
         api,
         api.post_event,
         holdings=holdings,
@@ -159,7 +170,6 @@ def setup(
         counters=UsageCounters(registry),
         settings=JobSettings(meter_flush_seconds=60),
     )
-    return api, reconciler, mesh(*offers), registry
 
 
 def run(
@@ -339,6 +349,37 @@ def test_a_program_failure_makes_a_new_suspended_rayjob_after_backoff() -> None:
     assert status(api, "train")["phase"] == "Admitted"
     assert not suspended(api, "train-a2")
     assert "train" in api.rayjobs  # the failed attempt stays for its history
+
+
+def test_the_failover_grace_runs_on_across_an_operator_restart() -> None:
+    api, reconciler, _, _ = setup()
+    healthy = mesh(make_offer("node-a", gpus_total=4), make_offer("node-b", gpus_total=4))
+    sick = mesh(
+        make_offer("node-a", gpus_total=4, health="Unhealthy"), make_offer("node-b", gpus_total=4)
+    )
+    spec = template(4)
+    spec["clusterTemplate"]["failover"] = {"unhealthyGraceSeconds": 30}
+    api.create("train", spec)
+    run(api, reconciler, healthy, "train", T0)
+    (node,) = [p["node"] for p in status(api, "train")["placements"]]
+    if node == "node-b":  # the test makes node-a the sick one
+        sick = mesh(
+            make_offer("node-a", gpus_total=4),
+            make_offer("node-b", gpus_total=4, health="Unhealthy"),
+        )
+    api.kuberay("train", "Running", "RUNNING")
+    run(api, reconciler, sick, "train", at(10))
+    assert status(api, "train")["unhealthyNodes"] == [
+        {"node": node, "since": at(10).isoformat().replace("+00:00", "Z")}
+    ]
+    restarted = reconciler_on(api, CollectorRegistry())
+    run(api, restarted, sick, "train", at(25))
+    assert status(api, "train")["phase"] == "Running", "still within the grace from 10 s"
+    run(api, restarted, sick, "train", at(40))
+    moved = status(api, "train")
+    assert moved["infrastructureRetries"] == 1, "not a new grace from the restart"
+    assert [p["node"] for p in moved["placements"]] != [node]
+    assert moved["unhealthyNodes"] == []
 
 
 def test_deadline_suspends_a_templates_rayjob() -> None:

@@ -162,6 +162,23 @@ Conditions = Annotated[
 ]
 
 
+class UnhealthyNode(StatusModel):
+    """A node under a workload that has been unhealthy since ``since``.
+
+    Failover's grace period counts from here. It lives in status, not in the operator's
+    memory, so an operator restarted mid-grace neither starts the grace over nor forgets it.
+    """
+
+    node: Annotated[str, StringConstraints(max_length=253)] = Field(description="Node name.")
+    since: datetime = Field(description="When the operator first saw it unhealthy.")
+
+
+UnhealthyNodes = Annotated[
+    list[UnhealthyNode],
+    Field(max_length=1000, json_schema_extra=list_map("node")),
+]
+
+
 # --- object metadata -----------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from gpumesh.api.base import (
     Priority,
     Quantity,
     StatusModel,
+    UnhealthyNodes,
     cel,
     list_map,
 )
@@ -363,6 +364,11 @@ class GPUClusterStatus(StatusModel):
         description="Place in the admission queue while workers wait for GPUs; 0 is next.",
     )
     migrations: int = Field(default=0, ge=0, description="Migrations so far.")
+    unhealthy_nodes: UnhealthyNodes = Field(
+        default_factory=list,
+        description="Nodes under it unhealthy since when; workers leave them once "
+        "failover.unhealthyGraceSeconds passed.",
+    )
     last_scheduled_time: datetime | None = Field(
         default=None, description="When placement last changed."
     )

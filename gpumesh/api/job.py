@@ -21,6 +21,7 @@ from gpumesh.api.base import (
     Price,
     Priority,
     StatusModel,
+    UnhealthyNodes,
     cel,
 )
 from gpumesh.api.gpucluster import GPUClusterSpec, Metering, PreemptionPolicy, WorkerPlacement
@@ -141,6 +142,11 @@ class JobStatus(StatusModel):
         description="Supplier nodes the current attempt holds, per worker group; empty when none.",
     )
     head_node: str | None = Field(default=None, description="Node chosen for the Ray head.")
+    unhealthy_nodes: UnhealthyNodes = Field(
+        default_factory=list,
+        description="Nodes under the current attempt unhealthy since when; the attempt "
+        "leaves them once failover.unhealthyGraceSeconds passed.",
+    )
     gpus: int = Field(default=0, ge=0, description="GPUs held now.")
     price_per_hour: Price | None = Field(default=None, description="US dollars per hour now.")
     active_since: datetime | None = Field(

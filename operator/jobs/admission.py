@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
+from gpumesh.api.base import UnhealthyNode
 from gpumesh.api.gpucluster import FailoverPolicy, WorkerPlacement
 from gpumesh.api.job import JobSpec, JobStatus
 from gpumesh.operator.jobs.machine import TERMINAL, JobRef
@@ -151,6 +152,16 @@ def admission_pass(
         reserved=reserved,
         policy=policy or AdmissionPolicy(),
     )
+
+
+def unhealthy_since(nodes: Iterable[UnhealthyNode]) -> dict[str, datetime]:
+    """What a status remembers of its nodes' trouble, as ``placement_trouble`` takes it."""
+    return {n.node: n.since for n in nodes}
+
+
+def unhealthy_nodes(since: Mapping[str, datetime]) -> list[UnhealthyNode]:
+    """``placement_trouble``'s memory as status lists it, by node name."""
+    return [UnhealthyNode(node=node, since=at) for node, at in sorted(since.items())]
 
 
 @dataclass(frozen=True)
