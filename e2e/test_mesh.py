@@ -51,6 +51,8 @@ NATD = (4, 5)
 JOIN_DEADLINE_S = 5.0
 METRICS_PORT = 9464  # on 127.0.0.1 inside each host's namespace
 RTT_INTERVAL_S = 0.5
+RTT_MAX_PEERS = INITIAL_HOSTS - 2
+"""Fewer than the other members: each agent leaves one out and publishes a floor."""
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Mesh:
             "--metrics-address=127.0.0.1",
             f"--rtt-interval={RTT_INTERVAL_S}",
             "--rtt-publish-min=1",
+            f"--rtt-max-peers={RTT_MAX_PEERS}",
             "--status-check=2",
         ]
         if public:
@@ -325,19 +328,31 @@ def test_agents_publish_rtts_and_the_nat_mappings_their_handshakes_show(mesh: Me
     mesh.lab.wait_connected(mesh.alive, timeout=30)
     names = {h.name for h in mesh.alive}
 
+    others = len(names) - 1
+    assert others > RTT_MAX_PEERS, "the lab is meant to exceed the bound"
+
     def rtts_complete() -> bool:
-        return all(
-            set(mesh.status_mesh(h).get("rttMs") or {}) == names - {h.name} for h in mesh.alive
-        )
+        """Each agent lists its nearest RTT_MAX_PEERS members and a floor for the rest."""
+        for host in mesh.alive:
+            status = mesh.status_mesh(host)
+            listed = set(status.get("rttMs") or {})
+            if len(listed) != RTT_MAX_PEERS or not listed <= names - {host.name}:
+                return False
+            if status.get("rttFloorMs") is None:
+                return False
+        return True
 
     started = time.monotonic()
-    wait_for("every agent to publish an RTT to every other member", rtts_complete, timeout=30)
+    wait_for("every agent to publish its nearest RTTs and a floor", rtts_complete, timeout=30)
     print(f"RTTs over the mesh published by all {time.monotonic() - started:.2f}s later")
     for host in mesh.alive:
-        rtts = mesh.status_mesh(host)["rttMs"]
-        print(f"{host.name} rttMs: {rtts}")
+        status = mesh.status_mesh(host)
+        rtts, floor = status["rttMs"], status["rttFloorMs"]
+        print(f"{host.name} rttMs: {rtts}, rttFloorMs: {floor}")
         for peer, ms in rtts.items():
             assert 0 <= ms < 1000, f"{host.name} -> {peer}: {ms} ms"
+        # The floor is the nearest member left out: no listed one is farther (10 us steps).
+        assert max(rtts.values()) <= floor + 0.01
     natd = mesh.host(NATD[0])
     assert f'gpumesh_mesh_member_rtt_seconds{{member="{mesh.host(0).name}"' in mesh.metrics(natd)
     for index in NATD:

@@ -231,6 +231,21 @@ def test_max_latency_is_a_hard_limit_when_the_mesh_measured_it() -> None:
     assert "within 50 ms of each other" in impossible.explanation
 
 
+def test_a_pair_neither_node_lists_is_as_far_as_the_larger_published_floor() -> None:
+    """In a mesh larger than rttMs's bound, a far pair may be listed by neither node."""
+    inventory = [
+        make_offer("a", gpus_free=1, rtt_ms={"c": 5.0}, rtt_floor_ms=60.0),
+        make_offer("b", gpus_free=1, price_per_gpu_hour=Decimal("1.00"), rtt_ms={"c": 6.0}),
+        make_offer("c", gpus_free=1, price_per_gpu_hour=Decimal("3.00"), rtt_ms={"a": 5.0}),
+        head(),
+    ]
+    workers = {"replicas": 2}
+    within = place_cluster(spec(workers=workers, placement={"maxLatencyMs": 50}), inventory)
+    assert set(gpus_by_node(within)) == {"b", "c"}, "a-b is at least 60 ms: not both"
+    loose = place_cluster(spec(workers=workers, placement={"maxLatencyMs": 70}), inventory)
+    assert set(gpus_by_node(loose)) == {"a", "b"}, "60 ms may be within 70: cheapest wins"
+
+
 def test_head_goes_to_a_verified_head_capable_node_never_an_unverified_one() -> None:
     inventory = [
         make_offer("gpu", region="us-east"),

@@ -451,6 +451,15 @@ def test_rtts_are_bounded_to_the_nearest(parts: tuple[MeshSyncer, FakeDevice, Fa
     clock.t += 1
     agent.step()
     assert mesh_status(api)["rttMs"] == {"p2": 1.0, "n1": 2.0}
+    assert mesh_status(api)["rttFloorMs"] == 3.0  # p1 and n2 are at least this far
+    rtt.round({"p1": 3.5, "p2": 1.0, "n1": 2.0})
+    clock.t += 61
+    agent.step()
+    assert mesh_status(api)["rttFloorMs"] == 3.0  # moved under the thresholds: not written
+    rtt.round({"p2": 1.0, "n1": 2.0})
+    clock.t += 61
+    agent.step()
+    assert "rttFloorMs" not in mesh_status(api)  # every member measured is listed again
 
 
 def test_a_relay_publishes_the_nat_mappings_it_sees_and_drops_stale_ones(

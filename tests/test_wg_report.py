@@ -21,6 +21,7 @@ def test_read_report_keeps_the_agents_fields_and_skips_garbage() -> None:
                 "endpoints": ["198.51.100.1:51820"],
                 "peerEndpoints": [{"node": "n1", "endpoint": "203.0.113.7:4000"}, {"node": 3}],
                 "rttMs": {"a": 1.5, "b": "fast", "c": True, "d": 2},
+                "rttFloorMs": 40,
                 "observedEndpoint": "203.0.113.9:5555",
                 "overlayIp": "198.19.0.5",
             }
@@ -28,7 +29,7 @@ def test_read_report_keeps_the_agents_fields_and_skips_garbage() -> None:
     }
     report, observed = read_report(body)
     assert report == MeshReport(
-        KEY, ("198.51.100.1:51820",), (("n1", "203.0.113.7:4000"),), {"a": 1.5, "d": 2.0}
+        KEY, ("198.51.100.1:51820",), (("n1", "203.0.113.7:4000"),), {"a": 1.5, "d": 2.0}, 40.0
     )
     assert observed == "203.0.113.9:5555"
     assert read_report(None) == (MeshReport(None), None)
@@ -62,3 +63,12 @@ def test_the_patch_names_only_what_differs_and_deletes_gone_rtts() -> None:
     assert report_patch(MeshReport(None), MeshReport(KEY), rtt=True) == {
         "status": {"mesh": {"publicKey": KEY}}
     }
+
+
+def test_the_floor_goes_with_the_rtts_and_is_deleted_when_gone() -> None:
+    have = MeshReport(KEY, rtt_ms={"a": 1.0}, rtt_floor_ms=30.0)
+    gone = MeshReport(KEY, rtt_ms={"a": 1.0})
+    assert report_patch(have, gone, rtt=False) is None
+    assert report_patch(have, gone, rtt=True) == {"status": {"mesh": {"rttFloorMs": None}}}
+    moved = MeshReport(KEY, rtt_ms={"a": 1.0}, rtt_floor_ms=45.5)
+    assert report_patch(have, moved, rtt=True) == {"status": {"mesh": {"rttFloorMs": 45.5}}}

@@ -64,6 +64,28 @@ def test_policy_publishes_the_nearest_rounded() -> None:
     assert list(policy.bounded({"b": 1.0, "a": 1.0, "c": 1.0})) == ["a", "b"]
 
 
+def test_the_floor_is_the_nearest_member_left_out_rounded_down() -> None:
+    policy = RttPolicy(max_peers=2)
+    assert policy.floor({"far": 80.019, "near": 1.2, "mid": 9.0, "farther": 95.0}) == 80.01
+    assert policy.floor({"near": 1.2, "mid": 9.0}) is None  # nothing left out
+
+
+@pytest.mark.parametrize(
+    ("published", "wanted", "changed"),
+    [
+        (None, None, False),
+        (None, 40.0, True),
+        (40.0, None, True),
+        (40.0, 47.0, False),  # under 20 %
+        (40.0, 49.0, True),
+    ],
+)
+def test_the_floor_is_rewritten_when_it_comes_goes_or_moves_enough(
+    published: float | None, wanted: float | None, changed: bool
+) -> None:
+    assert RttPolicy().floor_changed(published, wanted) is changed
+
+
 @pytest.mark.parametrize(
     ("published", "wanted", "changed"),
     [

@@ -120,6 +120,15 @@ class MeshStatus(StatusModel):
         ),
     )
 
+    rtt_floor_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Every peer the agent measured but left out of rttMs is at least this far, in "
+            "ms; unset while rttMs lists every peer it measured."
+        ),
+    )
+
     @field_validator("rtt_ms", mode="before")
     @classmethod
     def _numeric_rtts(cls, value: Any) -> Any:

@@ -302,23 +302,31 @@ class MeshAgent:
         if result.desired.unreachable and new:
             log.warning("no path to %s", ", ".join(result.desired.unreachable))
 
-    def _wanted(self, rtts: Mapping[str, float] | None = None) -> MeshReport:
-        """Our fields as they should be now (no API call); RTTs from the echo unless given."""
-        if rtts is None:
+    def _wanted(self, rtts_of: MeshReport | None = None) -> MeshReport:
+        """Our fields as they should be now (no API call); RTTs from the echo, or as
+        ``rtts_of`` has them."""
+        if rtts_of is None:
             measured = self.rtt.current() if self.rtt is not None else {}
             if self.collector is not None:
                 self.collector.record_rtt(measured)
-            rtts = self.config.rtt_policy.bounded(measured)
+            policy = self.config.rtt_policy
+            rtts: Mapping[str, float] = policy.bounded(measured)
+            floor = policy.floor(measured)
+        else:
+            rtts, floor = rtts_of.rtt_ms, rtts_of.rtt_floor_ms
         return MeshReport(
             public_key=self.syncer.public_key,
             endpoints=endpoint_candidates(self.config.endpoints, self._observed_endpoint),
             peer_endpoints=handshake_endpoints(self._desired, self._observed, self.wall()),
             rtt_ms=rtts,
+            rtt_floor_ms=floor,
         )
 
     def _rtt_due(self, published: MeshReport, wanted: MeshReport, now: float) -> bool:
+        policy = self.config.rtt_policy
         return now >= self._rtt_written + self.config.rtt_publish_min_s and (
-            self.config.rtt_policy.changed(published.rtt_ms, wanted.rtt_ms)
+            policy.changed(published.rtt_ms, wanted.rtt_ms)
+            or policy.floor_changed(published.rtt_floor_ms, wanted.rtt_floor_ms)
         )
 
     def _report_stale(self, now: float) -> bool:
@@ -330,8 +338,10 @@ class MeshAgent:
         rounds = self.rtt.rounds if self.rtt is not None else 0
         fresh = rounds != self._rtt_rounds
         self._rtt_rounds = rounds
-        wanted = self._wanted(None if fresh else published.rtt_ms)
-        if replace(wanted, rtt_ms=published.rtt_ms) != published:
+        wanted = self._wanted(None if fresh else published)
+        if replace(wanted, rtt_ms=published.rtt_ms, rtt_floor_ms=published.rtt_floor_ms) != (
+            published
+        ):
             return True
         return fresh and self._rtt_due(published, wanted, now)
 
@@ -359,11 +369,17 @@ class MeshAgent:
                     len(wanted.peer_endpoints),
                     ", ".join(f"{n}={e}" for n, e in wanted.peer_endpoints[:8]),
                 )
-            if "rttMs" in fields:
-                log.info("published RTTs to %d members", len(wanted.rtt_ms))
+            if "rttMs" in fields or "rttFloorMs" in fields:
+                log.info(
+                    "published RTTs to %d members (the rest at least %s ms away)",
+                    len(wanted.rtt_ms),
+                    wanted.rtt_floor_ms,
+                )
         if rtt:
             self._rtt_written = now
-        self._published = replace(wanted, rtt_ms=wanted.rtt_ms if rtt else have.rtt_ms)
+        if not rtt:
+            wanted = replace(wanted, rtt_ms=have.rtt_ms, rtt_floor_ms=have.rtt_floor_ms)
+        self._published = wanted
 
     def _renew_lease(self, now: float) -> None:
         cfg = self.config

@@ -8,7 +8,8 @@ operator owns the rest of ``status.mesh`` and this patch never names those field
   ``peerEndpoints``): for a NAT'd node, its NAT mapping.
 - ``peerEndpoints``: on a relay, the endpoint each NAT'd node it relays for handshook
   from (its NAT mapping), while that handshake is fresh.
-- ``rttMs``: round trips to the nearest members (see :class:`~.rtt.RttPolicy`).
+- ``rttMs``: round trips to the nearest members (see :class:`~.rtt.RttPolicy`), and
+  ``rttFloorMs``, the least round trip among the measured members left out.
 
 The patch is a JSON merge patch of the status subresource computed against what the API
 holds: only fields that differ, and ``null`` for RTT entries to drop.
@@ -41,6 +42,8 @@ class MeshReport:
     peer_endpoints: tuple[tuple[str, str], ...] = ()
     """(node, endpoint), sorted by node."""
     rtt_ms: Mapping[str, float] = field(default_factory=dict)
+    rtt_floor_ms: float | None = None
+    """Every measured peer left out of ``rtt_ms`` is at least this far (None: none is)."""
 
 
 def read_report(gpunode: Mapping[str, Any] | None) -> tuple[MeshReport, str | None]:
@@ -54,6 +57,7 @@ def read_report(gpunode: Mapping[str, Any] | None) -> tuple[MeshReport, str | No
     rows = mesh.get("peerEndpoints")
     rtts = mesh.get("rttMs")
     observed = mesh.get("observedEndpoint")
+    floor = mesh.get("rttFloorMs")
     peer_endpoints = tuple(
         (str(r["node"]), str(r["endpoint"]))
         for r in (rows if isinstance(rows, list) else [])
@@ -70,6 +74,9 @@ def read_report(gpunode: Mapping[str, Any] | None) -> tuple[MeshReport, str | No
             for n, v in (rtts.items() if isinstance(rtts, Mapping) else [])
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
+        rtt_floor_ms=float(floor)
+        if isinstance(floor, int | float) and not isinstance(floor, bool)
+        else None,
     )
     return report, observed if isinstance(observed, str) and valid_endpoint(observed) else None
 
@@ -120,4 +127,6 @@ def report_patch(have: MeshReport, want: MeshReport, *, rtt: bool) -> dict[str, 
         changes: dict[str, float | None] = {n: None for n in have.rtt_ms if n not in want.rtt_ms}
         changes.update((n, ms) for n, ms in want.rtt_ms.items() if have.rtt_ms.get(n) != ms)
         mesh["rttMs"] = changes
+    if rtt and have.rtt_floor_ms != want.rtt_floor_ms:
+        mesh["rttFloorMs"] = want.rtt_floor_ms
     return {"status": {"mesh": mesh}} if mesh else None

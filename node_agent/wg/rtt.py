@@ -15,6 +15,7 @@ The I/O (socket, thread) is in :mod:`gpumesh.node_agent.wg.echo`.
 
 from __future__ import annotations
 
+import math
 import statistics
 import struct
 from collections import deque
@@ -122,14 +123,28 @@ class RttPolicy:
         nearest = sorted(rtts.items(), key=lambda item: (item[1], item[0]))[: self.max_peers]
         return {n: round(ms, 2) for n, ms in sorted(nearest)}
 
+    def floor(self, rtts: Mapping[str, float]) -> float | None:
+        """The least RTT left out by ``bounded`` (rounded down to 10 us), or None when
+        nothing is left out: placement reads it as a lower bound for unlisted peers."""
+        if len(rtts) <= self.max_peers:
+            return None
+        left_out = sorted(rtts.values())[self.max_peers]
+        return math.floor(left_out * 100) / 100
+
     def changed(self, published: Mapping[str, float], wanted: Mapping[str, float]) -> bool:
         """Whether ``wanted`` differs enough from ``published`` to be written."""
         if published.keys() != wanted.keys():
             return True
-        return any(
-            abs(ms - published[n]) > max(self.min_change_ms, self.min_change_ratio * published[n])
-            for n, ms in wanted.items()
-        )
+        return any(self._moved(published[n], ms) for n, ms in wanted.items())
+
+    def floor_changed(self, published: float | None, wanted: float | None) -> bool:
+        """Whether the floor appeared, went, or moved enough to be written."""
+        if published is None or wanted is None:
+            return published != wanted
+        return self._moved(published, wanted)
+
+    def _moved(self, published: float, wanted: float) -> bool:
+        return abs(wanted - published) > max(self.min_change_ms, self.min_change_ratio * published)
 
 
 def probe_targets(

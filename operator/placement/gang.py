@@ -451,7 +451,10 @@ class _Planner:
             if other.name == offer.name:
                 continue
             rtt = offer.rtt_to(other)
-            if rtt is None:
+            if rtt is None:  # listed by neither: at least the floor, if one is published
+                floor = offer.rtt_floor_to(other)
+                if floor is not None and floor > limit:
+                    return -1.0
                 continue
             if rtt > limit:
                 return -1.0

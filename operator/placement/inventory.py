@@ -66,6 +66,8 @@ class NodeOffer:
     labels: frozenset[tuple[str, str]] = frozenset()
     #: Mesh round trip in ms to peers, by node name, when the mesh has measured it.
     rtt_ms: Mapping[str, float] = field(default_factory=dict, hash=False)
+    #: Every peer the agent measured but left out of ``rtt_ms`` is at least this far.
+    rtt_floor_ms: float | None = None
 
     @property
     def accepts_work(self) -> bool:
@@ -76,6 +78,13 @@ class NodeOffer:
         """Measured round trip between the two nodes, from either side; None if unknown."""
         found = self.rtt_ms.get(other.name)
         return other.rtt_ms.get(self.name) if found is None else found
+
+    def rtt_floor_to(self, other: NodeOffer) -> float | None:
+        """The least round trip two nodes that do not list each other can have: the larger
+        of their floors (each covers the peers its agent measured); None when neither
+        bounds its list."""
+        floors = [f for f in (self.rtt_floor_ms, other.rtt_floor_ms) if f is not None]
+        return max(floors) if floors else None
 
 
 @dataclass
@@ -236,6 +245,7 @@ def _offer(
         ),
         labels=frozenset(labels.items()),
         rtt_ms=_rtt(gpunode),
+        rtt_floor_ms=_rtt_floor(gpunode),
     )
 
 
@@ -313,3 +323,11 @@ def _rtt(gpunode: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float) and value >= 0:
             out[str(peer)] = float(value)
     return out
+
+
+def _rtt_floor(gpunode: Mapping[str, Any]) -> float | None:
+    """``status.mesh.rttFloorMs`` when the agent publishes one."""
+    floor = ((gpunode.get("status") or {}).get("mesh") or {}).get("rttFloorMs")
+    if isinstance(floor, int | float) and not isinstance(floor, bool) and floor >= 0:
+        return float(floor)
+    return None
