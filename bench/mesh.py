@@ -38,6 +38,7 @@ CONFIG = MeshConfig(
     overlay_cidr="198.19.0.0/17", pod_cidr="198.19.128.0/17", pod_prefix=30, cooldown_s=3600
 )
 NATD_SHARE = 5  # one node in five is behind NAT
+REGIONS = ("eu-west", "eu-north", "us-east", "us-west", "ap-south")
 DEVICE_PEERS = 1000
 TARGET_PLAN_1K_S = 0.3
 TARGET_EVENT_S = 0.010
@@ -51,7 +52,7 @@ def fake_key(name: str) -> str:
 def node(i: int, *, alive: bool = True) -> MeshNode:
     name = f"gpu-{i:05d}"
     endpoint = None if i % NATD_SHARE == 0 else f"203.0.113.{i % 250 + 1}:{51820 + i // 250}"
-    return MeshNode(name, fake_key(name), endpoint, alive)
+    return MeshNode(name, fake_key(name), endpoint, alive, region=REGIONS[(i // 7) % len(REGIONS)])
 
 
 def fleet(n: int) -> list[MeshNode]:
@@ -383,9 +384,10 @@ def run() -> Report:
         rows, device_notes = bench_device(repeat=20)
         report.rows += rows
     report.notes += [
-        f"Fleet: one node in {NATD_SHARE} NAT'd (relayed), the rest with public endpoints. "
-        "Events cycle: join, leave, a relay's heartbeat lapses (its NAT'd nodes move), it "
-        "returns, a key rotates.",
+        f"Fleet: one node in {NATD_SHARE} NAT'd (relayed), the rest with public endpoints, "
+        f"over {len(REGIONS)} regions (NAT'd nodes are relayed from their own). Events cycle: "
+        "join, leave, a relay's heartbeat lapses (its NAT'd nodes move), it returns (those "
+        "that left their region come home), a key rotates.",
         "Incremental targets are checked at p99, others at p95.",
         *device_notes,
         "The baseline 'every node's peer map built centrally' is what a control plane that "

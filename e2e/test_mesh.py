@@ -55,6 +55,11 @@ RTT_MAX_PEERS = INITIAL_HOSTS - 2
 """Fewer than the other members: each agent leaves one out and publishes a floor."""
 
 
+def region_of(index: int) -> str:
+    """Two regions, each with public hosts and one of the NAT'd ones (4 in a, 5 in b)."""
+    return "lab-a" if index % 2 == 0 else "lab-b"
+
+
 @dataclass
 class Mesh:
     lab: Lab
@@ -83,6 +88,11 @@ class Mesh:
     def alive(self) -> list[Host]:
         return [h for h in self.lab.hosts if h.alive]
 
+    def relay_of(self, natd: Host) -> Host:
+        """The host the operator chose to relay for ``natd``."""
+        name = self.status_mesh(natd)["relay"]
+        return next(h for h in self.lab.hosts if h.name == name)
+
     def host(self, index: int) -> Host:
         return next(h for h in self.lab.hosts if h.index == index)
 
@@ -91,7 +101,11 @@ class Mesh:
         host = self.lab.add_host(index, public=public)
         self.lab.start_wireguard(host)
         self.lab.forward_api(host, self.api_port)
-        spec: dict[str, Any] = {"supplier": "e2e", "region": "lab", "pricePerGpuHour": "1.00"}
+        spec: dict[str, Any] = {
+            "supplier": "e2e",
+            "region": region_of(index),
+            "pricePerGpuHour": "1.00",
+        }
         if public:
             spec["publicEndpoint"] = host.endpoint
         self.api.request(
@@ -318,6 +332,9 @@ def test_every_overlay_and_pod_address_answers_from_every_host(mesh: Mesh) -> No
         assert not mesh.lab.ping(mesh.host(3), natd.underlay_ip)
     relays = {mesh.wg_dump(mesh.host(i)).popitem()[1]["endpoint"] for i in NATD}
     assert len(relays) == 2, "the two NAT'd hosts should be spread over two relays"
+    for index in NATD:
+        relay = mesh.relay_of(mesh.host(index))
+        assert region_of(relay.index) == region_of(index), "relayed from its own region"
     natd = mesh.host(NATD[0])
     text = mesh.metrics(natd)
     assert 'mode="relayed"' in text and "gpumesh_mesh_peer_handshake_age_seconds{" in text
@@ -446,6 +463,9 @@ def test_a_killed_relay_is_dropped_and_the_rest_stay_connected(mesh: Mesh) -> No
         assert relay_key not in mesh.wg_dump(host), f"{host.name} still has the dead relay"
     new_relay = next(iter(mesh.wg_dump(natd).values()))["endpoint"]
     assert new_relay != relay_endpoint
+    moved_to = mesh.relay_of(natd)
+    assert moved_to.endpoint == new_relay
+    assert region_of(moved_to.index) == region_of(natd.index), "still relayed from home"
 
 
 def test_a_new_host_is_reachable_from_all_within_5_s(mesh: Mesh) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -59,6 +60,11 @@ def check_invariants(p: MeshPlanner) -> None:
         if e.endpoint is not None:
             assert e.relay is None
     assert {k: v for k, v in p.relay_load().items() if v} == load
+    regions = {p.nodes[e.name].region for e in entries.values() if e.endpoint is not None}
+    for e in entries.values():
+        region = p.nodes[e.name].region
+        if e.relay is not None and region is not None and region in regions:
+            assert p.nodes[e.relay].region == region, f"{e.name} relayed from abroad"
     if any(e.endpoint is not None for e in entries.values()):
         assert all(e.relay is not None for e in entries.values() if e.endpoint is None)
 
@@ -146,6 +152,49 @@ def test_natd_nodes_wait_for_a_relay_and_get_one_when_it_comes() -> None:
     assert p.entries["n0"].relay == p.entries["n1"].relay == "p0"
 
 
+def in_region(node: MeshNode, region: str) -> MeshNode:
+    return replace(node, region=region)
+
+
+def test_a_natd_node_is_relayed_from_its_own_region_before_a_less_loaded_one() -> None:
+    p = plan(
+        [in_region(public("p0"), "eu"), in_region(public("p1"), "us")]
+        + [in_region(natd(f"n{i}"), "eu") for i in range(3)],
+        CONFIG,
+    )
+    assert {p.entries[f"n{i}"].relay for i in range(3)} == {"p0"}
+    assert p.relay_load() == {"p0": 3, "p1": 0}
+    p.upsert(in_region(natd("n9"), "asia"), now=1)  # no relay in asia: the least loaded
+    assert p.entries["n9"].relay == "p1"
+    check_invariants(p)
+
+
+def test_a_natd_node_relayed_from_abroad_moves_home_when_its_region_gains_a_relay() -> None:
+    p = plan([in_region(public("p0"), "us"), in_region(natd("n0"), "eu")], CONFIG)
+    p.upsert(in_region(natd("n1"), "us"), now=1)
+    assert p.entries["n0"].relay == p.entries["n1"].relay == "p0"
+    delta = p.upsert(in_region(public("p5"), "eu"), now=2)
+    assert sorted(e.name for e in delta.changed) == ["n0", "p5"]
+    assert p.entries["n0"].relay == "p5"
+    assert p.entries["n1"].relay == "p0", "a node at home stays"
+    delta = p.upsert(in_region(public("p6"), "eu"), now=3)
+    assert [e.name for e in delta.changed] == ["p6"], "no churn for nodes already home"
+    assert p.entries["n0"].relay == "p5"
+    check_invariants(p)
+
+
+def test_a_restarted_planner_keeps_a_remembered_relay_abroad_only_while_home_has_none() -> None:
+    nodes = [in_region(public("p0"), "us"), in_region(natd("n0"), "eu")]
+    first = plan(nodes, CONFIG)
+    assert first.entries["n0"].relay == "p0"
+    again = MeshPlanner(CONFIG, first.ledger())
+    again.sync(nodes, now=1)
+    assert again.entries["n0"].relay == "p0"
+    home = MeshPlanner(CONFIG, first.ledger())
+    home.sync([*nodes, in_region(public("p1"), "eu")], now=1)
+    assert home.entries["n0"].relay == "p1"
+
+
 def test_a_node_without_a_key_holds_addresses_but_is_not_in_the_catalogue() -> None:
     p = plan([MeshNode("p0", None, "198.51.100.1:51820")], CONFIG)
     assert not p.entries
@@ -194,22 +243,34 @@ def test_ledger_restore_refuses_duplicates_and_foreign_ranges() -> None:
     assert len(overlays) == 3
 
 
+REGIONS = ("eu", "us", None)
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("apnd"), st.integers(0, 11)), max_size=60))
-def test_incremental_equals_full_replan_from_the_ledger(events: list[tuple[str, int]]) -> None:
-    """Property: after any event sequence, a full replan from the recorded ledger gives the
-    same catalogue; invariants hold throughout."""
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("apnd"), st.integers(0, 11), st.sampled_from(REGIONS)),
+        max_size=60,
+    )
+)
+def test_incremental_equals_full_replan_from_the_ledger(
+    events: list[tuple[str, int, str | None]],
+) -> None:
+    """Property: after any event sequence (nodes coming, going, lapsing, changing region),
+    a full replan from the recorded ledger gives the same catalogue; invariants hold
+    throughout, a NAT'd node relayed from abroad only while its region has no relay."""
     p = MeshPlanner(CONFIG)
     nodes: dict[str, MeshNode] = {}
-    for t, (op, i) in enumerate(events):
+    for t, (op, i, region) in enumerate(events):
         name = f"x{i}"
         if op == "d":
             nodes.pop(name, None)
             p.remove(name, now=t)
         else:
-            node = {"a": public, "p": public, "n": natd}.get(op, public)(name)
+            make = {"a": public, "p": public, "n": natd}.get(op, public)
+            node = replace(make(name), region=region)
             if op == "a" and name in nodes:
-                node = MeshNode(name, node.public_key, node.public_endpoint, alive=False)
+                node = replace(node, alive=False)
             nodes[name] = node
             p.upsert(node, now=t)
         check_invariants(p)

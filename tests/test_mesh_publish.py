@@ -53,7 +53,7 @@ def test_mesh_node_reads_key_endpoint_and_liveness() -> None:
         [lease("a", NOW - timedelta(seconds=10)), lease("b", NOW - timedelta(minutes=5))]
     )
     a = mesh_node(gpunode("a", KEY, "198.51.100.1:51820"), leases.get("a"), NOW)
-    assert a == MeshNode("a", KEY, "198.51.100.1:51820", alive=True)
+    assert a == MeshNode("a", KEY, "198.51.100.1:51820", alive=True, region="eu")
     b = mesh_node(gpunode("b", KEY, None), leases.get("b"), NOW)
     assert not b.alive and b.public_endpoint is None
     assert not mesh_node(gpunode("c", KEY, None), None, NOW).alive

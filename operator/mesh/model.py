@@ -56,7 +56,8 @@ class MeshNode:
     reachable from anywhere and may relay for nodes without one. ``alive`` is False once
     the node's heartbeat Lease has expired: it leaves the catalogue but keeps its
     addresses, so it returns with the same ones. ``relay`` False (``spec.meshRelay``) keeps
-    a node with a public endpoint out of the relay pool.
+    a node with a public endpoint out of the relay pool. ``region`` (``spec.region``): a
+    NAT'd node is relayed from its own region when a relay sits there.
     """
 
     name: str
@@ -64,6 +65,7 @@ class MeshNode:
     public_endpoint: str | None = None
     alive: bool = True
     relay: bool = True
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,8 @@ class MeshPlanner:
         self._relay_of: dict[str, str] = {}
         self._relayed_by: dict[str, set[str]] = {}
         self._orphans: set[str] = set()  # NAT'd members with no relay to use yet
+        self._abroad: dict[str, str] = {}  # NAT'd member -> its region, relayed from elsewhere
+        self._gained: set[str] = set()  # regions that gained a relay since the last pass
         self._preferred: dict[str, str] = {}  # relay remembered from the ledger
         self._relays = RelayBalancer()
         self._catalogue: Catalogue | None = None
@@ -209,14 +211,14 @@ class MeshPlanner:
         """A GPUNode was added or changed (key, endpoint, heartbeat)."""
         out = _DeltaBuilder()
         self._upsert(node, now, out)
-        self._assign_orphans(out)
+        self._assign_relays(out)
         return self._finish(out)
 
     def remove(self, name: str, now: float) -> Delta:
         """A GPUNode was deleted: it leaves the mesh and its addresses start cooling."""
         out = _DeltaBuilder()
         self._remove(name, now, out)
-        self._assign_orphans(out)
+        self._assign_relays(out)
         return self._finish(out)
 
     def sync(self, nodes: Iterable[MeshNode], now: float) -> Delta:
@@ -231,7 +233,7 @@ class MeshPlanner:
         order = sorted(wanted.values(), key=lambda n: (n.public_endpoint is None, n.name))
         for node in order:
             self._upsert(node, now, out)
-        self._assign_orphans(out)
+        self._assign_relays(out)
         return self._finish(out)
 
     # --- internals -------------------------------------------------------------------------
@@ -289,16 +291,19 @@ class MeshPlanner:
 
     def _upsert(self, node: MeshNode, now: float, out: _DeltaBuilder) -> None:
         name = node.name
+        before = self._nodes.get(name)
         self._nodes[name] = node
+        if before is not None and before.region != node.region and name in self._relay_of:
+            self._drop_relay(name, out)  # moved to another region: choose its relay again
         if name not in self._alloc and not self._allocate(name, now, out):
             self._leave(name, out)
             return
         member = node.alive and node.public_key is not None
         capable = member and node.public_endpoint is not None and node.relay
-        if name in self._relays and not capable:
-            self._retire_relay(name, out)
-        elif capable:
-            self._relays.add(name)
+        if name in self._relays and (not capable or self._relays.region.get(name) != node.region):
+            self._retire_relay(name, out)  # a relay that moved region is chosen afresh too
+        if capable and self._relays.add(name, node.region) and node.region is not None:
+            self._gained.add(node.region)
         if member and node.public_endpoint is None:
             if name not in self._relay_of:
                 self._orphans.add(name)
@@ -343,6 +348,7 @@ class MeshPlanner:
         self._relays.remove(relay)
         for nat in sorted(self._relayed_by.pop(relay, set())):
             del self._relay_of[nat]
+            self._abroad.pop(nat, None)
             self._orphans.add(nat)
             self._note_assignment(nat, out)
             self._refresh_entry(nat, out)
@@ -356,27 +362,48 @@ class MeshPlanner:
     def _drop_relay(self, name: str, out: _DeltaBuilder, *, note: bool = True) -> None:
         self._orphans.discard(name)
         relay = self._relay_of.pop(name, None)
+        self._abroad.pop(name, None)
         if relay is not None:
             self._relayed_by[relay].discard(name)
             self._relays.unassign(relay)
             if note:
                 self._note_assignment(name, out)
 
-    def _assign_orphans(self, out: _DeltaBuilder) -> None:
-        if not self._orphans or not len(self._relays):
+    def _assign_relays(self, out: _DeltaBuilder) -> None:
+        """Orphans get a relay (their region's when it has one); NAT'd nodes relayed from
+        another region move home once their region gained a relay."""
+        if not len(self._relays):
             return
         for name in sorted(self._orphans):
+            region = self._nodes[name].region
             relay = self._preferred.pop(name, None)
-            if relay is None or relay not in self._relays:
-                relay = self._relays.pick()
+            if (
+                relay is None
+                or relay not in self._relays
+                or (self._relays.region.get(relay) != region and self._relays.has_region(region))
+            ):
+                relay = self._relays.pick(region)
             if relay is None:
                 return
             self._orphans.discard(name)
-            self._relay_of[name] = relay
-            self._relayed_by.setdefault(relay, set()).add(name)
-            self._relays.assign(relay)
-            self._note_assignment(name, out)
-            self._refresh_entry(name, out)
+            self._relay_to(name, relay, out)
+        gained, self._gained = self._gained, set()
+        for name, region in sorted(self._abroad.items()):
+            if region in gained:
+                self._drop_relay(name, out, note=False)
+                home = self._relays.pick(region)
+                assert home is not None  # the region just gained one
+                self._relay_to(name, home, out)
+
+    def _relay_to(self, name: str, relay: str, out: _DeltaBuilder) -> None:
+        self._relay_of[name] = relay
+        self._relayed_by.setdefault(relay, set()).add(name)
+        self._relays.assign(relay)
+        region = self._nodes[name].region
+        if region is not None and self._relays.region.get(relay) != region:
+            self._abroad[name] = region
+        self._note_assignment(name, out)
+        self._refresh_entry(name, out)
 
     def _note_assignment(self, name: str, out: _DeltaBuilder) -> None:
         assignment = self.assignment(name)

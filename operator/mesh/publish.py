@@ -75,6 +75,7 @@ def mesh_node(
         public_endpoint=endpoint,
         alive=alive,
         relay=spec.get("meshRelay", True) is not False,
+        region=region if isinstance(region := spec.get("region"), str) and region else None,
     )
 
 
