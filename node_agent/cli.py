@@ -58,6 +58,26 @@ def setup_logging(level: str) -> None:
     )
 
 
+NodeOption = Annotated[
+    str | None,
+    typer.Option(envvar="NODE_NAME", help="Kubernetes node name (default: host name)."),
+]
+FakeNvmlOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--fake-nvml",
+        exists=True,
+        dir_okay=False,
+        help="Fleet file: play this node's GPUs and scripted faults instead of NVML.",
+    ),
+]
+FakeNodeOption = Annotated[str | None, typer.Option(help="Fleet node to play (default: --node).")]
+FakeVerificationOption = Annotated[
+    str, typer.Option(help="Scripted proof-of-GPU outcome: pass or fail.")
+]
+LogLevelOption = Annotated[str, typer.Option(help="debug, info, warning or error.")]
+
+
 @app.callback()
 def main() -> None:
     """The gpumesh node agent."""
@@ -65,10 +85,7 @@ def main() -> None:
 
 @app.command()
 def run(
-    node: Annotated[
-        str | None,
-        typer.Option(envvar="NODE_NAME", help="Kubernetes node name (default: host name)."),
-    ] = None,
+    node: NodeOption = None,
     kubeconfig: Annotated[
         Path | None,
         typer.Option(
@@ -76,21 +93,9 @@ def run(
             help="Kubeconfig; in a pod the service account is used. Neither: metrics only.",
         ),
     ] = None,
-    fake_nvml: Annotated[
-        Path | None,
-        typer.Option(
-            "--fake-nvml",
-            exists=True,
-            dir_okay=False,
-            help="Fleet file: play this node's GPUs and scripted faults instead of NVML.",
-        ),
-    ] = None,
-    fake_node: Annotated[
-        str | None, typer.Option(help="Fleet node to play (default: --node).")
-    ] = None,
-    fake_verification: Annotated[
-        str, typer.Option(help="Scripted proof-of-GPU outcome: pass or fail.")
-    ] = "pass",
+    fake_nvml: FakeNvmlOption = None,
+    fake_node: FakeNodeOption = None,
+    fake_verification: FakeVerificationOption = "pass",
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between sweeps.")] = 5.0,
     metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "0.0.0.0",
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="0: any free port.")] = 9440,
@@ -136,7 +141,7 @@ def run(
         str | None,
         typer.Option(help="Application XIDs, escalated only on repetition (comma-separated)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: LogLevelOption = "info",
     mesh: Annotated[
         bool, typer.Option("--mesh/--no-mesh", help="Also run the WireGuard mesh agent.")
     ] = False,
@@ -265,29 +270,17 @@ def _backend(
 
 @app.command()
 def probe(
-    node: Annotated[
-        str | None,
-        typer.Option(envvar="NODE_NAME", help="Node name to report as (default: host name)."),
-    ] = None,
+    node: NodeOption = None,
     proof: Annotated[
         bool, typer.Option("--proof/--no-proof", help="Also run the proof-of-GPU challenge.")
     ] = False,
     nonce: Annotated[
         str | None, typer.Option(help="Nonce for the proof (default: a fresh random one).")
     ] = None,
-    fake_nvml: Annotated[
-        Path | None,
-        typer.Option(
-            "--fake-nvml", exists=True, dir_okay=False, help="Fleet file to play instead of NVML."
-        ),
-    ] = None,
-    fake_node: Annotated[
-        str | None, typer.Option(help="Fleet node to play (default: --node).")
-    ] = None,
-    fake_verification: Annotated[
-        str, typer.Option(help="Scripted proof-of-GPU outcome: pass or fail.")
-    ] = "pass",
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+    fake_nvml: FakeNvmlOption = None,
+    fake_node: FakeNodeOption = None,
+    fake_verification: FakeVerificationOption = "pass",
+    log_level: LogLevelOption = "warning",
 ) -> None:
     """Print what the agent sees on this host as JSON, once: NVML, each GPU's identity,
     readings and health, and the proof of GPU with --proof. Exits 1 unless the node is fit

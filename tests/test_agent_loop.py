@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import time
 
 from test_agent_fakekube import FakeKube
@@ -16,16 +15,7 @@ from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml
 from gpumesh.node_agent.nvml.types import DeviceSample
 from gpumesh.node_agent.report import ReportConfig
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
+from loopback import http_get
 
 
 def node_taints(kube: FakeKube) -> list[str]:

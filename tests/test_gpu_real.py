@@ -7,12 +7,10 @@ fail at ``nvmlInit``. What they printed on a lent H100 is in docs/node-agent.md.
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from gpumesh.devcluster.mesh import free_port
 from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.metrics import MetricsCache
@@ -37,6 +36,7 @@ from gpumesh.node_agent.verify import (
     sku_for,
     verify,
 )
+from loopback import http_get
 
 pytestmark = pytest.mark.gpu
 
@@ -123,25 +123,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-
 def test_the_agent_process_serves_real_gpu_metrics(identities: list[DeviceIdentity]) -> None:
     """The real agent, metrics only (no kubeconfig), scraped over HTTP on loopback."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     argv = ["run", "--node", "gpu-test", "--interval", "1"]
     argv += ["--metrics-host", "127.0.0.1", "--metrics-port", str(port)]
@@ -154,7 +138,7 @@ def test_the_agent_process_serves_real_gpu_metrics(identities: list[DeviceIdenti
         body = ""
         while time.monotonic() < deadline:
             try:
-                status, body = _get(port, "/metrics")
+                status, body = http_get(port, "/metrics")
             except OSError:
                 status = 0
             if status == 200 and all(i.uuid in body for i in identities):
@@ -162,7 +146,7 @@ def test_the_agent_process_serves_real_gpu_metrics(identities: list[DeviceIdenti
             time.sleep(0.5)
         assert all(i.uuid in body for i in identities), body[-2000:]
         assert "gpumesh_gpu_health{" in body
-        assert _get(port, "/healthz")[0] == 200
+        assert http_get(port, "/healthz")[0] == 200
         dump = os.environ.get("GPUMESH_GPU_METRICS_DUMP")
         if dump:
             with open(dump, "w") as out:
