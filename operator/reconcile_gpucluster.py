@@ -77,12 +77,16 @@ from gpumesh.operator.status import (
     quota_status,
 )
 from gpumesh.operator.world import (
+    APPLIED_HASH,
     ClusterKey,
+    EventFn,
     GroupOnNode,
     Holdings,
+    Obj,
     QueueSide,
     SpecCache,
     StatusMemory,
+    Writer,
     created_at,
     groups_on_nodes,
     merge_patch,
@@ -95,33 +99,8 @@ _ZERO = Decimal(0)
 
 GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "gpuclusters"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
-APPLIED_HASH = "gpumesh.io/applied-hash"
 
 QUEUED = "Queued"
-
-Obj = Mapping[str, Any]
-EventFn = Callable[[Obj, str, str, str], None]
-"""(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
-
-
-class Writer(Protocol):
-    """The API writes a reconcile makes (kube.Kube in production)."""
-
-    def apply_custom(
-        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
-    ) -> dict[str, Any]: ...
-
-    def patch_status(
-        self,
-        group: str,
-        version: str,
-        plural: str,
-        namespace: str,
-        name: str,
-        status: Mapping[str, Any],
-    ) -> str | None:
-        """Returns the new resourceVersion (None if unknown)."""
-        ...
 
 
 class ClusterWorld(Protocol):

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -65,8 +65,12 @@ from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot
 from gpumesh.operator.render.rayjob import rayjob
 from gpumesh.operator.world import (
+    APPLIED_HASH,
     ClusterKey,
+    DeletingWriter,
+    EventFn,
     Holdings,
+    Obj,
     QueueSide,
     SpecCache,
     StatusMemory,
@@ -80,35 +84,8 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "jobs"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
-APPLIED_HASH = "gpumesh.io/applied-hash"
 #: How soon a Job whose victim could not be preempted right away looks again.
 PREEMPTION_RETRY = timedelta(seconds=1)
-
-Obj = Mapping[str, Any]
-EventFn = Callable[[Obj, str, str, str], None]
-"""(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
-
-
-class Writer(Protocol):
-    """The API writes a Job reconcile makes (kube.Kube in production)."""
-
-    def apply_custom(
-        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
-    ) -> dict[str, Any]: ...
-
-    def patch_status(
-        self,
-        group: str,
-        version: str,
-        plural: str,
-        namespace: str,
-        name: str,
-        status: Mapping[str, Any],
-    ) -> str | None: ...
-
-    def delete_custom(
-        self, group: str, version: str, plural: str, namespace: str, name: str
-    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -144,7 +121,7 @@ class JobReconciler:
 
     def __init__(
         self,
-        writer: Writer,
+        writer: DeletingWriter,
         post_event: EventFn,
         *,
         holdings: Holdings | None = None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -31,6 +31,40 @@ from gpumesh.operator.render import labels as names
 log = logging.getLogger(__name__)
 
 Obj = Mapping[str, Any]
+EventFn = Callable[[Obj, str, str, str], None]
+"""(object, type Normal|Warning, reason, message) -> posts a Kubernetes event."""
+
+#: Annotation on what a reconcile applied: the digest of what it was rendered from, so an
+#: unchanged rendering is not applied again.
+APPLIED_HASH = "gpumesh.io/applied-hash"
+
+
+class Writer(Protocol):
+    """The API writes a reconcile makes (kube.Kube in production, dicts in tests)."""
+
+    def apply_custom(
+        self, group: str, version: str, plural: str, manifest: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
+
+    def patch_status(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+    ) -> str | None:
+        """Returns the new resourceVersion (None if unknown)."""
+        ...
+
+
+class DeletingWriter(Writer, Protocol):
+    """A writer that also deletes (a Job stops an attempt's RayJob, or ends itself)."""
+
+    def delete_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> None: ...
 
 
 #: Label on a Job's RayJobs, their RayClusters and pods: the Job's name.
