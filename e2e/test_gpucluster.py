@@ -8,12 +8,14 @@ but KubeRay, the scheduler and kwok's pod-ready stage make them Running and Read
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -22,6 +24,7 @@ from gpumesh.devcluster.testing import (
     OperatedMesh,
     find_custom,
     operated_mesh,
+    steady_fleet,
     wait_for,
 )
 
@@ -511,5 +514,66 @@ def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> No
             wait_for(
                 f"{quiet}'s agent back and Healthy",
                 lambda: gpunode_health(api, quiet) == "Healthy",
+                timeout=60,
+            )
+
+
+def test_the_failover_grace_runs_on_across_an_operator_restart(
+    running_mesh: OperatedMesh, tmp_path: Path
+) -> None:
+    """The worker's node turns Unhealthy (its agent replays an uncorrectable ECC error);
+    the operator is killed and restarted midway through the 30 s grace. The worker moves
+    when the grace that began before the restart ends, not a whole grace after it."""
+    api = running_mesh.api
+    grace = 30
+    spec = {
+        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
+        "placement": {"verifiedOnly": True},
+        "failover": {"unhealthyGraceSeconds": grace},
+    }
+    create_cluster(api, "rides-out-a-restart", spec)
+    sick: str | None = None
+    try:
+        obj = wait_for("ready", lambda: ready(api, "rides-out-a-restart"), timeout=120)
+        (sick,) = placed_nodes(obj)
+        fleet = yaml.safe_load(steady_fleet(FLEET, tmp_path / "fleet.yaml").read_text())
+        for supplier in fleet["suppliers"]:
+            for node in supplier["nodes"]:
+                if node["name"] == sick:
+                    node["faults"] = [{"atSeconds": 0, "gpuIndex": 0, "kind": "ecc_dbe"}]
+        (tmp_path / "sick.yaml").write_text(yaml.safe_dump(fleet))
+        running_mesh.start_agent(sick, "--fake-nvml", str(tmp_path / "sick.yaml"))
+
+        def unhealthy_since() -> str | None:
+            status = gpucluster(api, "rides-out-a-restart").get("status") or {}
+            found = [u["since"] for u in status.get("unhealthyNodes", []) if u["node"] == sick]
+            return found[0] if found else None
+
+        since_text = wait_for(f"{sick} listed unhealthy", unhealthy_since, timeout=60)
+        since = datetime.fromisoformat(since_text)
+        time.sleep(
+            max(0.0, (since + timedelta(seconds=grace / 2) - datetime.now(UTC)).total_seconds())
+        )
+        running_mesh.kill_operator()
+        running_mesh.start_operator()
+        restarted = datetime.now(UTC)
+        assert placed_nodes(gpucluster(api, "rides-out-a-restart")) == {sick: 1}, "too early"
+
+        def moved() -> datetime | None:
+            obj = gpucluster(api, "rides-out-a-restart")
+            return datetime.now(UTC) if sick not in placed_nodes(obj) else None
+
+        moved_at = wait_for("the worker placed elsewhere", moved, timeout=grace + 60, interval=0.5)
+        assert unhealthy_since() is None
+        print(f"unhealthy {since}, operator restarted {restarted}, moved {moved_at}")
+        assert moved_at >= since + timedelta(seconds=grace), "the grace was cut short"
+        assert moved_at < restarted + timedelta(seconds=grace - 5), "the grace started over"
+    finally:
+        delete(api, "rides-out-a-restart")
+        if sick is not None:
+            running_mesh.start_agent(sick)
+            wait_for(
+                f"{sick}'s agent back and Healthy",
+                lambda: gpunode_health(api, sick) == "Healthy",
                 timeout=60,
             )
