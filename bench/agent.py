@@ -102,14 +102,20 @@ def naive_collector(nvml: NvmlBackend) -> Collector:
 
 
 def naive_main(argv: list[str]) -> None:
-    """The baseline exporter process: naive collector, prometheus-client's HTTP server."""
+    """The baseline exporter process: naive collector, prometheus-client's HTTP server, on
+    the fleet's fake NVML or (``--real-nvml``) on this machine's GPUs."""
     from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
+    from gpumesh.node_agent.nvml.real import PynvmlBackend
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fleet", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--fleet")
+    source.add_argument("--real-nvml", action="store_true")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    nvml = fake_from_fleet(load_fleet_node(args.fleet, NODE))
+    nvml: NvmlBackend = (
+        PynvmlBackend() if args.real_nvml else fake_from_fleet(load_fleet_node(args.fleet, NODE))
+    )
     nvml.init()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(naive_collector(nvml))
@@ -147,7 +153,7 @@ class Target:
 
     def __init__(self, argv: list[str], port: int) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "NODE_NAME")}
-        env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         self.port = port
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

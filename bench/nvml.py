@@ -1,4 +1,4 @@
-"""The agent's NVML reads on a real GPU: one GPU's sample and a whole sweep.
+"""The agent on a real GPU: one GPU's sample, a whole sweep, and the running process.
 
 Needs an NVIDIA GPU (``make bench`` elsewhere keeps the section measured on one). Ours is
 the agent's own code on real NVML. Baselines, measured in the same run on the same GPUs:
@@ -7,7 +7,9 @@ the agent's own code on real NVML. Baselines, measured in the same run on the sa
   counters and row remapping one call each), which is what our batched
   ``nvmlDeviceGetFieldValues`` replaces;
 - the sweep: ``nvidia-smi --query-gpu`` for the same readings, the way shell-script
-  exporters collect them.
+  exporters collect them;
+- the process (scrape latency, CPU, RSS): bench/agent.py's naive exporter, which reads
+  NVML on every scrape, on the same GPUs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import subprocess
+import sys
+import time
 from typing import Any
 
+from bench.agent import Target, free_port
 from bench.harness import Report, Row, UnavailableHereError, sample
 from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
@@ -25,6 +30,8 @@ from gpumesh.node_agent.nvml.types import NvmlError
 
 COMMAND = "python -m bench nvml  (on a machine with an NVIDIA GPU; make test-gpu checks it)"
 SWEEP_TARGET_S = 0.050
+PROCESS_WINDOW_S = 30.0
+PROCESS_SCRAPES = 500
 SMI_QUERY = (
     "index,uuid,temperature.gpu,power.draw,power.limit,utilization.gpu,utilization.memory,"
     "memory.used,clocks_event_reasons.active,ecc.errors.corrected.volatile.total,"
@@ -90,6 +97,7 @@ def _measure(backend: PynvmlBackend) -> Report:
             met=sweep.p99 <= SWEEP_TARGET_S,
         )
     )
+    report.rows += _processes()
     report.notes += [
         f"Driver {backend.driver_version()}, CUDA {backend.cuda_version()}, "
         f"nvidia-ml-py {importlib.metadata.version('nvidia-ml-py')}.",
@@ -101,7 +109,52 @@ def _measure(backend: PynvmlBackend) -> Report:
         "how shell-script exporters run it."
         if smi
         else "nvidia-smi is not on PATH here.",
-        "Scrapes of /metrics never call NVML (they serve the last sweep), so NVML's speed "
-        "bounds the sweep only; see bench/agent.py for scrape latency.",
+        "Process rows: the agent as shipped (real NVML, metrics only, --dcgm-names, 1 s "
+        "interval) against bench/agent.py's naive exporter on the same GPUs (NVML read on "
+        f"every scrape), each a subprocess watched for {PROCESS_WINDOW_S:.0f} s while "
+        f"scraped every second, then {PROCESS_SCRAPES} keep-alive scrapes; CPU in "
+        "millicores and RSS in MiB in the ms columns, as in bench/agent.py.",
     ]
     return report
+
+
+def _processes() -> list[Row]:
+    """The agent and the naive exporter as processes on the real GPUs."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gpumesh.node_agent", "run", "--node", "bench-gpu"]
+    argv += ["--interval", "1", "--dcgm-names", "--metrics-host", "127.0.0.1"]
+    ours = Target([*argv, "--metrics-port", str(port)], port)
+    try:
+        time.sleep(3)
+        cpu, rss, _ = ours.watch(PROCESS_WINDOW_S)
+        scrape = ours.scrape_latency(PROCESS_SCRAPES)
+    finally:
+        ours.stop()
+    port = free_port()
+    naive_argv = [sys.executable, "-m", "bench.agent", "naive", "--real-nvml"]
+    naive = Target([*naive_argv, "--port", str(port)], port)
+    try:
+        time.sleep(3)
+        naive_cpu, naive_rss, _ = naive.watch(PROCESS_WINDOW_S)
+        naive_scrape = naive.scrape_latency(PROCESS_SCRAPES)
+    finally:
+        naive.stop()
+    cpu_m = cpu.mean * 1e3
+    rss_max = max(rss.samples) * 1e3
+    return [
+        Row(
+            "/metrics over HTTP keep-alive vs naive exporter (NVML per scrape)",
+            scrape,
+            naive_scrape,
+            "p99 <= 5 ms",
+            scrape.p99 <= 0.005,
+        ),
+        Row(
+            f"agent CPU, millicores (mean {cpu_m:.1f}; naive {naive_cpu.mean * 1e3:.1f})",
+            cpu,
+            naive_cpu if naive_cpu.p50 > 0 else None,
+            "<= 20 m",
+            cpu_m <= 20,
+        ),
+        Row(f"agent RSS, MiB (max {rss_max:.1f})", rss, naive_rss, "<= 80 MiB", rss_max <= 80),
+    ]
