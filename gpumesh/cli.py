@@ -10,8 +10,8 @@ import yaml
 from rich.console import Console
 
 from gpumesh import __version__, crdgen, dev_cli
-from gpumesh.api import ManifestError, parse_manifest
 from gpumesh.api.kinds import KINDS
+from gpumesh.api.manifests import ManifestError, parse_manifest
 from gpumesh.node_agent import cli as agent_cli
 from gpumesh.operator import cli as operator_cli
 

@@ -12,6 +12,8 @@ from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml
 from gpumesh.node_agent.nvml.types import DeviceIdentity
 from gpumesh.node_agent.verify import (
     ChallengeResult,
+    ChallengeUnavailableError,
+    ChildProcessEngine,
     Claim,
     PriorGpu,
     ScriptedEngine,
@@ -174,6 +176,17 @@ def test_real_backend_without_a_compute_library_gets_no_engine() -> None:
     if importlib.util.find_spec("torch") or importlib.util.find_spec("cupy"):
         pytest.skip("a compute library is installed here")
     assert select_engine(PynvmlBackend()) is None
+
+
+def test_a_challenge_process_without_a_usable_library_reads_as_identity_only() -> None:
+    """A real child process (``python -m gpumesh.node_agent.verify``), asked for libraries
+    that are not installed here: it says why, and the proof falls back to identity."""
+    engine = ChildProcessEngine(["cupy_missing_here", "torch_missing_here"])
+    with pytest.raises(ChallengeUnavailableError, match="No module named 'cupy_missing_here'"):
+        engine.run(NONCE, h100(0))
+    status = verify([h100(0)], Claim(), NONCE, engine, lambda: NOW)
+    assert status.result == "IdentityOnly"
+    assert "torch_missing_here" in (status.message or "")
 
 
 def test_runner_answers_each_nonce_once() -> None:

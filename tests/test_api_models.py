@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from corpus import InvalidCase, load_examples, load_invalid_cases
-from gpumesh.api import GPUCluster, Job, ManifestError, parse_manifest
-from gpumesh.api.gpucluster import GPUClusterSpec
+from gpumesh.api.gpucluster import GPUCluster, GPUClusterSpec
+from gpumesh.api.job import Job
+from gpumesh.api.manifests import ManifestError, parse_manifest
 
 INVALID = load_invalid_cases()
 

@@ -29,10 +29,12 @@ from gpumesh.node_agent.nvml.types import DeviceIdentity
 from gpumesh.node_agent.verify import (
     UUID_RE,
     ChallengeEngine,
+    ChildProcessEngine,
     Claim,
     CupyEngine,
     TorchEngine,
     identity_problems,
+    select_engine,
     sku_for,
     verify,
 )
@@ -171,13 +173,30 @@ def test_probe_says_the_node_is_fit_to_join() -> None:
     assert report["verification"]["result"] == "Passed"
 
 
-ENGINES = [
+def test_the_agents_proof_runs_in_a_child_and_leaves_no_gpu_memory_behind(
+    nvml: PynvmlBackend, identities: list[DeviceIdentity]
+) -> None:
+    """The agent's engine: CUDA lives in a child per GPU, so afterwards the GPUs hold no
+    more memory than before and this process never loaded a CUDA library."""
+    engine = select_engine(nvml)
+    assert isinstance(engine, ChildProcessEngine)
+    before = [nvml.sample(i.index).memory_used_mib or 0 for i in identities]
+    status = verify(identities, Claim(count=len(identities)), "child-nonce", engine, _now)
+    print(status.model_dump_json(exclude_none=True))
+    assert status.result == "Passed", status.message
+    assert "cupy" not in sys.modules
+    assert "torch" not in sys.modules
+    after = [nvml.sample(i.index).memory_used_mib or 0 for i in identities]
+    assert all(a <= b + 64 for a, b in zip(after, before, strict=True)), (before, after)
+
+
+ENGINE_PARAMS = [
     pytest.param("cupy", CupyEngine, id="cupy"),
     pytest.param("torch", TorchEngine, id="torch"),
 ]
 
 
-@pytest.mark.parametrize(("module", "factory"), ENGINES)
+@pytest.mark.parametrize(("module", "factory"), ENGINE_PARAMS)
 def test_the_proof_of_gpu_passes_on_a_real_card(
     identities: list[DeviceIdentity], module: str, factory: Callable[[Any], ChallengeEngine]
 ) -> None:
