@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.harness import Report, Row, Stats, sample
 from gpumesh.api.gpucluster import GPUClusterSpec
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.operator.placement import (
     InventoryIndex,
     NodeOffer,
@@ -28,7 +29,6 @@ from gpumesh.operator.placement import (
     place_cluster,
     queue_order,
 )
-from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH
 from gpumesh.operator.placement.matching import group_constraints, model_matches
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 from gpumesh.operator.placement.scoring import DEFAULT_WEIGHTS, static_score

@@ -80,12 +80,12 @@ from bench.harness import (
 )
 from bench.placement import random_spec
 from gpumesh.api.gpucluster import GPUClusterSpec
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.devcluster import mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster, _die_with
 from gpumesh.devcluster.fleet import FleetNode, Supplier, gfd_product_label, node_manifest
 from gpumesh.operator.placement import Decision, InventoryIndex, Ledger, NodeOffer, plan_cluster
 from gpumesh.operator.placement.inventory import (
-    ACCEPTING_HEALTH,
     LABEL_HEAD_CAPABLE,
     LABEL_PRODUCT,
     LABEL_REGION,

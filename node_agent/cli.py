@@ -284,7 +284,7 @@ def probe(
 ) -> None:
     """Print what the agent sees on this host as JSON, once: NVML, each GPU's identity,
     readings and health, and the proof of GPU with --proof. Exits 1 unless the node is fit
-    to join (NVML answers, every GPU Healthy, the proof Passed when asked for)."""
+    to join (NVML answers, every GPU Healthy or Degraded, the proof Passed when asked for)."""
     from gpumesh.node_agent.clock import SystemClock
     from gpumesh.node_agent.probe import probe as probe_node
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.health import HealthPolicy
@@ -39,7 +40,8 @@ def probe(
     """One sweep, and the proof of GPU when ``nonce`` is given.
 
     Returns the report (JSON-ready) and whether the node is fit to join: NVML answers,
-    every GPU is Healthy, and the proof, when asked for, Passed.
+    every GPU may take work (Healthy, or Degraded, which placement ranks lower), and the
+    proof, when asked for, Passed.
     """
     snapshot = Collector(backend, node, clock, policy).sweep()
     report: dict[str, Any] = {
@@ -54,7 +56,7 @@ def probe(
         "sweepSeconds": round(snapshot.sweep_seconds, 6),
         "gpus": [_gpu(g) for g in snapshot.gpus],
     }
-    fit = snapshot.nvml_ok and bool(snapshot.gpus) and snapshot.health == "Healthy"
+    fit = snapshot.nvml_ok and bool(snapshot.gpus) and snapshot.health in ACCEPTING_HEALTH
     if nonce is not None:
         engine = select_engine(backend)
         result = verify(

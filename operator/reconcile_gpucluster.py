@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from gpumesh.api.conditions import STALLED, set_condition
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
 from gpumesh.operator.jobs.admission import (
@@ -63,7 +64,6 @@ from gpumesh.operator.placement import (
     quota_limits,
 )
 from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
-from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH
 from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
 from gpumesh.operator.placement.quota import Usage
 from gpumesh.operator.render import digest as manifest_digest

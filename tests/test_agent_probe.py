@@ -10,6 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from gpumesh.node_agent.cli import app
+from gpumesh.node_agent.clock import SystemClock
+from gpumesh.node_agent.health import HealthPolicy
+from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
+from gpumesh.node_agent.probe import probe as probe_node
 
 FLEET = """suppliers:
   - name: probe-dc
@@ -21,6 +25,13 @@ FLEET = """suppliers:
         gpuCount: 2
         gpuMemoryMiB: 81559
         computeCapability: "9.0"
+      - name: hot-0
+        gpuModel: NVIDIA H100 80GB HBM3
+        gpuCount: 1
+        gpuMemoryMiB: 81559
+        computeCapability: "9.0"
+        faults:
+          - {atSeconds: 0, gpuIndex: 0, kind: thermal}
       - name: lost-0
         gpuModel: NVIDIA H100 80GB HBM3
         gpuCount: 2
@@ -81,3 +92,13 @@ def test_a_lost_gpu_makes_the_node_unfit_and_says_which(fleet: Path) -> None:
     gpus = report["gpus"]
     assert [g["health"] for g in gpus] == ["Healthy", "Lost"]
     assert gpus[1]["reasons"]
+
+
+def test_a_degraded_gpu_may_still_join_as_placement_takes_it(fleet: Path) -> None:
+    """One sweep: the policy degrades on the first throttled reading (the agent's default
+    waits for two, so one hot reading does not flap a running node)."""
+    backend = fake_from_fleet(load_fleet_node(fleet, "hot-0"))
+    policy = HealthPolicy(degrade_after_sweeps=1)
+    report, fit = probe_node(backend, "hot-0", SystemClock(), policy=policy)
+    assert report["health"] == "Degraded"
+    assert fit

@@ -231,6 +231,21 @@ def test_max_latency_is_a_hard_limit_when_the_mesh_measured_it() -> None:
     assert "within 50 ms of each other" in impossible.explanation
 
 
+def test_a_pair_both_nodes_measured_differently_counts_at_the_larger_figure() -> None:
+    """Found by the placement property test: b measured a at 5 ms and a measured b at
+    120 ms; asked from b's side the pair looked near."""
+    inventory = [
+        make_offer("a", gpus_free=1, rtt_ms={"b": 120.0}),
+        make_offer("b", gpus_free=1, rtt_ms={"a": 5.0}),
+        head(),
+    ]
+    assert inventory[0].rtt_to(inventory[1]) == inventory[1].rtt_to(inventory[0]) == 120.0
+    decision = place_cluster(
+        spec(workers={"replicas": 2}, placement={"maxLatencyMs": 50}), inventory
+    )
+    assert not decision.ok
+
+
 def test_a_pair_neither_node_lists_is_as_far_as_the_larger_published_floor() -> None:
     """In a mesh larger than rttMs's bound, a far pair may be listed by neither node."""
     inventory = [

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from gpumesh.api.base import parse_compute_capability
 from gpumesh.api.gpucluster import GPUClusterSpec
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.operator.placement import (
     Decision,
     NodeOffer,
@@ -28,7 +29,6 @@ from gpumesh.operator.placement import (
     admit,
     place_cluster,
 )
-from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH
 from gpumesh.operator.placement.matching import group_constraints, model_matches
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 

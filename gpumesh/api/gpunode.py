@@ -35,6 +35,8 @@ NodeName = Annotated[str, StringConstraints(max_length=253, pattern=NODE_NAME_PA
 
 GPUHealth = Literal["Healthy", "Degraded", "NeedsReset", "Unhealthy", "Lost", "Unknown"]
 """Per-GPU health. Unhealthy, Lost and Unknown GPUs get no work; Degraded ranks lower."""
+ACCEPTING_HEALTH: frozenset[str] = frozenset({"Healthy", "Degraded"})
+"""Health that may receive new work (Degraded ranks lower in placement)."""
 
 
 class GPUNodeSpec(ApiModel):

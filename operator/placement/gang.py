@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Final, NamedTuple
 
 from gpumesh.api.gpucluster import GPUClusterSpec
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.operator.placement.decision import (
     REASON_NO_HEAD,
     REASON_PLACED,
@@ -24,7 +25,7 @@ from gpumesh.operator.placement.decision import (
 from gpumesh.operator.placement.explain import REASON_NO_CAPACITY, explain_group, money
 from gpumesh.operator.placement.head import choose_head, head_shortfall
 from gpumesh.operator.placement.index import NOTHING, InventoryIndex, Ledger, as_index
-from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH, TOLERATED_HEALTH, NodeOffer
+from gpumesh.operator.placement.inventory import TOLERATED_HEALTH, NodeOffer
 from gpumesh.operator.placement.matching import (
     GroupConstraints,
     HardwareKind,

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from gpumesh.api.gpucluster import HeadSpec
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.operator.placement.explain import explain_head
 from gpumesh.operator.placement.index import InventoryIndex
-from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH, NodeOffer
+from gpumesh.operator.placement.inventory import NodeOffer
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 
 

@@ -15,7 +15,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from gpumesh.api.base import parse_compute_capability
-from gpumesh.api.gpunode import GPUHealth, GPUNodeSpec, GPUNodeStatus
+from gpumesh.api.gpunode import ACCEPTING_HEALTH, GPUHealth, GPUNodeSpec, GPUNodeStatus
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
@@ -33,8 +33,6 @@ OUR_TAINT_PREFIXES: Final = ("gpumesh.io/",)
 OUR_TAINT_KEYS: Final = frozenset({GPU_RESOURCE})
 CORDON_TAINT: Final = "node.kubernetes.io/unschedulable"
 
-#: Health that may receive new work; Degraded ranks lower (see scoring).
-ACCEPTING_HEALTH: Final[frozenset[str]] = frozenset({"Healthy", "Degraded"})
 #: Health that keeps running workers while failover waits (grace period, mode Never).
 TOLERATED_HEALTH: Final[frozenset[str]] = ACCEPTING_HEALTH | {"NeedsReset", "Unhealthy"}
 FINISHED_PHASES: Final = frozenset({"Succeeded", "Failed"})
@@ -75,9 +73,15 @@ class NodeOffer:
         return self.health in ACCEPTING_HEALTH and not self.cordoned and not self.tainted
 
     def rtt_to(self, other: NodeOffer) -> float | None:
-        """Measured round trip between the two nodes, from either side; None if unknown."""
-        found = self.rtt_ms.get(other.name)
-        return other.rtt_ms.get(self.name) if found is None else found
+        """Measured round trip between the two nodes; None if neither side measured it.
+
+        Each agent measures on its own, at its own time: when both sides publish the pair,
+        the larger figure counts, so the answer does not depend on which side asks.
+        """
+        mine, theirs = self.rtt_ms.get(other.name), other.rtt_ms.get(self.name)
+        if mine is None or theirs is None:
+            return theirs if mine is None else mine
+        return max(mine, theirs)
 
     def rtt_floor_to(self, other: NodeOffer) -> float | None:
         """The least round trip two nodes that do not list each other can have: the larger

@@ -14,7 +14,8 @@ from functools import lru_cache
 
 from gpumesh.api.base import parse_compute_capability
 from gpumesh.api.gpucluster import GPUClusterSpec, GPUSelector, WorkerGroup
-from gpumesh.operator.placement.inventory import ACCEPTING_HEALTH, NodeOffer
+from gpumesh.api.gpunode import ACCEPTING_HEALTH
+from gpumesh.operator.placement.inventory import NodeOffer
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 
 _WORD_SEPARATORS = re.compile(r"[\s_-]+")
