@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,34 @@ class Target:
             self.proc.wait()
 
 
+@dataclass(frozen=True)
+class Watched:
+    """A process's figures: CPU (cores) and RSS per slice, its own sweep gauge, scrapes."""
+
+    cpu: Stats
+    rss: Stats
+    sweep: Stats
+    scrape: Stats
+    body: bytes
+
+
+def watch_process(
+    argv: list[str], port_flag: str, *, settle_s: float, window_s: float, scrapes: int
+) -> Watched:
+    """Start ``argv`` serving /metrics on a free port (``port_flag PORT``), let it settle,
+    watch it while scraped every second, then time ``scrapes`` keep-alive scrapes."""
+    port = free_port()
+    target = Target([*argv, port_flag, str(port)], port)
+    try:
+        time.sleep(settle_s)
+        cpu, rss, sweep = target.watch(window_s)
+        scrape = target.scrape_latency(scrapes)
+        body = target.get("/metrics")[1]
+    finally:
+        target.stop()
+    return Watched(cpu, rss, sweep, scrape, body)
+
+
 # --- in-process figures ------------------------------------------------------------------
 
 
@@ -283,54 +312,24 @@ def run() -> Report:
         fleet = Path(tmp) / "fleet.yaml"
         fleet.write_text(FLEET)
         inproc = sweep_stats(fleet)
-        port = free_port()
-        ours = Target(
-            [
-                sys.executable,
-                "-m",
-                "gpumesh.node_agent",
-                "run",
-                "--node",
-                NODE,
-                "--fake-nvml",
-                str(fleet),
-                "--interval",
-                str(INTERVAL_S),
-                "--dcgm-names",
-                "--metrics-host",
-                "127.0.0.1",
-                "--metrics-port",
-                str(port),
-            ],
-            port,
+        agent_argv = [sys.executable, "-m", "gpumesh.node_agent", "run", "--node", NODE]
+        agent_argv += ["--fake-nvml", str(fleet), "--interval", str(INTERVAL_S), "--dcgm-names"]
+        ours = watch_process(
+            [*agent_argv, "--metrics-host", "127.0.0.1"],
+            "--metrics-port",
+            settle_s=5,
+            window_s=WINDOW_S,
+            scrapes=SCRAPES,
         )
-        try:
-            time.sleep(5)
-            cpu, rss, running_sweep = ours.watch(WINDOW_S)
-            scrape = ours.scrape_latency(SCRAPES)
-            body = ours.get("/metrics")[1]
-        finally:
-            ours.stop()
-        port = free_port()
-        naive = Target(
-            [
-                sys.executable,
-                "-m",
-                "bench.agent",
-                "naive",
-                "--fleet",
-                str(fleet),
-                "--port",
-                str(port),
-            ],
-            port,
+        naive = watch_process(
+            [sys.executable, "-m", "bench.agent", "naive", "--fleet", str(fleet)],
+            "--port",
+            settle_s=5,
+            window_s=WINDOW_S,
+            scrapes=SCRAPES,
         )
-        try:
-            time.sleep(5)
-            naive_cpu, naive_rss, _ = naive.watch(WINDOW_S)
-            naive_scrape = naive.scrape_latency(SCRAPES)
-        finally:
-            naive.stop()
+    cpu, rss, running_sweep, scrape, body = ours.cpu, ours.rss, ours.sweep, ours.scrape, ours.body
+    naive_cpu, naive_rss, naive_scrape = naive.cpu, naive.rss, naive.scrape
     cpu_m, naive_cpu_m = cpu.mean * 1e3, naive_cpu.mean * 1e3
     rss_max = max(rss.samples) * 1e3
     report.rows = [
@@ -377,9 +376,10 @@ def run() -> Report:
         "the same fake NVML on every scrape (bench.agent naive), also a subprocess.",
         f"CPU: utime+stime from /proc over {WINDOW_S:.0f} s in {SLICE_S:.0f} s slices (10 ms "
         "ticks) while scraped every second; RSS: VmRSS each second. Both include Python "
-        "itself; the agent's RSS includes the kubernetes client it loads for reporting.",
-        "The fake NVML answers in microseconds; real NVML calls take longer and would "
-        "lengthen the baseline's scrapes (NVML on the scrape path) but not ours (cache).",
+        "itself; both load the kubernetes package (the agent to report, the baseline "
+        "through the benchmark harness).",
+        "The fake NVML answers in microseconds; on a real H100 (bench nvml) the naive "
+        "exporter's scrapes took 4.8 ms p99 (NVML on the scrape path) and ours 0.24 ms.",
         "The baseline collects 6 DCGM series per GPU per scrape; ours renders every "
         "gpumesh series plus the DCGM ones (about 10x more lines) once per sweep, which is "
         "most of its CPU. The in-process rows ran while this shared machine was busy with "

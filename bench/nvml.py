@@ -18,10 +18,9 @@ import importlib.metadata
 import shutil
 import subprocess
 import sys
-import time
 from typing import Any
 
-from bench.agent import Target, free_port
+from bench.agent import watch_process
 from bench.harness import Report, Row, UnavailableHereError, sample
 from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
@@ -120,25 +119,20 @@ def _measure(backend: PynvmlBackend) -> Report:
 
 def _processes() -> list[Row]:
     """The agent and the naive exporter as processes on the real GPUs."""
-    port = free_port()
     argv = [sys.executable, "-m", "gpumesh.node_agent", "run", "--node", "bench-gpu"]
     argv += ["--interval", "1", "--dcgm-names", "--metrics-host", "127.0.0.1"]
-    ours = Target([*argv, "--metrics-port", str(port)], port)
-    try:
-        time.sleep(3)
-        cpu, rss, _ = ours.watch(PROCESS_WINDOW_S)
-        scrape = ours.scrape_latency(PROCESS_SCRAPES)
-    finally:
-        ours.stop()
-    port = free_port()
-    naive_argv = [sys.executable, "-m", "bench.agent", "naive", "--real-nvml"]
-    naive = Target([*naive_argv, "--port", str(port)], port)
-    try:
-        time.sleep(3)
-        naive_cpu, naive_rss, _ = naive.watch(PROCESS_WINDOW_S)
-        naive_scrape = naive.scrape_latency(PROCESS_SCRAPES)
-    finally:
-        naive.stop()
+    ours = watch_process(
+        argv, "--metrics-port", settle_s=3, window_s=PROCESS_WINDOW_S, scrapes=PROCESS_SCRAPES
+    )
+    naive = watch_process(
+        [sys.executable, "-m", "bench.agent", "naive", "--real-nvml"],
+        "--port",
+        settle_s=3,
+        window_s=PROCESS_WINDOW_S,
+        scrapes=PROCESS_SCRAPES,
+    )
+    cpu, rss, scrape = ours.cpu, ours.rss, ours.scrape
+    naive_cpu, naive_rss, naive_scrape = naive.cpu, naive.rss, naive.scrape
     cpu_m = cpu.mean * 1e3
     rss_max = max(rss.samples) * 1e3
     return [
