@@ -33,6 +33,11 @@ pytestmark = pytest.mark.e2e
 FLEET = Path(__file__).resolve().parents[1] / "examples" / "fleet.yaml"
 NS = "e2e-gpucluster"
 GROUP, VERSION = "gpumesh.io", "v1alpha1"
+WHOLE_A100: dict[str, Any] = {
+    "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
+    "placement": {"verifiedOnly": True},
+}
+"""One worker taking a whole A100 80GB node (the fleet has two): a move has one place to go."""
 
 
 @pytest.fixture(scope="module")
@@ -437,11 +442,7 @@ def test_workers_leave_a_node_that_goes_not_ready_and_the_move_is_counted(
     """Late in this module: it takes a node down for a while."""
     api = running_mesh.api
     core: Any = client.CoreV1Api(api)
-    spec = {
-        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
-        "placement": {"verifiedOnly": True},
-        "failover": {"unhealthyGraceSeconds": 5},
-    }
+    spec = {**WHOLE_A100, "failover": {"unhealthyGraceSeconds": 5}}
     create_cluster(api, "survives-a-node", spec)
     down: str | None = None
     try:
@@ -470,17 +471,23 @@ def gpunode_health(api: client.ApiClient, node: str) -> str | None:
     return (found.get("status") or {}).get("health")
 
 
+def restore_agent(mesh: OperatedMesh, node: str) -> None:
+    """Start ``node``'s agent as the fixture does and wait until it reports Healthy."""
+    mesh.start_agent(node)
+    wait_for(
+        f"{node}'s agent back and Healthy",
+        lambda: gpunode_health(mesh.api, node) == "Healthy",
+        timeout=60,
+    )
+
+
 def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> None:
     """The agent of the worker's node is restarted with a 6 s Lease, then killed (SIGKILL):
     once its Lease lapses the operator marks the GPUNode Lost and the worker moves. A
     restarted agent writes its own health again."""
     api = running_mesh.api
     core: Any = client.CoreV1Api(api)
-    spec = {
-        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
-        "placement": {"verifiedOnly": True},
-    }
-    create_cluster(api, "outlives-an-agent", spec)
+    create_cluster(api, "outlives-an-agent", WHOLE_A100)
     quiet: str | None = None
     try:
         obj = wait_for("ready", lambda: ready(api, "outlives-an-agent"), timeout=120)
@@ -510,12 +517,7 @@ def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> No
     finally:
         delete(api, "outlives-an-agent")
         if quiet is not None:
-            running_mesh.start_agent(quiet)
-            wait_for(
-                f"{quiet}'s agent back and Healthy",
-                lambda: gpunode_health(api, quiet) == "Healthy",
-                timeout=60,
-            )
+            restore_agent(running_mesh, quiet)
 
 
 def test_the_failover_grace_runs_on_across_an_operator_restart(
@@ -526,11 +528,7 @@ def test_the_failover_grace_runs_on_across_an_operator_restart(
     when the grace that began before the restart ends, not a whole grace after it."""
     api = running_mesh.api
     grace = 30
-    spec = {
-        "workers": {"gpu": {"models": ["A100 80GB"]}, "gpusPerWorker": 8, "replicas": 1},
-        "placement": {"verifiedOnly": True},
-        "failover": {"unhealthyGraceSeconds": grace},
-    }
+    spec = {**WHOLE_A100, "failover": {"unhealthyGraceSeconds": grace}}
     create_cluster(api, "rides-out-a-restart", spec)
     sick: str | None = None
     try:
@@ -571,9 +569,4 @@ def test_the_failover_grace_runs_on_across_an_operator_restart(
     finally:
         delete(api, "rides-out-a-restart")
         if sick is not None:
-            running_mesh.start_agent(sick)
-            wait_for(
-                f"{sick}'s agent back and Healthy",
-                lambda: gpunode_health(api, sick) == "Healthy",
-                timeout=60,
-            )
+            restore_agent(running_mesh, sick)
