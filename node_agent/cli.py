@@ -275,7 +275,8 @@ def probe(
         bool, typer.Option("--proof/--no-proof", help="Also run the proof-of-GPU challenge.")
     ] = False,
     nonce: Annotated[
-        str | None, typer.Option(help="Nonce for the proof (default: a fresh random one).")
+        str | None,
+        typer.Option(help="Nonce for the proof (implies --proof; default: a fresh random one)."),
     ] = None,
     fake_nvml: FakeNvmlOption = None,
     fake_node: FakeNodeOption = None,
@@ -293,7 +294,7 @@ def probe(
     backend, _script = _backend(fake_nvml, fake_node or node_name, fake_verification)
     if proof and nonce is None:
         nonce = secrets.token_hex(16)
-    report, fit = probe_node(backend, node_name, SystemClock(), nonce=nonce if proof else None)
+    report, fit = probe_node(backend, node_name, SystemClock(), nonce=nonce)
     typer.echo(json.dumps(report, indent=2, default=str))
     raise typer.Exit(0 if fit else 1)
 

@@ -43,6 +43,19 @@ def probe(
     every GPU may take work (Healthy, or Degraded, which placement ranks lower), and the
     proof, when asked for, Passed.
     """
+    try:
+        return _probe(backend, node, clock, nonce, policy)
+    finally:
+        backend.shutdown()
+
+
+def _probe(
+    backend: NvmlBackend,
+    node: str,
+    clock: Clock,
+    nonce: str | None,
+    policy: HealthPolicy | None,
+) -> tuple[dict[str, Any], bool]:
     snapshot = Collector(backend, node, clock, policy).sweep()
     report: dict[str, Any] = {
         "node": node,
@@ -67,6 +80,5 @@ def probe(
             **result.model_dump(mode="json", by_alias=True, exclude_none=True),
         }
         fit = fit and result.result == "Passed"
-    backend.shutdown()
     report["fit"] = fit
     return report, fit

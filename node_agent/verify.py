@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -396,19 +397,28 @@ class ChildProcessEngine:
             "identity": dataclasses.asdict(identity),
         }
         done = subprocess.run(
-            [sys.executable, "-m", "gpumesh.node_agent.verify"],
+            # -P: the working directory does not shadow installed modules in the child.
+            [sys.executable, "-P", "-m", "gpumesh.node_agent.verify"],
             input=json.dumps(request),
             capture_output=True,
             text=True,
+            errors="replace",
             timeout=CHALLENGE_TIMEOUT_S,
             check=False,
+            # CUDA numbers GPUs fastest first unless told otherwise; NVML, whose index
+            # the identity carries, numbers them by PCI bus.
+            env={**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
         )
         lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
+        try:
+            answer = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
             raise RuntimeError(
-                f"the challenge process exited {done.returncode}: {done.stderr.strip()[-500:]}"
+                f"the challenge process exited {done.returncode} without an answer: "
+                f"{(done.stderr.strip() or done.stdout.strip())[-500:]}"
             )
-        answer = json.loads(lines[-1])
         if "error" in answer:
             raise ChallengeUnavailableError(str(answer["error"]))
         self.name = str(answer["engine"])
@@ -429,14 +439,20 @@ def select_engine(backend: NvmlBackend) -> ChallengeEngine | None:
 def _child_main() -> int:
     """``python -m gpumesh.node_agent.verify``: one challenge, request on stdin (JSON), the
     answer as the last line of stdout."""
+    # The answer goes to the original stdout; whatever CUDA or the libraries print goes
+    # to stderr, so nothing can trail the answer line.
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     request = json.loads(sys.stdin.read())
     identity = DeviceIdentity(**request["identity"])
     try:
         engine, result = challenge_here(request["candidates"], request["nonce"], identity)
     except ChallengeUnavailableError as err:
-        print(json.dumps({"error": str(err)}))
-        return 0
-    print(json.dumps({"engine": engine, "result": dataclasses.asdict(result)}))
+        reply: dict[str, Any] = {"error": str(err)}
+    else:
+        reply = {"engine": engine, "result": dataclasses.asdict(result)}
+    with answer:
+        answer.write(json.dumps(reply) + "\n")
     return 0
 
 
@@ -470,7 +486,10 @@ def verify(
         try:
             res = engine.run(nonce, ident)
         except Exception as err:
-            log.exception("challenge on GPU %d failed to run", ident.index)
+            if isinstance(err, ChallengeUnavailableError):  # no library here: expected
+                log.info("no compute library for the challenge on GPU %d: %s", ident.index, err)
+            else:
+                log.exception("challenge on GPU %d failed to run", ident.index)
             return VerificationStatus(
                 nonce=nonce,
                 result="IdentityOnly",

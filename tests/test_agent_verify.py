@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +189,24 @@ def test_a_challenge_process_without_a_usable_library_reads_as_identity_only() -
     status = verify([h100(0)], Claim(), NONCE, engine, lambda: NOW)
     assert status.result == "IdentityOnly"
     assert "torch_missing_here" in (status.message or "")
+
+
+def test_what_a_library_prints_cannot_spoil_the_childs_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library that writes to stdout (through Python and straight to fd 1) on import and
+    at exit: the child's answer still arrives, here saying the library sees no GPU."""
+    (tmp_path / "noisy_gpu_lib.py").write_text(
+        "import atexit, os\n"
+        "print('banner from the library')\n"
+        "os.write(1, b'raw fd 1 output\\n')\n"
+        "atexit.register(print, 'goodbye from the library, after the answer')\n"
+    )
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    )
+    with pytest.raises(ChallengeUnavailableError, match="noisy_gpu_lib"):
+        ChildProcessEngine(["noisy_gpu_lib"]).run(NONCE, h100(0))
 
 
 def test_runner_answers_each_nonce_once() -> None:

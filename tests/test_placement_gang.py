@@ -246,7 +246,7 @@ def test_a_pair_both_nodes_measured_differently_counts_at_the_larger_figure() ->
     assert not decision.ok
 
 
-def test_a_pair_neither_node_lists_is_as_far_as_the_larger_published_floor() -> None:
+def test_a_pair_neither_node_lists_is_at_least_as_far_as_the_smaller_floor() -> None:
     """In a mesh larger than rttMs's bound, a far pair may be listed by neither node."""
     inventory = [
         make_offer("a", gpus_free=1, rtt_ms={"c": 5.0}, rtt_floor_ms=60.0),
@@ -431,3 +431,12 @@ def test_weights_change_the_ranking() -> None:
 def test_index_rejects_duplicate_nodes() -> None:
     with pytest.raises(ValueError, match="two offers for the same node"):
         InventoryIndex([make_offer("a"), make_offer("a")])
+
+
+def test_the_smaller_floor_bounds_a_pair_so_one_sides_stale_floor_cannot_push_it_away() -> None:
+    """b's floor (90 ms) was written before b measured a; a's (30 ms) covers b."""
+    a = make_offer("a", rtt_floor_ms=30.0)
+    b = make_offer("b", rtt_floor_ms=90.0)
+    assert a.rtt_floor_to(b) == b.rtt_floor_to(a) == 30.0
+    assert a.rtt_floor_to(make_offer("c")) == 30.0
+    assert make_offer("c").rtt_floor_to(make_offer("d")) is None

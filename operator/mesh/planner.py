@@ -388,6 +388,8 @@ class MeshPlanner:
             self._orphans.discard(name)
             self._relay_to(name, relay, out)
         gained, self._gained = self._gained, set()
+        if not gained:
+            return
         for name, region in sorted(self._abroad.items()):
             if region in gained:
                 self._drop_relay(name, out, note=False)

@@ -84,11 +84,16 @@ class NodeOffer:
         return max(mine, theirs)
 
     def rtt_floor_to(self, other: NodeOffer) -> float | None:
-        """The least round trip two nodes that do not list each other can have: the larger
-        of their floors (each covers the peers its agent measured); None when neither
-        bounds its list."""
+        """The least round trip two nodes that do not list each other can have, or None
+        when neither bounds its list.
+
+        A floor speaks only for the peers its agent had measured when it was written, so
+        the smaller of the two floors is taken: it holds as long as either side had
+        measured the other, and a node too new to have been measured by one side is not
+        pushed away by that side's floor.
+        """
         floors = [f for f in (self.rtt_floor_ms, other.rtt_floor_ms) if f is not None]
-        return max(floors) if floors else None
+        return min(floors) if floors else None
 
 
 @dataclass
