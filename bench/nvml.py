@@ -20,7 +20,7 @@ import subprocess
 import sys
 from typing import Any
 
-from bench.agent import watch_process
+from bench.agent import process_rows, watch_process
 from bench.harness import Report, Row, UnavailableHereError, sample
 from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
@@ -131,24 +131,6 @@ def _processes() -> list[Row]:
         window_s=PROCESS_WINDOW_S,
         scrapes=PROCESS_SCRAPES,
     )
-    cpu, rss, scrape = ours.cpu, ours.rss, ours.scrape
-    naive_cpu, naive_rss, naive_scrape = naive.cpu, naive.rss, naive.scrape
-    cpu_m = cpu.mean * 1e3
-    rss_max = max(rss.samples) * 1e3
-    return [
-        Row(
-            "/metrics over HTTP keep-alive vs naive exporter (NVML per scrape)",
-            scrape,
-            naive_scrape,
-            "p99 <= 5 ms",
-            scrape.p99 <= 0.005,
-        ),
-        Row(
-            f"agent CPU, millicores (mean {cpu_m:.1f}; naive {naive_cpu.mean * 1e3:.1f})",
-            cpu,
-            naive_cpu if naive_cpu.p50 > 0 else None,
-            "<= 20 m",
-            cpu_m <= 20,
-        ),
-        Row(f"agent RSS, MiB (max {rss_max:.1f})", rss, naive_rss, "<= 80 MiB", rss_max <= 80),
-    ]
+    return process_rows(
+        ours, naive, "/metrics over HTTP keep-alive vs naive exporter (NVML per scrape)", "naive"
+    )
