@@ -315,9 +315,8 @@ class Reconciler:
         on = {a.node for a in chosen.assignments}
         if not on:
             self._unhealthy_since.pop(key, None)
-        remembered = self._remembered_trouble(key, previous)
-        troubled = unhealthy_nodes({n: t for n, t in remembered.items() if n in on})
-        status = status.model_copy(update={"unhealthy_nodes": troubled})
+        since = unhealthy_since(self._unhealthy_since.get(key), previous.unhealthy_nodes)
+        status = status.model_copy(update={"unhealthy_nodes": unhealthy_nodes(since, on)})
         status, flush = meter(previous, status, when, self.meter_flush_seconds)
         if self._write_status(key, body, previous, status):
             self.counters.record(key.namespace, "GPUCluster", key.name, flush)
@@ -349,7 +348,7 @@ class Reconciler:
             offers.by_name,
             frozenset(offers.by_name),
             failover,
-            self._remembered_trouble(key, previous),
+            unhealthy_since(self._unhealthy_since.get(key), previous.unhealthy_nodes),
             now,
         )
         self._unhealthy_since[key] = trouble.unhealthy_since
@@ -383,14 +382,6 @@ class Reconciler:
         self._settle(key, placed)
         self._kept[key] = (generation, self._epoch_of(offers), placed, overdue)
         return placed, None
-
-    def _remembered_trouble(
-        self, key: ClusterKey, previous: GPUClusterStatus
-    ) -> dict[str, datetime]:
-        """Since when its nodes are unhealthy: this process's memory, else (after a
-        restart) what the last status says, so the failover grace runs on, not over."""
-        remembered = self._unhealthy_since.get(key)
-        return unhealthy_since(previous.unhealthy_nodes) if remembered is None else remembered
 
     def _same_incarnation(self, key: ClusterKey, body: Obj) -> None:
         """A cluster deleted and created again under its name starts from nothing: what

@@ -224,11 +224,7 @@ class JobReconciler:
             self.writer.delete_custom(
                 RAY_GROUP, RAY_VERSION, RAY_PLURAL, ref.namespace, step.stop_rayjob
             )
-        on = {p.node for p in step.status.placements} | {step.status.head_node or ""}
-        remembered = self._unhealthy_since.get(key, {}) if step.status.placements else {}
-        troubled = unhealthy_nodes({n: t for n, t in remembered.items() if n in on})
-        status = step.status.model_copy(update={"unhealthy_nodes": troubled})
-        self._commit(key, ref, previous, status, now)
+        self._commit(key, ref, previous, self._with_trouble(key, step.status), now)
         self._post(body, step.events)
         if step.delete_job:
             self.writer.delete_custom(GROUP, VERSION, PLURAL, ref.namespace, ref.name)
@@ -259,17 +255,17 @@ class JobReconciler:
             _by_name(snap.offers),
             snap.node_names,
             template.failover,
-            self._remembered_trouble(key, status),
+            unhealthy_since(self._unhealthy_since.get(key), status.unhealthy_nodes),
             now,
         )
         self._unhealthy_since[key] = trouble.unhealthy_since
         return World(now, view, trouble=trouble.reason, trouble_wake=trouble.wake_at)
 
-    def _remembered_trouble(self, key: ClusterKey, previous: JobStatus) -> dict[str, datetime]:
-        """Since when its nodes are unhealthy: this process's memory, else (after a
-        restart) what the last status says, so the failover grace runs on, not over."""
-        remembered = self._unhealthy_since.get(key)
-        return unhealthy_since(previous.unhealthy_nodes) if remembered is None else remembered
+    def _with_trouble(self, key: ClusterKey, status: JobStatus) -> JobStatus:
+        """``status`` listing the nodes under its attempt that are unhealthy, and since when."""
+        on = {p.node for p in status.placements} | {status.head_node or ""}
+        since = self._unhealthy_since.get(key, {}) if status.placements else {}
+        return status.model_copy(update={"unhealthy_nodes": unhealthy_nodes(since, on)})
 
     def _admit(
         self,
@@ -356,11 +352,7 @@ class JobReconciler:
         step = preempted(ref, spec, previous, by, preemption.victim_message, now)
         self.holdings.promise(key, {})
         self._sync_rayjob(ref, spec, step.status, _attempt(snap, key, previous.ray_job_name), snap)
-        on = {p.node for p in step.status.placements} | {step.status.head_node or ""}
-        remembered = self._unhealthy_since.get(key, {}) if step.status.placements else {}
-        troubled = unhealthy_nodes({n: t for n, t in remembered.items() if n in on})
-        status = step.status.model_copy(update={"unhealthy_nodes": troubled})
-        self._commit(key, ref, previous, status, now)
+        self._commit(key, ref, previous, self._with_trouble(key, step.status), now)
         self._post(body, step.events)
 
     # -- writes ----------------------------------------------------------------------------

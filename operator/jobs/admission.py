@@ -9,7 +9,7 @@ terms: priority and age, GPUQuota, preemption both ways.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -154,14 +154,18 @@ def admission_pass(
     )
 
 
-def unhealthy_since(nodes: Iterable[UnhealthyNode]) -> dict[str, datetime]:
-    """What a status remembers of its nodes' trouble, as ``placement_trouble`` takes it."""
-    return {n.node: n.since for n in nodes}
+def unhealthy_since(
+    remembered: Mapping[str, datetime] | None, listed: Iterable[UnhealthyNode]
+) -> Mapping[str, datetime]:
+    """Since when a workload's nodes are unhealthy, as ``placement_trouble`` takes it:
+    this process's memory when it has one, else (after a restart) what the last status
+    lists, so a failover grace runs on rather than over."""
+    return remembered if remembered is not None else {n.node: n.since for n in listed}
 
 
-def unhealthy_nodes(since: Mapping[str, datetime]) -> list[UnhealthyNode]:
-    """``placement_trouble``'s memory as status lists it, by node name."""
-    return [UnhealthyNode(node=node, since=at) for node, at in sorted(since.items())]
+def unhealthy_nodes(since: Mapping[str, datetime], on: Collection[str]) -> list[UnhealthyNode]:
+    """The nodes of ``since`` the workload is still ``on``, as status lists them."""
+    return [UnhealthyNode(node=n, since=at) for n, at in sorted(since.items()) if n in on]
 
 
 @dataclass(frozen=True)
