@@ -253,8 +253,10 @@ def _offer(
             0, _quantity(allocatable.get("memory"), memory_bytes) - used.memory_bytes
         ),
         labels=frozenset(labels.items()),
-        rtt_ms=_rtt(gpunode),
-        rtt_floor_ms=_rtt_floor(gpunode),
+        rtt_ms={peer: ms for peer, ms in status.mesh.rtt_ms.items() if ms >= 0}
+        if status.mesh
+        else {},
+        rtt_floor_ms=status.mesh.rtt_floor_ms if status.mesh else None,
     )
 
 
@@ -320,23 +322,3 @@ def _compute_capability(status: GPUNodeStatus, labels: Mapping[str, str]) -> tup
         return min(parse_compute_capability(c) for c in known) if known else (0, 0)
     except ValueError:
         return (0, 0)
-
-
-def _rtt(gpunode: Mapping[str, Any]) -> dict[str, float]:
-    """``status.mesh.rttMs`` (peer node -> ms) when the agent publishes it."""
-    mesh = ((gpunode.get("status") or {}).get("mesh") or {}).get("rttMs") or {}
-    if not isinstance(mesh, dict):
-        return {}
-    out: dict[str, float] = {}
-    for peer, value in mesh.items():
-        if isinstance(value, int | float) and value >= 0:
-            out[str(peer)] = float(value)
-    return out
-
-
-def _rtt_floor(gpunode: Mapping[str, Any]) -> float | None:
-    """``status.mesh.rttFloorMs`` when the agent publishes one."""
-    floor = ((gpunode.get("status") or {}).get("mesh") or {}).get("rttFloorMs")
-    if isinstance(floor, int | float) and not isinstance(floor, bool) and floor >= 0:
-        return float(floor)
-    return None
