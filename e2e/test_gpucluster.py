@@ -294,6 +294,29 @@ def test_operator_killed_mid_way_resumes_without_duplicates_or_orphans(
     wait_for("pods gone", lambda: not cluster_pods(api, "survivor"), timeout=60)
 
 
+def test_a_cluster_the_operator_has_not_seen_reads_as_not_yet_reconciled(
+    running_mesh: OperatedMesh,
+) -> None:
+    """kstatus (Flux's health checks) must not take a GPUCluster nobody has looked at for
+    done: the CRD's default ``status.observedGeneration: 0`` is behind generation 1 until
+    the operator writes, however long that takes (here: it is down)."""
+    api = running_mesh.api
+    running_mesh.kill_operator()
+    try:
+        create_cluster(api, "unseen", A100_SPEC)
+        obj = gpucluster(api, "unseen")
+        assert obj["metadata"]["generation"] == 1
+        assert obj["status"] == {"observedGeneration": 0}
+    finally:
+        running_mesh.start_operator()
+    try:
+        wait_for("ready once the operator is back", lambda: ready(api, "unseen"), timeout=120)
+    finally:
+        delete(api, "unseen")
+    wait_for("RayCluster garbage-collected", lambda: raycluster(api, "unseen") is None, timeout=60)
+    wait_for("pods gone", lambda: not cluster_pods(api, "unseen"), timeout=60)
+
+
 def test_deleting_a_gpucluster_frees_its_gpus_for_the_next_one(running_mesh: OperatedMesh) -> None:
     api = running_mesh.api
     big = {

@@ -118,6 +118,8 @@ def object_schema(info: KindInfo) -> Schema:
             "status": structural(props["status"], defs),
         },
     }
+    if info.unreconciled_status:
+        schema["properties"]["status"]["default"] = dict(info.unreconciled_status)
     return schema
 
 

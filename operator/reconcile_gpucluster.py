@@ -66,6 +66,7 @@ from gpumesh.operator.placement import (
 from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
 from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
 from gpumesh.operator.placement.quota import Usage
+from gpumesh.operator.progress import ProgressLine
 from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
@@ -174,6 +175,7 @@ class Reconciler:
         counters: UsageCounters = COUNTERS,
         meter_flush_seconds: float = JOB_SETTINGS.meter_flush_seconds,
         status_interval: float = 1.0,
+        progress: ProgressLine[ClusterKey] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.writer = writer
@@ -193,6 +195,8 @@ class Reconciler:
         self.meter_flush_seconds = meter_flush_seconds
         self.status_interval = status_interval
         """Least seconds between two status writes of one cluster within one phase."""
+        self.progress = progress if progress is not None else ProgressLine(rate=0, burst=1)
+        """Turns for writes that only report progress (phase Provisioning)."""
         self.clock = clock
         self._last_write: dict[ClusterKey, float] = {}
         self._status_versions: dict[ClusterKey, str | None] = {}
@@ -413,6 +417,7 @@ class Reconciler:
             self._status_versions.pop(key, None)
             self._apply_versions.pop(key, None)
             self._last_write.pop(key, None)
+        self.progress.leave(key)
         self.counters.forget(key.namespace, "GPUCluster", key.name)
         if held is not None and held.holds_anything:
             self.request_pass(0)
@@ -726,7 +731,8 @@ class Reconciler:
         Progress within one phase (the head got an address, one more worker ready) is
         written at most once per ``status_interval``: KubeRay's updates come in bursts,
         and each of our writes is an API write and an event for every watcher. A phase
-        change is written at once.
+        change is written at once, except to Provisioning: that only reports progress,
+        and takes its turn (:mod:`~gpumesh.operator.progress`).
         """
         old, new = previous.to_api(), status.to_api()
         uid = str(body["metadata"].get("uid") or "")
@@ -738,6 +744,10 @@ class Reconciler:
         if status.phase == previous.phase and since < self.status_interval:
             self.wake(key, self.status_interval - since)
             return False
+        if status.phase != "Provisioning":
+            self.progress.leave(key)
+        elif not self.progress.may_write(key):
+            return False  # the line wakes it when its turn comes
         patch = merge_patch(old, new)
         version = self.writer.patch_status(GROUP, VERSION, PLURAL, key.namespace, key.name, patch)
         self._last_write[key] = now

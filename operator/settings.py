@@ -17,6 +17,10 @@ class OperatorSettings:
     max_workers: int = 16
     status_interval_seconds: float = 1.0
     """Least time between two status writes of one GPUCluster within one phase."""
+    status_progress_per_second: float = 5.0
+    """GPUCluster status writes that only report progress (phase Provisioning), across
+    all clusters; the rest wait their turn (0: no limit)."""
+    status_progress_burst: int = 10
     watch_server_timeout: int = 300
     mesh: bool = True
     """Plan the WireGuard mesh (GPUNode status.mesh and the catalogue ConfigMap)."""
@@ -45,6 +49,12 @@ class OperatorSettings:
             max_workers=int(env.get("GPUMESH_MAX_WORKERS", cls.max_workers)),
             status_interval_seconds=float(
                 env.get("GPUMESH_STATUS_INTERVAL_SECONDS", cls.status_interval_seconds)
+            ),
+            status_progress_per_second=float(
+                env.get("GPUMESH_STATUS_PROGRESS_PER_SECOND", cls.status_progress_per_second)
+            ),
+            status_progress_burst=int(
+                env.get("GPUMESH_STATUS_PROGRESS_BURST", cls.status_progress_burst)
             ),
             watch_server_timeout=int(
                 env.get("GPUMESH_WATCH_SERVER_TIMEOUT", cls.watch_server_timeout)

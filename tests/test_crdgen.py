@@ -142,3 +142,10 @@ def test_render_all_is_one_yaml_stream_of_every_crd() -> None:
 def test_operator_chart_ships_the_same_crds(info: KindInfo) -> None:
     chart_copy = ROOT / "charts" / "gpumesh-operator" / "crds" / crdgen.crd_file_name(info)
     assert chart_copy.read_text() == crdgen.render(info), f"{chart_copy} is stale: run `make crds`"
+
+
+def test_a_gpucluster_nobody_wrote_shows_a_generation_not_yet_observed() -> None:
+    """kstatus reads an object without status as done; generation >= 1 is never 0."""
+    status = schema_of(next(k for k in KINDS if k.kind == "GPUCluster"))["properties"]["status"]
+    assert status["default"] == {"observedGeneration": 0}
+    assert status["properties"]["observedGeneration"]["type"] == "integer"

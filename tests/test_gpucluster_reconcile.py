@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from gpumesh.operator.jobs.metrics import UsageCounters
 from gpumesh.operator.placement import InventoryIndex, NodeOffer
 from gpumesh.operator.placement.synthetic import make_offer
+from gpumesh.operator.progress import ProgressLine
 from gpumesh.operator.reconcile_gpucluster import Reconciler
 from gpumesh.operator.world import ClusterKey, trim_raycluster
 
@@ -401,6 +402,41 @@ def test_progress_within_a_phase_is_written_at_most_once_per_interval() -> None:
     reconciler.reconcile(key, at(0.8))
     assert len(api.status_patches) == written + 1  # Ready: a phase change goes at once
     assert api.status("train")["phase"] == "Ready"
+
+
+def test_under_a_burst_progress_waits_its_turn_and_ready_clusters_write_once() -> None:
+    api = FakeApi([make_offer(f"n{i}") for i in range(4)])
+    line: ProgressLine[ClusterKey] = ProgressLine(rate=1, burst=1, clock=lambda: api.clock)
+    reconciler = Reconciler(
+        api,
+        api.post_event,
+        api,
+        wake=api.wake,
+        request_pass=api.passes_requested.append,
+        counters=UsageCounters(CollectorRegistry()),
+        progress=line,
+        clock=lambda: api.clock,
+    )
+    for i in range(4):
+        api.create(f"c{i}", replicas=1, age_s=i)
+    settle(api, reconciler)
+    assert sorted(api.rayclusters) == ["c0", "c1", "c2", "c3"]  # placed and applied at once
+    assert api.status_patches == ["c0"]  # the rest of the Provisioning writes wait
+    assert ("c1", "Placed", "1 workers on n1(1)") in api.events  # the event tells at once
+    assert api.clusters["c1"].get("status") is None
+
+    kuberay_reports(api, "c1", ready_workers=1, head_ready=True)
+    reconciler.reconcile(ClusterKey(NS, "c1"), at(0.5))
+    assert api.status("c1")["phase"] == "Ready"  # a phase someone waits on: at once
+    assert api.status_patches == ["c0", "c1"]
+
+    api.clock = 1.0
+    turns, _ = line.serve()
+    assert turns == [ClusterKey(NS, "c2")]  # c1 left the line when it became Ready
+    reconciler.reconcile(turns[0], at(1))
+    assert api.status("c2")["phase"] == "Provisioning"
+    assert api.status("c2")["placements"][0]["node"] == "n2"
+    assert api.status_patches == ["c0", "c1", "c2"]
 
 
 def test_the_echo_of_our_own_writes_is_recognised() -> None:

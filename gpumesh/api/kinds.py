@@ -50,6 +50,11 @@ class KindInfo:
     columns: tuple[PrinterColumn, ...]
     scale: ScaleSubresource | None = None
     categories: tuple[str, ...] = field(default=(CATEGORY,))
+    unreconciled_status: tuple[tuple[str, int], ...] = ()
+    """The status the API server shows until a controller writes one (a CRD default).
+    ``observedGeneration: 0`` makes kstatus (Flux, kubectl wait, cli-utils) read a new
+    object as not yet reconciled rather than as done, however long the first write
+    takes."""
 
     @property
     def singular(self) -> str:
@@ -80,6 +85,7 @@ GPUCLUSTER = KindInfo(
         status_replicas_path=".status.workerReplicas",
         label_selector_path=".status.selector",
     ),
+    unreconciled_status=(("observedGeneration", 0),),
 )
 
 JOB = KindInfo(

@@ -25,6 +25,7 @@ from gpumesh.operator import kube
 from gpumesh.operator.handlers.indexes import INVENTORY_VERSION
 from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
 from gpumesh.operator.placement import InventoryIndex, OfferCache
+from gpumesh.operator.progress import ProgressLine
 from gpumesh.operator.reconcile_gpucluster import (
     GROUP,
     VERSION,
@@ -147,6 +148,9 @@ def _process_in_context(key: ClusterKey | None) -> None:
 QUEUE: WorkQueue[ClusterKey | None] = WorkQueue(
     _process, workers=SETTINGS.max_workers, name="gpucluster"
 )
+PROGRESS: ProgressLine[ClusterKey] = ProgressLine(
+    SETTINGS.status_progress_per_second, SETTINGS.status_progress_burst
+)
 
 
 def _request_pass(after: float = PASS_DELAY) -> None:
@@ -170,6 +174,7 @@ def reconciler() -> Reconciler:
                 request_pass=_request_pass,
                 retry_after=SETTINGS.resync_seconds,
                 status_interval=SETTINGS.status_interval_seconds,
+                progress=PROGRESS,
             )
         return _reconciler
 
@@ -180,10 +185,12 @@ def reconciler() -> Reconciler:
 @kopf.on.startup()
 def start_gpuclusters(**_: Any) -> None:
     QUEUE.start()
+    PROGRESS.start(QUEUE.add)
 
 
 @kopf.on.cleanup()
 def stop_gpuclusters(**_: Any) -> None:
+    PROGRESS.stop()
     QUEUE.stop()
 
 
