@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import inspect
+import math
 import os
 import platform
 import re
@@ -558,6 +559,49 @@ class CpuMeter:
         return "CPU used in the phase: " + ", ".join(parts)
 
 
+WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")
+READ_VERBS = ("GET", "LIST")
+_REQUEST_LINE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def api_requests(api: client.ApiClient) -> Counter[str]:
+    """The API server's count of requests so far, by verb, resource and subresource (its
+    own ``apiserver_request_total``; watches left out): which requests a phase adds."""
+    client_: Any = untyped(api)
+    method, url, headers, body, post = client_.param_serialize(
+        "GET", "/metrics", auth_settings=["BearerToken"]
+    )
+    text = client_.call_api(method, url, headers, body, post).read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        found = _REQUEST_LINE.match(line)
+        if found is None:
+            continue
+        labels = dict(_LABEL.findall(found["labels"]))
+        if labels.get("verb") not in WRITE_VERBS + READ_VERBS:
+            continue
+        what = labels.get("resource", "")
+        if labels.get("subresource"):
+            what += "/" + labels["subresource"]
+        counts[f"{labels['verb']} {what}"] += int(float(found["value"]))
+    return counts
+
+
+def requests_spent(before: Counter[str], after: Counter[str], per: int) -> str:
+    """The phase's requests per created object, writes and reads, the most frequent first."""
+
+    def spent(verbs: tuple[str, ...]) -> str:
+        made = [(after[k] - before[k], k) for k in after if k.split()[0] in verbs]
+        parts = [f"{k} {n / per:.2f}" for n, k in sorted(made, reverse=True) if n / per >= 0.05]
+        return ", ".join(parts) or "none"
+
+    return (
+        f"API requests in the phase, per cluster: writes {spent(WRITE_VERBS)}; "
+        f"reads {spent(READ_VERBS)}"
+    )
+
+
 @dataclass
 class PhaseResult:
     """All-Ready time of one phase, and each cluster's create -> Ready."""
@@ -586,20 +630,36 @@ def timed_phase(
     bodies: Sequence[Obj],
     ready: Callable[[Obj], bool],
     cpu: CpuMeter | None = None,
+    *,
+    through_rayclusters: bool = False,
 ) -> PhaseResult:
+    """Create ``bodies`` and time until every one is ``ready``. ``through_rayclusters``
+    (gpumesh's phases) also watches the RayClusters the objects lead to, to split each
+    cluster's time into its stages; that watch is one more for the API server to feed,
+    and counts against gpumesh."""
     group, version, plural = kind
     mesh.ensure_namespace(api, ns)
     before = load()
     cpu_before = cpu.read() if cpu else {}
+    requests_before = api_requests(api)
     log(f"{what}: creating {len(bodies)} {plural}")
     names = {b["metadata"]["name"] for b in bodies}
-    with Watcher(api, ns, group, version, plural, ready) as watcher:
+    with contextlib.ExitStack() as stack:
+        watcher = stack.enter_context(Watcher(api, ns, group, version, plural, ready))
+        rays = (
+            stack.enter_context(
+                Watcher(api, ns, RAY_GROUP, RAY_VERSION, RAY_PLURAL, raycluster_ready)
+            )
+            if through_rayclusters
+            else None
+        )
         started = time.monotonic()
         sent = create_all(api, ns, plural, group, version, bodies)
         create_s = time.monotonic() - started
         log(f"{what}: created in {create_s:.1f} s; waiting for Ready")
         watcher.wait(names, started + PHASE_TIMEOUT_S, label=f"{what} Ready")
         done = dict(watcher.done_at)
+        stages = stage_times(sent, rays.seen, rays.done_at, done) if rays else None
     finished = max(done.values(), default=time.monotonic())
     per = tuple(done[n] - sent[n] for n in names if n in done)
     result = PhaseResult(
@@ -614,31 +674,36 @@ def timed_phase(
     )
     if cpu is not None:
         result.extra.append(CpuMeter.spent(cpu_before, cpu.read()))
+    result.extra.append(requests_spent(requests_before, api_requests(api), len(names)))
+    if stages is not None:
+        result.extra.append(stages)
     log(f"{what}: {result.ready}/{result.n} Ready in {result.total_s:.1f} s")
     return result
 
 
-def creation_spread(api: client.ApiClient, ns: str) -> str:
-    """When the operator created the last RayCluster, after the first GPUCluster was created
-    (API-server timestamps, to the second)."""
-    custom = client.CustomObjectsApi(api)
+def stage_times(
+    sent: Mapping[str, float],
+    raycluster_seen: Mapping[str, float],
+    raycluster_ready: Mapping[str, float],
+    done: Mapping[str, float],
+) -> str:
+    """Each cluster's time split in three (seconds, p50 / max, from watches): create sent
+    -> its RayCluster exists (admission and apply), -> KubeRay has it ready, -> the
+    GPUCluster shows Ready (the operator sees it and writes); plus when the last
+    RayCluster appeared after the first create."""
 
-    def stamps(group: str, version: str, plural: str) -> list[datetime]:
-        items = untyped(custom.list_namespaced_custom_object(group, version, ns, plural))["items"]
-        return [
-            datetime.fromisoformat(i["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
-            for i in items
-        ]
+    def split(start: Mapping[str, float], end: Mapping[str, float]) -> str:
+        spans = sorted(end[n] - start[n] for n in start if n in end)
+        if not spans:
+            return "none"
+        return f"{statistics.median(spans):.2f} / {spans[-1]:.2f}"
 
-    clusters = stamps(GROUP, VERSION, "gpuclusters")
-    rays = stamps(RAY_GROUP, RAY_VERSION, RAY_PLURAL)
-    if not clusters or not rays:
-        return "no RayClusters"
-    first = min(clusters)
+    last = max(raycluster_seen.values(), default=math.nan) - min(sent.values(), default=math.nan)
     return (
-        f"GPUClusters created over {(max(clusters) - first).total_seconds():.0f} s, "
-        f"their {len(rays)} RayClusters over {(max(rays) - first).total_seconds():.0f} s "
-        "from the first GPUCluster (API timestamps, 1 s resolution)"
+        "stages, p50 / max s: create -> RayCluster "
+        f"{split(sent, raycluster_seen)}, -> RayCluster ready "
+        f"{split(raycluster_seen, raycluster_ready)}, -> GPUCluster Ready "
+        f"{split(raycluster_ready, done)}; last RayCluster {last:.2f} s after the first create"
     )
 
 
@@ -895,8 +960,8 @@ def one_round(
                 [gpucluster_body(r) for r in requests(n)],
                 gpucluster_ready,
                 cpu,
+                through_rayclusters=True,
             )
-            ours.extra.append(creation_spread(api, ns))
             ours.cleanup_s = delete_namespace(api, ns)
             out.gpumesh.setdefault(n, []).append(ours)
             # Before the largest run, whose backlog could still be draining after it.
