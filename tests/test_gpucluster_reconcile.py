@@ -168,7 +168,9 @@ def setup(*offers: NodeOffer, status_interval: float = 0.0) -> tuple[FakeApi, Re
     return api, reconciler_for(api, status_interval)
 
 
-def reconciler_for(api: FakeApi, status_interval: float = 0.0) -> Reconciler:
+def reconciler_for(
+    api: FakeApi, status_interval: float = 0.0, progress: ProgressLine[ClusterKey] | None = None
+) -> Reconciler:
     """A reconciler on ``api``; a second one stands for the operator after a restart."""
     return Reconciler(
         api,
@@ -178,6 +180,7 @@ def reconciler_for(api: FakeApi, status_interval: float = 0.0) -> Reconciler:
         request_pass=api.passes_requested.append,
         counters=UsageCounters(CollectorRegistry()),
         status_interval=status_interval,
+        progress=progress,
         clock=lambda: api.clock,
     )
 
@@ -407,16 +410,7 @@ def test_progress_within_a_phase_is_written_at_most_once_per_interval() -> None:
 def test_under_a_burst_progress_waits_its_turn_and_ready_clusters_write_once() -> None:
     api = FakeApi([make_offer(f"n{i}") for i in range(4)])
     line: ProgressLine[ClusterKey] = ProgressLine(rate=1, burst=1, clock=lambda: api.clock)
-    reconciler = Reconciler(
-        api,
-        api.post_event,
-        api,
-        wake=api.wake,
-        request_pass=api.passes_requested.append,
-        counters=UsageCounters(CollectorRegistry()),
-        progress=line,
-        clock=lambda: api.clock,
-    )
+    reconciler = reconciler_for(api, progress=line)
     for i in range(4):
         api.create(f"c{i}", replicas=1, age_s=i)
     settle(api, reconciler)
