@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bench.harness import Report, Row, Stats, sample
+from gpumesh.devcluster.ports import free_port
 from gpumesh.node_agent.nvml.types import NvmlBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,14 +140,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Target:

@@ -77,6 +77,7 @@ from gpumesh.api.gpunode import GPUNodeStatus
 from gpumesh.devcluster import mesh
 from gpumesh.devcluster.cluster import LocalCluster
 from gpumesh.devcluster.fleet import FleetNode, Supplier, node_manifest
+from gpumesh.devcluster.ports import free_port
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
 
 COMMAND = "python -m bench reconcile"
@@ -718,7 +719,7 @@ class Operator:
         self.logs = logs
         self.profile = profile
         self.proc: subprocess.Popen[bytes] | None = None
-        self.liveness = mesh.free_port()
+        self.liveness = free_port()
         self.log_path = logs / "operator.log"
         self.start_s = 0.0
 

@@ -84,6 +84,7 @@ from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.devcluster import mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster, _die_with
 from gpumesh.devcluster.fleet import FleetNode, Supplier, gfd_product_label, node_manifest
+from gpumesh.devcluster.ports import free_port
 from gpumesh.operator.placement import Decision, InventoryIndex, Ledger, NodeOffer, plan_cluster
 from gpumesh.operator.placement.inventory import (
     LABEL_HEAD_CAPABLE,
@@ -702,7 +703,7 @@ class BenchScheduler:
             f"--authentication-kubeconfig={own}",
             f"--authorization-kubeconfig={own}",
             "--bind-address=127.0.0.1",
-            f"--secure-port={mesh.free_port()}",
+            f"--secure-port={free_port()}",
             f"--cert-dir={self.state_dir / 'run' / self.name}",
         ]
 

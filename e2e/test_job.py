@@ -32,7 +32,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster import mesh
+from gpumesh.devcluster.ports import free_port
 from gpumesh.devcluster.testing import (
     KubeTarget,
     OperatedMesh,
@@ -75,7 +75,7 @@ def running_mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> 
     if kube.fleet is None:
         pytest.skip("this cluster has no simulated fleet for agents to play")
     tmp = tmp_path_factory.mktemp("job-mesh")
-    metrics_port = mesh.free_port()
+    metrics_port = free_port()
     env = {
         "GPUMESH_RESYNC_SECONDS": 5,
         "GPUMESH_RAYJOB_SUBMISSION_MODE": "InteractiveMode",

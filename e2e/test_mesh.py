@@ -31,6 +31,7 @@ import yaml
 from netns import GPUNODES_PATH, Host, Lab, missing_prerequisites
 
 from gpumesh.devcluster import mesh as devmesh
+from gpumesh.devcluster.ports import free_port
 from gpumesh.devcluster.testing import KubeTarget, wait_for
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
 from gpumesh.operator.mesh import CATALOGUE_NAME, MeshConfig
@@ -257,7 +258,7 @@ def mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "/api/v1/namespaces",
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         )
-        argv = [*devmesh.operator_argv(devmesh.free_port()), "--metrics-port=0"]
+        argv = [*devmesh.operator_argv(free_port()), "--metrics-port=0"]
         operator, _ = devmesh.spawn(
             "operator", argv, logs, env=_operator_env(kube.kubeconfig, namespace, lab.tag)
         )

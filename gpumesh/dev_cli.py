@@ -25,6 +25,7 @@ from rich.table import Table
 from gpumesh import devcluster
 from gpumesh.devcluster import mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster
+from gpumesh.devcluster.ports import free_port
 
 app = typer.Typer(help="The local mesh: control plane, simulated suppliers, operator, agents.")
 console = Console(stderr=True)
@@ -70,7 +71,7 @@ def up(
         mesh.record(state, started)
     with _step("operator"):
         if "operator" not in running:
-            argv = mesh.operator_argv(mesh.free_port())
+            argv = mesh.operator_argv(free_port())
             mesh.record(state, [mesh.spawn("operator", argv, logs, env)[1]])
     if sample is not None and str(sample):
         _apply_sample(api, sample)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gpumesh.devcluster.mesh import free_port
+from gpumesh.devcluster.ports import free_port
 from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.metrics import MetricsCache

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from rich.console import Console
 from gpumesh.devcluster import certs, toolchain
 from gpumesh.devcluster.fleet import FLEET_LABEL, Fleet, node_manifests
 from gpumesh.devcluster.kubehttp import KubeApiError, KubeClient, probe
+from gpumesh.devcluster.ports import free_port
 
 POD_CIDR: Final = "198.18.0.0/17"
 SERVICE_CIDR: Final = "198.18.128.0/17"
@@ -188,21 +188,9 @@ def _die_with(parent: int) -> Callable[[], None]:
 
 def _free_ports(names: Sequence[str], preferred: dict[str, int]) -> dict[str, int]:
     """Loopback ports: the previous run's where still free (keeps etcd's peer URL stable)."""
-    held: list[socket.socket] = []
     ports: dict[str, int] = {}
-    try:
-        for name in names:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(sock)
-            want = preferred.get(name, 0)
-            try:
-                sock.bind(("127.0.0.1", want))
-            except OSError:
-                sock.bind(("127.0.0.1", 0))
-            ports[name] = sock.getsockname()[1]
-    finally:
-        for sock in held:
-            sock.close()
+    for name in names:
+        ports[name] = free_port(preferred.get(name, 0), taken=ports.values())
     return ports
 
 

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -105,14 +104,6 @@ def spawn(
             start_new_session=True,
         )
     return proc, MeshProcess(name, proc.pid, str(log_path))
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (for a process started right after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def operator_argv(liveness_port: int) -> list[str]:

@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gpumesh.devcluster import mesh
 from gpumesh.devcluster.fleet import Fleet
+from gpumesh.devcluster.ports import free_port
 
 T = TypeVar("T")
 
@@ -83,7 +84,7 @@ class OperatedMesh:
     def start_operator(self) -> None:
         self.operator, _ = mesh.spawn(
             "operator",
-            [*mesh.operator_argv(mesh.free_port()), *self.operator_args],
+            [*mesh.operator_argv(free_port()), *self.operator_args],
             self.logs,
             {"KUBECONFIG": str(self.kubeconfig), **self.operator_env},
         )
