@@ -144,8 +144,9 @@ def test_operator_chart_ships_the_same_crds(info: KindInfo) -> None:
     assert chart_copy.read_text() == crdgen.render(info), f"{chart_copy} is stale: run `make crds`"
 
 
-def test_a_gpucluster_nobody_wrote_shows_a_generation_not_yet_observed() -> None:
+@pytest.mark.parametrize("kind", ["GPUCluster", "Job"])
+def test_a_renters_object_nobody_wrote_shows_a_generation_not_yet_observed(kind: str) -> None:
     """kstatus reads an object without status as done; generation >= 1 is never 0."""
-    status = schema_of(next(k for k in KINDS if k.kind == "GPUCluster"))["properties"]["status"]
+    status = schema_of(next(k for k in KINDS if k.kind == kind))["properties"]["status"]
     assert status["default"] == {"observedGeneration": 0}
     assert status["properties"]["observedGeneration"]["type"] == "integer"

@@ -61,6 +61,9 @@ class KindInfo:
         return self.kind.lower()
 
 
+UNRECONCILED = (("observedGeneration", 0),)
+"""What a renter's object shows until the operator writes its status (a CRD default)."""
+
 AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp", "Time since creation.")
 
 GPUCLUSTER = KindInfo(
@@ -85,7 +88,7 @@ GPUCLUSTER = KindInfo(
         status_replicas_path=".status.workerReplicas",
         label_selector_path=".status.selector",
     ),
-    unreconciled_status=(("observedGeneration", 0),),
+    unreconciled_status=UNRECONCILED,
 )
 
 JOB = KindInfo(
@@ -103,6 +106,7 @@ JOB = KindInfo(
         PrinterColumn("RayJob", "string", ".status.rayJobName", "The KubeRay RayJob.", 1),
         AGE,
     ),
+    unreconciled_status=UNRECONCILED,
 )
 
 GPUNODE = KindInfo(
