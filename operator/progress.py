@@ -41,7 +41,7 @@ class ProgressLine(Generic[K]):
 
     def may_write(self, key: K) -> bool:
         """May ``key`` write its progress now? If not, it keeps (or takes) its place in
-        line and :meth:`run` wakes it when its turn comes."""
+        line and the thread :meth:`start` began wakes it when its turn comes."""
         if self.rate <= 0:
             return True
         with self._cond:

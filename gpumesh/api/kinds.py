@@ -52,7 +52,7 @@ class KindInfo:
     categories: tuple[str, ...] = field(default=(CATEGORY,))
     unreconciled_status: tuple[tuple[str, int], ...] = ()
     """The status the API server shows until a controller writes one (a CRD default).
-    ``observedGeneration: 0`` makes kstatus (Flux, kubectl wait, cli-utils) read a new
+    ``observedGeneration: 0`` makes kstatus (Flux's health checks, cli-utils) read a new
     object as not yet reconciled rather than as done, however long the first write
     takes."""
 
