@@ -31,8 +31,9 @@ def gpunode(
     *,
     mesh: dict[str, Any] | None = None,
     relay: bool = True,
+    region: str = "eu",
 ) -> dict[str, Any]:
-    spec: dict[str, Any] = {"supplier": "s", "region": "eu", "pricePerGpuHour": "1.00"}
+    spec: dict[str, Any] = {"supplier": "s", "region": region, "pricePerGpuHour": "1.00"}
     if endpoint:
         spec["publicEndpoint"] = endpoint
     if not relay:
@@ -172,6 +173,26 @@ def test_mesh_relay_false_keeps_a_public_node_out_of_the_relay_pool() -> None:
     state.sync(nodes, [lease("a"), lease("n")], NOW)
     members = catalogue(state, state.take_writes().configmap).by_name()
     assert members["n"].relay is None and members["a"].endpoint == "198.51.100.1:51820"
+
+
+def test_nat_d_nodes_are_relayed_from_their_own_region_whatever_order_agents_report_in() -> None:
+    """The GPUNode's spec.region reaches the planner through the operator's copy of the
+    body: before it did not, and the lab's NAT'd hosts got whichever relay was least loaded."""
+    state = MeshState(CONFIG, NS)
+    # Each agent's first report (key and Lease) arrives NAT'd nodes first, then the relay
+    # of the other region first: every NAT'd node sees a foreign relay before its own.
+    order = [
+        gpunode("nat-west", 3, region="west"),
+        gpunode("relay-east", 2, "198.51.100.2:51820", region="east"),
+        gpunode("nat-east", 4, region="east"),
+        gpunode("relay-west", 1, "198.51.100.1:51820", region="west"),
+    ]
+    for body in order:
+        state.lease(lease(body["metadata"]["name"]), NOW)
+        state.gpunode(body, NOW)
+    relays = {n.name: n.relay for n in catalogue(state, state.take_writes().configmap).entries}
+    assert relays["nat-west"] == "relay-west"
+    assert relays["nat-east"] == "relay-east"
 
 
 def test_failed_writes_are_retried() -> None:

@@ -66,7 +66,7 @@ def trim_gpunode(body: Mapping[str, Any]) -> dict[str, Any]:
     mesh = (body.get("status") or {}).get("mesh") or {}
     return {
         "metadata": {"name": (body.get("metadata") or {}).get("name", "")},
-        "spec": {k: spec[k] for k in ("publicEndpoint", "meshRelay") if k in spec},
+        "spec": {k: spec[k] for k in ("publicEndpoint", "meshRelay", "region") if k in spec},
         "status": {
             "mesh": {
                 k: mesh[k]
