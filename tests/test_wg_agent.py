@@ -507,3 +507,35 @@ def test_the_endpoint_seen_after_a_handshake_becomes_a_candidate(
     clock.t += 6
     agent.step()
     assert mesh_status(api)["endpoints"] == ["198.51.100.10:51820"]
+
+
+def test_a_new_peer_whose_first_handshake_goes_unanswered_is_created_again(
+    parts: tuple[MeshSyncer, FakeDevice, FakeLinks], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NAT'd node's relay dropped its first initiation (it did not know the node yet):
+    the agent re-creates the peer after 1 s instead of waiting for WireGuard's 5 s retry."""
+    agent, _, clock, _ = make_agent(parts, resync_s=600, observe_s=600, status_check_s=600)
+    syncer, device, _ = parts
+    agent.offer(configmap(catalogue_with("me", syncer.public_key, me_public=False)))
+    agent.step()
+    (relay,) = device.peers
+    assert device.peers[relay].keepalive_s == 25
+    device.peers[relay] = replace(device.peers[relay], tx_bytes=148)  # initiation sent
+    writes = device.writes
+    clock.t += 0.5
+    assert agent.step() == pytest.approx(0.5), "wakes when the peer is due"
+    assert device.writes == writes
+    clock.t += 0.5
+    with caplog.at_level(logging.INFO):
+        agent.step()
+    assert device.writes == writes + 1
+    assert device.peers[relay].tx_bytes == 0, "a new peer object: a fresh initiation"
+    assert device.peers[relay].keepalive_s == 25
+    assert device.peers[relay].endpoint == "198.51.100.11:51820"
+    assert "first handshake with 1 peer(s)" in caplog.text
+    # It answers this time: nothing more is done.
+    device.peers[relay] = replace(device.peers[relay], tx_bytes=148, last_handshake=WALL)
+    clock.t += 1
+    agent.step()
+    assert device.writes == writes + 1
+    assert "handshakes" not in agent._due

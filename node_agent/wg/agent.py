@@ -12,6 +12,8 @@
   carries the whole catalogue; a reconnect replays the current one).
 - Syncs on every new catalogue and every ``resync_s`` (drift repair); reads the device
   every ``observe_s`` for metrics.
+- Re-creates a peer it just created whose first handshake went unanswered, once a second
+  for its first seconds (:mod:`.handshake`): WireGuard itself waits 5 s.
 - Optionally renews its own heartbeat Lease (``lease_duration_s``): off by default,
   because the node agent's reporter owns that Lease on real nodes.
 
@@ -32,7 +34,8 @@ from gpumesh.api.base import GROUP, VERSION
 from gpumesh.node_agent.desired import lease_body, lease_name
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.device import DeviceError
-from gpumesh.node_agent.wg.diff import ObservedDevice
+from gpumesh.node_agent.wg.diff import ObservedDevice, PeerChanges, apply_changes
+from gpumesh.node_agent.wg.handshake import FirstHandshakes
 from gpumesh.node_agent.wg.metrics import MeshCollector
 from gpumesh.node_agent.wg.peers import DesiredMesh
 from gpumesh.node_agent.wg.report import (
@@ -138,6 +141,7 @@ class MeshAgent:
         self._rotate = False
         self._resync_now = False
         self._said: set[str] = set()
+        self._first_handshakes = FirstHandshakes()
 
     # --- requests from other threads (watch, signals) ----------------------------------
 
@@ -230,6 +234,8 @@ class MeshAgent:
         ):
             self._resync_now = False
             self._sync(self._current, now)
+        elif now >= self._due.get("handshakes", float("inf")):
+            self._retry_first_handshakes(now)
         elif now >= self._due.get("observe", 0.0):
             self._due["observe"] = now + cfg.observe_s
             try:
@@ -276,6 +282,10 @@ class MeshAgent:
         if self.collector is not None:
             self.collector.record_sync(result)
         self._log_result(result)
+        self._first_handshakes.created(
+            (u.public_key for u in result.changes.updates if u.create), now
+        )
+        self._schedule_handshakes()
         self._applied_generation = result.generation
         self._observed = result.observed
         if result.desired is not None:
@@ -286,6 +296,32 @@ class MeshAgent:
                 self.rtt.set_targets(
                     result.desired.me.overlay_ip, probe_targets(members, self.config.node, reach)
                 )
+
+    def _retry_first_handshakes(self, now: float) -> None:
+        """Peers created in the last seconds whose first initiation went unanswered get
+        a fresh one (:mod:`~gpumesh.node_agent.wg.handshake`)."""
+        try:
+            observed = self.syncer.observe()
+            due = self._first_handshakes.due(observed, now)
+            changes = self.syncer.recreate(due) if due else PeerChanges()
+        except DeviceError as err:
+            self._once("handshakes", "cannot restart first handshakes: %s", err)
+            self._due.pop("handshakes", None)
+            return
+        self._observed = apply_changes(observed, changes, self.syncer.public_key)
+        if changes:
+            log.info(
+                "no answer yet to the first handshake with %d peer(s): sent a fresh one",
+                len(changes.updates),
+            )
+        self._schedule_handshakes()
+
+    def _schedule_handshakes(self) -> None:
+        upcoming = self._first_handshakes.next_check()
+        if upcoming is None:
+            self._due.pop("handshakes", None)
+        else:
+            self._due["handshakes"] = upcoming
 
     def _log_result(self, result: SyncResult) -> None:
         new = result.generation != self._applied_generation

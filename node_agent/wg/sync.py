@@ -11,13 +11,14 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gpumesh.node_agent.wg.device import WgBackend
 from gpumesh.node_agent.wg.diff import (
     ObservedDevice,
     PeerChanges,
+    PeerUpdate,
     apply_changes,
     diff_device,
 )
@@ -175,6 +176,28 @@ class MeshSyncer:
         self._key = self.keys.rotate()
         self.backend.apply(PeerChanges(set_private_key=True), self._key)
         return self._key.public_key
+
+    def recreate(self, keys: Iterable[str]) -> PeerChanges:
+        """Remove these peers and create them again as the last sync left them, in one
+        transaction: the device then sends each a fresh handshake initiation at once (see
+        :mod:`~gpumesh.node_agent.wg.handshake`; only for peers that never handshook, so no
+        session is dropped). Keys the last sync did not configure are skipped."""
+        desired = self.last.desired if self.last is not None else None
+        peers = {p.public_key: p for p in desired.peers} if desired is not None else {}
+        updates = tuple(
+            PeerUpdate(
+                key,
+                create=True,
+                endpoint=self._applied_endpoints.get(key),
+                keepalive_s=peers[key].keepalive_s or None,
+                allowed_ips=peers[key].allowed_ips,
+            )
+            for key in keys
+            if key in peers
+        )
+        changes = PeerChanges(updates=updates, removals=tuple(u.public_key for u in updates))
+        self.backend.apply(changes, self.key)
+        return changes
 
     def sync(self, catalogue: Catalogue) -> SyncResult:
         started = time.perf_counter()
