@@ -77,6 +77,17 @@ class PeerChanges:
         return sum(1 for u in self.updates if not u.create)
 
 
+def creation(peer: DesiredPeer, endpoint: str | None) -> PeerUpdate:
+    """The update that creates ``peer`` whole (``endpoint`` as the device should get it)."""
+    return PeerUpdate(
+        peer.public_key,
+        create=True,
+        endpoint=endpoint,
+        keepalive_s=peer.keepalive_s or None,
+        allowed_ips=peer.allowed_ips,
+    )
+
+
 def diff_device(
     desired: Sequence[DesiredPeer],
     observed: ObservedDevice,
@@ -101,15 +112,7 @@ def diff_device(
         endpoint = resolved.get(peer.endpoint, peer.endpoint) if peer.endpoint else None
         have = observed.peers.get(peer.public_key)
         if have is None:
-            updates.append(
-                PeerUpdate(
-                    peer.public_key,
-                    create=True,
-                    endpoint=endpoint,
-                    keepalive_s=peer.keepalive_s or None,
-                    allowed_ips=peer.allowed_ips,
-                )
-            )
+            updates.append(creation(peer, endpoint))
             continue
         set_endpoint: str | None = None
         if endpoint is not None:

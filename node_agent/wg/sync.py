@@ -18,8 +18,8 @@ from gpumesh.node_agent.wg.device import WgBackend
 from gpumesh.node_agent.wg.diff import (
     ObservedDevice,
     PeerChanges,
-    PeerUpdate,
     apply_changes,
+    creation,
     diff_device,
 )
 from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
@@ -185,15 +185,7 @@ class MeshSyncer:
         desired = self.last.desired if self.last is not None else None
         peers = {p.public_key: p for p in desired.peers} if desired is not None else {}
         updates = tuple(
-            PeerUpdate(
-                key,
-                create=True,
-                endpoint=self._applied_endpoints.get(key),
-                keepalive_s=peers[key].keepalive_s or None,
-                allowed_ips=peers[key].allowed_ips,
-            )
-            for key in keys
-            if key in peers
+            creation(peers[key], self._applied_endpoints.get(key)) for key in keys if key in peers
         )
         changes = PeerChanges(updates=updates, removals=tuple(u.public_key for u in updates))
         self.backend.apply(changes, self.key)
