@@ -34,7 +34,10 @@ def run(
     import uvloop
 
     import gpumesh.operator.handlers  # noqa: F401  (registers the handlers)
+    from gpumesh.operator import heap
     from gpumesh.operator.jobs import metrics
+
+    heap.tune()
 
     # Served by a kopf startup handler, once the operator really starts.
     metrics.ENDPOINT.host, metrics.ENDPOINT.port = metrics_host, metrics_port

@@ -7,6 +7,7 @@ load balancers) and the liveness probe fails so that Kubernetes restarts us.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.operator import kube
+from gpumesh.operator import heap, kube
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.settings import SETTINGS
 
@@ -101,6 +102,10 @@ def stop_heartbeat(**_: Any) -> None:
 async def heartbeat_seen(**_: Any) -> None:
     global _last_heartbeat_seen
     _last_heartbeat_seen = time.monotonic()
+    # kopf runs no handler before every indexed resource is listed: the first heartbeat
+    # back means the long-lived copies are in, and can be frozen (see operator/heap.py).
+    if heap.freeze_listed():
+        log.info("garbage collector: %d objects listed at start frozen", gc.get_freeze_count())
 
 
 @kopf.on.probe(id="watch")
