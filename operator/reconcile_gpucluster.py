@@ -603,6 +603,15 @@ class Reconciler:
     def kick(self) -> None:
         self.request_pass(0)
 
+    def gpus_given_back(self) -> None:
+        """A RayCluster let GPUs go: waiting clusters and jobs get a pass now.
+
+        Called on kopf's event loop; both only ask for a pass, neither waits for a lock.
+        """
+        self.kick()
+        if self.jobs is not None:
+            self.jobs.kick()
+
     def _preempt_cluster(self, preemption: Preemption) -> None:
         """Scale the victim's workers to zero now; only then is it booked as holding none.
 

@@ -356,8 +356,13 @@ class Holdings:
             self._promised[key] = {n: g for n, g in per_node.items() if g}
             self._shift(key, before)
 
-    def observe(self, key: ClusterKey, per_node: Mapping[str, int] | None) -> None:
-        """The index shows ``key`` holding these GPUs (None: its RayCluster is gone)."""
+    def observe(self, key: ClusterKey, per_node: Mapping[str, int] | None) -> bool:
+        """The index shows ``key`` holding these GPUs (None: its RayCluster is gone).
+
+        True when this gave GPUs back on some node: waiting work may fit now. (A deleted
+        workload is forgotten at once, but its terminating RayCluster is still observed
+        until it goes; only then are its GPUs free.)
+        """
         with self._lock:
             before = self._effective(key)
             if per_node is None:
@@ -365,6 +370,8 @@ class Holdings:
             else:
                 self._observed[key] = {n: g for n, g in per_node.items() if g}
             self._shift(key, before)
+            after = self._effective(key)
+            return any(after.get(node, 0) < gpus for node, gpus in before.items())
 
     def forget(self, key: ClusterKey) -> None:
         """The workload is gone: it holds nothing, from either source."""

@@ -361,6 +361,30 @@ def test_deleting_a_cluster_frees_its_gpus_for_the_next_one() -> None:
     assert api.workers_by_node("second") == {"n1": 1}
 
 
+class CountingJobs:
+    """The Job side of the queue, counting the passes it is asked for."""
+
+    def __init__(self) -> None:
+        self.kicks = 0
+
+    def workloads(self, now: datetime) -> tuple[list[Any], list[Any]]:
+        return [], []
+
+    def take_back(self, preemptions: Sequence[Any], now: datetime) -> bool:
+        return True
+
+    def kick(self) -> None:
+        self.kicks += 1
+
+
+def test_gpus_given_back_give_waiting_gpuclusters_and_jobs_a_pass() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    jobs = CountingJobs()
+    reconciler.jobs = jobs
+    reconciler.gpus_given_back()
+    assert api.passes_requested == [0] and jobs.kicks == 1
+
+
 def test_a_victim_mid_reconcile_is_not_preempted_under_it_the_pass_tries_again() -> None:
     api, reconciler = setup(make_offer("n1"))
     api.create("batch", replicas=1)

@@ -221,13 +221,17 @@ async def raycluster_changed(
     key = workload_key(namespace or "", name, labels)
     clusters = reconciler()
     if type == "DELETED":
-        clusters.holdings.observe(key, None)
+        freed = clusters.holdings.observe(key, None)
         if key.kind == "GPUCluster":
             clusters.raycluster_gone(key)
     else:
-        clusters.holdings.observe(key, committed_gpus(trim_raycluster(body)))
+        freed = clusters.holdings.observe(key, committed_gpus(trim_raycluster(body)))
         if clusters.is_own_write(key, body.metadata.get("resourceVersion"), raycluster=True):
+            if freed:
+                clusters.gpus_given_back()
             return  # the echo of our own apply: nothing new to look at
+    if freed:
+        clusters.gpus_given_back()
     if key.kind == "GPUCluster":
         QUEUE.add(key)
 
