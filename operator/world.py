@@ -369,8 +369,7 @@ class Holdings:
                 self._observed.pop(key, None)
             else:
                 self._observed[key] = {n: g for n, g in per_node.items() if g}
-            self._shift(key, before)
-            after = self._effective(key)
+            after = self._shift(key, before)
             return any(after.get(node, 0) < gpus for node, gpus in before.items())
 
     def forget(self, key: ClusterKey) -> None:
@@ -395,11 +394,13 @@ class Holdings:
             found = self._observed.get(key, {})
         return found
 
-    def _shift(self, key: ClusterKey, before: Mapping[str, int]) -> None:
+    def _shift(self, key: ClusterKey, before: Mapping[str, int]) -> dict[str, int]:
+        """Move the totals from ``before`` to what ``key`` holds now, and return that."""
         after = self._effective(key)
         if after != before:
             _add(self._totals, before, -1)
             _add(self._totals, after, 1)
+        return after
 
 
 def _add(total: dict[str, int], per_node: Mapping[str, int], sign: int) -> None:

@@ -224,15 +224,13 @@ async def raycluster_changed(
         freed = clusters.holdings.observe(key, None)
         if key.kind == "GPUCluster":
             clusters.raycluster_gone(key)
+        own_echo = False
     else:
         freed = clusters.holdings.observe(key, committed_gpus(trim_raycluster(body)))
-        if clusters.is_own_write(key, body.metadata.get("resourceVersion"), raycluster=True):
-            if freed:
-                clusters.gpus_given_back()
-            return  # the echo of our own apply: nothing new to look at
+        own_echo = clusters.is_own_write(key, body.metadata.get("resourceVersion"), raycluster=True)
     if freed:
         clusters.gpus_given_back()
-    if key.kind == "GPUCluster":
+    if key.kind == "GPUCluster" and not own_echo:  # an echo of our apply: nothing new
         QUEUE.add(key)
 
 
