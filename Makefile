@@ -11,7 +11,7 @@ FLEET ?= examples/fleet.yaml
 PYTEST_ARGS ?=
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP) ## Create .venv with gpumesh and its tools
+
+system-packages: ## Install the system tools up and test need (wireguard-go, wg, nft, ...), or say how
+	@.ci/system-packages
 
 lint: $(STAMP) ## ruff (lint and format check)
 	$(VENV)/bin/ruff check .
@@ -30,7 +33,7 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests, e2e and benchmarks
 	$(VENV)/bin/mypy tests
 	$(VENV)/bin/mypy e2e
 
-toolchain: $(STAMP) ## Build the pinned Kubernetes components from Go modules (cached)
+toolchain: $(STAMP) system-packages ## Build the pinned Kubernetes components from Go modules (cached)
 	$(PY) -m gpumesh.devcluster.toolchain
 
 crds: $(STAMP) ## Regenerate crds/ from the API models
@@ -40,13 +43,13 @@ crds: $(STAMP) ## Regenerate crds/ from the API models
 unit: $(STAMP) ## Unit tests only (no cluster)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-test: lint typecheck toolchain ## Everything CI runs: lint, types, unit and e2e tests
+test: system-packages lint typecheck toolchain ## Everything CI runs: lint, types, unit and e2e tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-gpu: $(STAMP) ## The agent on a real NVIDIA GPU (real NVML, proof of GPU); needs one
 	$(PY) -m pytest -m gpu tests/test_gpu_real.py -v -W default $(PYTEST_ARGS)
 
-up: $(STAMP) ## Start the local mesh: control plane, simulated suppliers, sample GPUCluster
+up: $(STAMP) system-packages ## Start the local mesh: control plane, simulated suppliers, sample GPUCluster
 	$(VENV)/bin/gpumesh dev up --fleet $(FLEET)
 
 down: $(STAMP) ## Stop the local mesh
@@ -55,4 +58,4 @@ down: $(STAMP) ## Stop the local mesh
 bench: $(STAMP) ## Run the benchmarks in bench/ and write docs/BENCHMARKS.md
 	$(PY) -m bench
 
-.PHONY: help install lint typecheck toolchain crds unit test test-gpu up down bench
+.PHONY: help install system-packages lint typecheck toolchain crds unit test test-gpu up down bench

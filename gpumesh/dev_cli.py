@@ -49,26 +49,40 @@ def up(
     state_dir: StateDir = None,
     agent_interval: Annotated[float, typer.Option(help="Agents' NVML sweep, seconds.")] = 2.0,
 ) -> None:
-    """Start (or reuse) the local mesh and a sample GPUCluster."""
+    """Start (or reuse) the local mesh and a sample GPUCluster.
+
+    On a running mesh, a changed fleet converges: agents of removed nodes stop and their
+    Nodes and GPUNodes go, re-scripted nodes' agents restart, new nodes get agents.
+    """
     state = state_dir or devcluster.default_state_dir()
-    devcluster.up(fleet, state)
+    fleet_model = devcluster.load_fleet(fleet)  # a bad file fails before anything starts
+    toolchain.ensure([*toolchain.CLUSTER_BINARIES, "kubectl"], console=console)
+    devcluster.up(None, state)
     kubeconfig = devcluster.kubeconfig_path(state)
     api = new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-    fleet_model = devcluster.load_fleet(fleet)
     with _step("gpumesh CRDs and namespaces"):
         mesh.apply_crds(api)
         mesh.ensure_namespace(api, "gpumesh-system")
-    running = {p.name for p in mesh.load_record(state) if p.alive()}
-    started: list[mesh.MeshProcess] = []
+    desired = {
+        mesh.agent_name(node.name): mesh.agent_argv(
+            fleet, supplier, node, kubeconfig, agent_interval
+        )
+        for supplier, node in mesh.fleet_nodes(fleet_model)
+    }
+    plan = mesh.plan_agents(desired, mesh.load_record(state))
+    if plan.stop:
+        with _step(f"agents stopped ({len(plan.stop)}: left the fleet or changed)"):
+            mesh.stop(plan.stop)
+    applied = devcluster.apply_fleet(fleet, state)
+    gone = sorted({*applied.removed, *plan.removed_nodes})
+    if gone:
+        with _step(f"GPUNodes of removed nodes deleted ({', '.join(gone)})"):
+            mesh.delete_gpunodes(api, gone)
     logs = state / "logs"
     env = {"KUBECONFIG": str(kubeconfig)}
-    with _step(f"node agents ({sum(1 for _ in mesh.fleet_nodes(fleet_model))}, fake NVML)"):
-        for supplier, node in mesh.fleet_nodes(fleet_model):
-            name = f"agent-{node.name}"
-            if name not in running:
-                argv = mesh.agent_argv(fleet, supplier, node, kubeconfig, agent_interval)
-                started.append(mesh.spawn(name, argv, logs, env)[1])
-        mesh.record(state, started)
+    with _step(f"node agents ({len(desired)}, fake NVML; {len(plan.start)} started)"):
+        mesh.record(state, [mesh.spawn(name, desired[name], logs, env)[1] for name in plan.start])
+    running = {p.name for p in mesh.load_record(state) if p.alive()}
     with _step("operator"):
         if "operator" not in running:
             argv = mesh.operator_argv(free_port())
@@ -185,9 +199,14 @@ def _apply_sample(api: client.ApiClient, path: Path) -> None:
 
 
 def _print_next_steps(kubeconfig: Path, state: Path) -> None:
+    pinned = toolchain.binary_path("kubectl")
+    which = (
+        f"with your kubectl, or the pinned one:\n  alias kubectl={pinned}"
+        if pinned.exists()
+        else "with your kubectl, or `.venv/bin/gpumesh dev kubectl` for each `kubectl`"
+    )
     console.print(
-        "\n[bold]The local mesh is up.[/] Try (with your kubectl, or the pinned one:\n"
-        f"  alias kubectl={toolchain.binary_path('kubectl')}):\n"
+        f"\n[bold]The local mesh is up.[/] Try ({which}):\n"
         f"  export KUBECONFIG={kubeconfig}\n"
         "  kubectl get nodes -L nvidia.com/gpu.product,gpumesh.io/supplier,gpumesh.io/region\n"
         "  kubectl get gpumesh -A                 # GPUClusters, Jobs, GPUNodes, GPUQuotas\n"

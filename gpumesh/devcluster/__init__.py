@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         ClusterError,
         ClusterStatus,
         ComponentStatus,
+        FleetApplied,
         LocalCluster,
     )
     from gpumesh.devcluster.fleet import Fleet, load_fleet
@@ -29,6 +30,7 @@ _LAZY = {
     "ClusterError": "cluster",
     "ClusterStatus": "cluster",
     "ComponentStatus": "cluster",
+    "FleetApplied": "cluster",
     "LocalCluster": "cluster",
     "Fleet": "fleet",
     "load_fleet": "fleet",
@@ -49,9 +51,11 @@ __all__ = [
     "ClusterStatus",
     "ComponentStatus",
     "Fleet",
+    "FleetApplied",
     "GoMissingError",
     "LocalCluster",
     "ToolchainError",
+    "apply_fleet",
     "default_state_dir",
     "down",
     "kubeconfig_path",
@@ -86,6 +90,14 @@ def up(fleet_path: Path | str | None = None, state_dir: Path | str | None = None
     if fleet is not None:
         cluster.apply_fleet(fleet)
     return result
+
+
+def apply_fleet(fleet_path: Path | str, state_dir: Path | str | None = None) -> FleetApplied:
+    """Make the running cluster's fleet Nodes the file's: apply them, prune the rest."""
+    from gpumesh.devcluster.cluster import LocalCluster
+    from gpumesh.devcluster.fleet import load_fleet
+
+    return LocalCluster(_dir(state_dir)).apply_fleet(load_fleet(fleet_path))
 
 
 def down(state_dir: Path | str | None = None, *, purge: bool = False) -> None:

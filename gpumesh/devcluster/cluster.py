@@ -54,6 +54,8 @@ CONTROLLERS: Final = (
 )
 KWOK_NODE_SELECTOR: Final = "kwok.x-k8s.io/node=fake"
 STATE_VERSION: Final = 1
+STEP_TIMEOUT_S: Final = 180.0
+"""How long one start step (etcd, the API server, the controllers...) may take to answer."""
 COMPONENT_ORDER: Final = (
     "etcd",
     "kube-apiserver",
@@ -72,6 +74,14 @@ _ROUTE_HOLDERS: Final = Path("/run/gpumesh/route-holders")
 
 class ClusterError(RuntimeError):
     """The local control plane could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class FleetApplied:
+    """The fleet's Nodes now in the cluster, and the fleet-made ones pruned as gone."""
+
+    nodes: tuple[str, ...]
+    removed: tuple[str, ...]
 
 
 @dataclass
@@ -303,13 +313,21 @@ class LocalCluster:
     """etcd + kube-apiserver + controller-manager + scheduler + kwok + KubeRay on loopback."""
 
     def __init__(
-        self, state_dir: Path | str, *, console: Console | None = None, ephemeral: bool = False
+        self,
+        state_dir: Path | str,
+        *,
+        console: Console | None = None,
+        ephemeral: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """``ephemeral``: components die with this process even if it is killed (tests).
 
         A dev cluster (the default) outlives the process that started it, by design.
         """
         self.ephemeral = ephemeral
+        self._clock = clock
+        self._sleep = sleep
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.console = console or Console(stderr=True)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -353,10 +371,10 @@ class LocalCluster:
 
     @contextlib.contextmanager
     def _step(self, text: str) -> Iterator[None]:
-        started = time.monotonic()
+        started = self._clock()
         with self.console.status(text + " ..."):
             yield
-        self.console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - started:.1f}s)[/]")
+        self.console.print(f"[green]✓[/] {text} [dim]({self._clock() - started:.1f}s)[/]")
 
     # status
     def status(self) -> ClusterStatus:
@@ -379,8 +397,12 @@ class LocalCluster:
         )
 
     # up
-    def up(self, *, timeout: float = 180.0) -> ClusterStatus:
-        """Start the cluster, or reuse it if it already runs and is healthy."""
+    def up(self, *, timeout: float = STEP_TIMEOUT_S) -> ClusterStatus:
+        """Start the cluster, or reuse it if it already runs and is healthy.
+
+        ``timeout`` bounds each start step's wait, counted from when that step begins: a
+        cold toolchain build (many minutes, with its own progress) is never charged to it.
+        """
         with self._lock():
             current = self.status()
             if current.healthy:
@@ -398,7 +420,6 @@ class LocalCluster:
             return self.status()
 
     def _start(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         tc = toolchain.ensure(toolchain.CLUSTER_BINARIES, console=self.console)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         check_ranges()
@@ -437,13 +458,13 @@ class LocalCluster:
 
         with self._step("etcd"):
             start("etcd", self._etcd_argv(tc, p), f"http://127.0.0.1:{p['etcd']}/health")
-            self._wait("etcd", lambda: probe(f"http://127.0.0.1:{p['etcd']}/health"), deadline)
+            self._wait("etcd", lambda: probe(f"http://127.0.0.1:{p['etcd']}/health"), timeout)
         with self._step("kube-apiserver"):
             start("kube-apiserver", self._apiserver_argv(tc, pki, p), state.server + "/readyz")
             client = self.client()
-            self._wait("kube-apiserver", lambda: client.ok("/readyz"), deadline)
+            self._wait("kube-apiserver", lambda: client.ok("/readyz"), timeout)
         with self._step(f"KubeRay CRDs (server-side apply, {len(tc.kuberay_crds)})"):
-            self._apply_crds(client, tc.kuberay_crds, deadline)
+            self._apply_crds(client, tc.kuberay_crds, timeout)
         with self._step("controller-manager, scheduler, kwok, KubeRay operator"):
             start(
                 "kube-controller-manager",
@@ -470,15 +491,17 @@ class LocalCluster:
                 f"http://127.0.0.1:{p['kuberay-health']}/healthz",
                 {"KUBECONFIG": str(kubeconfigs["kuberay"])},
             )
+            ready = self._clock() + timeout  # one deadline for the four started together
             for rec in state.components[2:]:
-                self._wait(rec.name, functools.partial(probe, rec.health), deadline)
+                left = max(0.0, ready - self._clock())
+                self._wait(rec.name, functools.partial(probe, rec.health), left)
         with self._step("default ServiceAccount (token controllers working)"):
             self._wait(
                 "default ServiceAccount",
                 lambda: (
                     client.get("/api/v1/namespaces/default/serviceaccounts/default") is not None
                 ),
-                deadline,
+                timeout,
             )
         self.console.print(
             f"[bold green]dev cluster up[/] at {state.server}; KUBECONFIG={self.kubeconfig}"
@@ -510,8 +533,10 @@ class LocalCluster:
             raise ClusterError(f"{name} exited at once; see {log}")
         return ComponentRecord(name, proc.pid, st[1], argv, str(log), health)
 
-    def _wait(self, what: str, ready: Callable[[], bool], deadline: float) -> None:
-        """Poll until ready; fail fast (with the log tail) if a component process died."""
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
+        """Poll until ready for up to ``timeout`` seconds from now; fail fast (with the log
+        tail) if a component process died."""
+        deadline = self._clock() + timeout
         while True:
             if ready():
                 return
@@ -522,9 +547,9 @@ class LocalCluster:
                         f"{rec.name} exited while waiting for {what}; log {rec.log}:\n"
                         + tail(Path(rec.log), 30)
                     )
-            if time.monotonic() > deadline:
-                raise ClusterError(f"timed out waiting for {what}")
-            time.sleep(0.2)
+            if self._clock() > deadline:
+                raise ClusterError(f"timed out waiting for {what} ({timeout:.0f}s)")
+            self._sleep(0.2)
 
     # argv builders
     def _etcd_argv(self, tc: toolchain.Toolchain, p: dict[str, int]) -> list[str]:
@@ -691,7 +716,7 @@ class LocalCluster:
         _write_private(self.kubeconfig, yaml.safe_dump(doc("admin", admin.cert, admin.key, True)))
         return out
 
-    def _apply_crds(self, client: KubeClient, files: Sequence[Path], deadline: float) -> None:
+    def _apply_crds(self, client: KubeClient, files: Sequence[Path], timeout: float) -> None:
         """Server-side apply (client-side would overflow the last-applied annotation).
 
         The CRDs are applied concurrently: each is ~1 MB and takes the server about a second.
@@ -704,16 +729,19 @@ class LocalCluster:
 
         with ThreadPoolExecutor(max_workers=len(crds) or 1) as pool:
             list(pool.map(apply, crds))
+        deadline = self._clock() + timeout
         for crd in crds:
             name = crd["metadata"]["name"]
             self._wait(
                 f"CRD {name} Established",
                 functools.partial(_crd_established, client, name),
-                deadline,
+                max(0.0, deadline - self._clock()),
             )
 
     # fleet
-    def apply_fleet(self, fleet: Fleet, *, prune: bool = True, timeout: float = 90.0) -> list[str]:
+    def apply_fleet(
+        self, fleet: Fleet, *, prune: bool = True, timeout: float = 90.0
+    ) -> FleetApplied:
         """Apply the fleet's Nodes server-side, wait until kwok reports them Ready.
 
         ``prune`` deletes fleet-made Nodes no longer in the file, so the cluster matches it.
@@ -735,14 +763,15 @@ class LocalCluster:
                         "status": m["status"],
                     },
                 )
+            removed: list[str] = []
             if prune:
                 listed = client.request("GET", f"/api/v1/nodes?labelSelector={FLEET_LABEL}%3Dtrue")
                 for item in listed.get("items", []):
                     if item["metadata"]["name"] not in names:
                         client.delete(f"/api/v1/nodes/{item['metadata']['name']}")
-            deadline = time.monotonic() + timeout
-            self._wait("fleet nodes Ready", lambda: _nodes_ready(client, names), deadline)
-        return names
+                        removed.append(item["metadata"]["name"])
+            self._wait("fleet nodes Ready", lambda: _nodes_ready(client, names), timeout)
+        return FleetApplied(tuple(names), tuple(sorted(removed)))
 
     # down
     def down(self, *, purge: bool = False) -> None:

@@ -15,8 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,12 @@ RECORD = "mesh-processes.json"
 
 @dataclass
 class MeshProcess:
-    """A gpumesh process started for the local mesh."""
+    """A gpumesh process started for the local mesh, with the command it runs."""
 
     name: str
     pid: int
     log: str
+    argv: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
         try:
@@ -103,7 +104,7 @@ def spawn(
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
         )
-    return proc, MeshProcess(name, proc.pid, str(log_path))
+    return proc, MeshProcess(name, proc.pid, str(log_path), list(argv))
 
 
 def operator_argv(liveness_port: int) -> list[str]:
@@ -130,6 +131,51 @@ def agent_argv(
     )
 
 
+AGENT_PREFIX = "agent-"
+
+
+def agent_name(node: str) -> str:
+    """The recorded name of a node's agent process."""
+    return AGENT_PREFIX + node
+
+
+@dataclass(frozen=True)
+class AgentPlan:
+    """How the running agents become the fleet's: which stop, which start."""
+
+    stop: tuple[MeshProcess, ...]
+    start: tuple[str, ...]
+    """Agent names to start, in fleet order."""
+    removed_nodes: tuple[str, ...]
+    """Nodes whose agent stops for good (no longer in the fleet): their GPUNodes go too."""
+
+
+def plan_agents(desired: Mapping[str, Sequence[str]], recorded: Sequence[MeshProcess]) -> AgentPlan:
+    """One agent per fleet node, running the fleet's current command for it.
+
+    ``desired`` maps agent names to their commands. An agent whose node left the fleet
+    stops; one whose command changed (the node was re-scripted) restarts; one that died
+    starts again; one that runs as wanted is left alone.
+    """
+    alive = {p.name: p for p in recorded if p.name.startswith(AGENT_PREFIX) and p.alive()}
+    stop = [p for name, p in alive.items() if list(desired.get(name, ())) != p.argv]
+    stopping = {p.name for p in stop}
+    start = [name for name in desired if name not in alive or name in stopping]
+    removed = [p.name[len(AGENT_PREFIX) :] for p in stop if p.name not in desired]
+    return AgentPlan(tuple(stop), tuple(start), tuple(sorted(removed)))
+
+
+def delete_gpunodes(api: client.ApiClient, names: Iterable[str]) -> None:
+    """Delete GPUNodes by name; ones already gone are fine."""
+    custom = client.CustomObjectsApi(api)
+    for name in names:
+        try:
+            custom.delete_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes", name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+
 def fleet_nodes(fleet: Fleet) -> Iterable[tuple[Supplier, FleetNode]]:
     for supplier in fleet.suppliers:
         for node in supplier.nodes:
@@ -137,10 +183,12 @@ def fleet_nodes(fleet: Fleet) -> Iterable[tuple[Supplier, FleetNode]]:
 
 
 def record(state_dir: Path, processes: Sequence[MeshProcess]) -> None:
-    """Add processes to the state directory's record, for `gpumesh dev down`."""
+    """Add processes to the state directory's record, for `gpumesh dev down`; a process
+    recorded under the same name before is replaced."""
     path = state_dir / RECORD
-    known = load_record(state_dir)
-    known = [p for p in known if p.alive()] + list(processes)
+    names = {p.name for p in processes}
+    known = [p for p in load_record(state_dir) if p.alive() and p.name not in names]
+    known += list(processes)
     path.write_text(json.dumps([asdict(p) for p in known], indent=2))
 
 

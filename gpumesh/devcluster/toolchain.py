@@ -66,6 +66,10 @@ KWOK_STAGE_FILES: Final = (
 """The stages kwokctl uses by default; the bare kwok binary has none built in."""
 
 
+PLAIN_PROGRESS_EVERY_S: Final = 30.0
+"""Without a terminal (CI logs, `make up > log`), how often a build says where it stands."""
+
+
 class ToolchainError(RuntimeError):
     """A binary or asset could not be built or found."""
 
@@ -234,6 +238,9 @@ def _run_go(
     task = progress.add_task(f"{label}: compiling or linking", total=None)
     tail: deque[str] = deque(maxlen=40)
     count = 0
+    # Without a terminal the spinner is invisible: say where the build stands now and then.
+    plain = not progress.console.is_terminal
+    started = last_said = time.monotonic()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
         fh.write("$ " + " ".join(args) + "\n")
@@ -254,6 +261,10 @@ def _run_go(
             if not line.startswith((" ", "\t", "#", "go:")):
                 count += 1
                 progress.update(task, description=f"{label}: {count} pkgs, {line.strip()[:60]}")
+            now = time.monotonic()
+            if plain and now - last_said >= PLAIN_PROGRESS_EVERY_S:
+                last_said = now
+                progress.console.print(f"  {label}: {count} packages, {now - started:.0f}s")
         rc = proc.wait()
     progress.remove_task(task)
     if rc != 0:
