@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from gpumesh.api.base import GROUP, LIST_TYPE_KEY, VERSION
+from gpumesh.api.base import CEL_KEY, GROUP, LIST_TYPE_KEY, VERSION
 from gpumesh.api.kinds import KINDS, KindInfo
 
 Schema = dict[str, Any]
@@ -118,6 +118,10 @@ def object_schema(info: KindInfo) -> Schema:
             "status": structural(props["status"], defs),
         },
     }
+    name_limit = info.model.model_fields["metadata"].annotation
+    limit = getattr(name_limit, "name_limit", None)
+    if limit is not None:
+        schema[CEL_KEY] = limit.cel_rules()
     if info.unreconciled_status:
         schema["properties"]["status"]["default"] = dict(info.unreconciled_status)
     return schema

@@ -166,7 +166,7 @@ def test_new_gpunode_is_validated() -> None:
     assert obj["spec"] == {
         "supplier": "acme",
         "region": "eu-west",
-        "pricePerGpuHour": "2.1",
+        "pricePerGpuHour": "2.10",
         "headCapable": False,
         "cordoned": False,
         "meshRelay": True,

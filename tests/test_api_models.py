@@ -48,7 +48,7 @@ def test_prices_are_exact_decimals_and_round_trip_as_strings() -> None:
         {"workers": {}, "placement": {"maxPricePerGpuHour": "2.10"}}
     )
     assert spec.placement.max_price_per_gpu_hour == Decimal("2.10")
-    assert spec.to_api()["placement"]["maxPricePerGpuHour"] == "2.1"
+    assert spec.to_api()["placement"]["maxPricePerGpuHour"] == "2.10"
 
 
 def test_wire_form_is_camel_case_without_unset_fields() -> None:

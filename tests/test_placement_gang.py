@@ -124,7 +124,7 @@ def test_gang_is_all_or_nothing_across_groups() -> None:
     )
     assert not decision.ok
     assert decision.assignments == ()
-    assert decision.explanation.startswith("group prep: asked 1 workers x 1 GPUs of RTX 4090")
+    assert decision.explanation.startswith("group prep: asked 1 worker x 1 GPU of RTX 4090")
 
 
 def test_groups_share_nodes_without_overbooking() -> None:
@@ -359,7 +359,7 @@ def test_workers_move_off_nodes_that_are_no_longer_acceptable() -> None:
     decision = place_cluster(spec(workers={"replicas": 3}), inventory, current=current)
     assert {a.node: a.workers for a in decision.assignments} == {"fine": 3}
     assert "moved 2 workers off lost (Lost)" in decision.explanation
-    assert "moved 1 workers off gone (gone)" in decision.explanation
+    assert "moved 1 worker off gone (gone)" in decision.explanation
 
 
 def test_failover_grace_keeps_workers_on_unhealthy_but_not_lost_nodes() -> None:

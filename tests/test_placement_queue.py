@@ -210,7 +210,7 @@ def test_preemption_takes_only_lower_priority_and_names_both_sides() -> None:
         "preempted by GPUCluster team-a/urgent (priority 5 > 1) to free 8 GPUs on a"
     )
     assert preemption.preemptor_message.startswith(
-        "preempting 1 lower-priority workload(s) (GPUCluster team-b/low) to fit: placed 1 workers"
+        "preempting 1 lower-priority workload (GPUCluster team-b/low) to fit: placed 1 worker"
     )
     equal = admit([request("peer", priority=1)], inventory, now=NOW, running=[low])
     assert outcomes(equal) == {"peer": ("Queued", "NoCapacity")}

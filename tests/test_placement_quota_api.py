@@ -24,7 +24,7 @@ def test_round_trips_in_camel_case() -> None:
     )
     assert quota.spec.hard.gpus == 64
     assert quota.spec.hard.price_per_hour == Decimal("150.00")
-    assert quota.to_api()["spec"] == {"hard": {"gpus": 64, "pricePerHour": "150"}}
+    assert quota.to_api()["spec"] == {"hard": {"gpus": 64, "pricePerHour": "150.00"}}
 
 
 def test_no_limits_is_valid_and_unlimited() -> None:

@@ -8,11 +8,13 @@ written here holds both in Python and at the API server.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,6 +22,7 @@ from pydantic import (
     PlainSerializer,
     StringConstraints,
     WithJsonSchema,
+    field_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -37,10 +40,12 @@ LIST_MAP_KEYS_KEY = "x-kubernetes-list-map-keys"
 
 
 class ApiModel(BaseModel):
-    """Base of every API object part: camelCase on the wire, unknown fields rejected.
+    """Base of every API object part: camelCase on the wire, unknown fields rejected,
+    types parsed strictly.
 
-    ``kubectl apply`` validates strictly by default, so rejecting unknown fields here
-    gives a renter the same answer in Python as from the API server.
+    ``kubectl apply`` validates strictly by default and the API server converts no types
+    (``suspend: "yes"`` is not a boolean, ``replicas: "2"`` not an integer), so parsing the
+    same way gives a renter the same answer in Python as from the API server.
     """
 
     model_config = ConfigDict(
@@ -49,6 +54,7 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        strict=True,
     )
 
     def to_api(self) -> dict[str, Any]:
@@ -57,14 +63,27 @@ class ApiModel(BaseModel):
 
 
 class StatusModel(ApiModel):
-    """Status parts tolerate fields written by newer versions of gpumesh."""
+    """Status parts tolerate fields written by newer versions of gpumesh, and read
+    timestamps from their wire form (strings)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=False)
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
-    """One CEL rule for ``x-kubernetes-validations``; the message is what a user reads."""
+def cel(
+    rule: str,
+    message: str,
+    field_path: str | None = None,
+    *,
+    message_expression: str | None = None,
+) -> JsonDict:
+    """One CEL rule for ``x-kubernetes-validations``; the message is what a user reads.
+
+    ``message_expression`` (CEL yielding a string) names what broke the rule, such as the
+    offending keys; ``message`` stays as the fallback the API server shows if it fails.
+    """
     entry: JsonDict = {"rule": rule, "message": message}
+    if message_expression is not None:
+        entry["messageExpression"] = message_expression
     if field_path is not None:
         entry["fieldPath"] = field_path
     return entry
@@ -103,14 +122,164 @@ def _price_from_text(value: Any) -> Any:
     raise ValueError('should be a decimal string of US dollars such as "2.10"')
 
 
+def price_text(amount: Decimal) -> str:
+    """Dollars as people read them: at least cents (``1.00``, ``2.20``), exact beyond."""
+    normal = amount.normalize()
+    exponent = normal.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        return format(amount.quantize(Decimal("0.01")), "f")
+    return format(normal, "f")
+
+
 Price = Annotated[
     Decimal,
     BeforeValidator(_price_from_text),
     Field(ge=0, max_digits=10, decimal_places=4),
-    PlainSerializer(lambda d: format(d.normalize(), "f"), return_type=str, when_used="json"),
+    PlainSerializer(price_text, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "pattern": PRICE_PATTERN, "maxLength": 11}),
 ]
 """US dollars as a decimal string (``"2.10"``); a string so no float rounding creeps in."""
+
+# The image reference grammar of the OCI distribution spec (docker/distribution's
+# reference package): [domain[:port]/]path[/path...][:tag][@digest]. RE2 and Python read it
+# alike, so the API server's CEL rule and the models agree.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_PATTERN = (
+    rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$"
+)
+IMAGE_MESSAGE = (
+    "must be an image reference, [registry[:port]/]name[:tag][@digest], such as "
+    "rayproject/ray:2.52.0-gpu or registry.example.com:5000/team/ray@sha256:<hex>"
+)
+_IMAGE_RE = re.compile(IMAGE_PATTERN)
+
+
+def _image_reference(value: str) -> str:
+    if not _IMAGE_RE.match(value):
+        raise ValueError(IMAGE_MESSAGE)
+    return value
+
+
+ImageReference = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=512),
+    AfterValidator(_image_reference),
+    Field(json_schema_extra={CEL_KEY: [cel(f"self.matches('{IMAGE_PATTERN}')", IMAGE_MESSAGE)]}),
+]
+"""A container image reference, checked against the distribution grammar."""
+
+MANAGED_RAY_START_PARAMS: Final = (
+    "address",
+    "block",
+    "dashboard-host",
+    "dashboard-port",
+    "memory",
+    "node-ip-address",
+    "num-cpus",
+    "num-gpus",
+    "port",
+    "ray-client-server-port",
+    "resources",
+)
+"""`ray start` options gpumesh and KubeRay set themselves: from the GPUs, CPUs and memory
+placed, the head's address and the ports its Service and probes expect."""
+_MANAGED_SPELLINGS = sorted(
+    {*MANAGED_RAY_START_PARAMS, *(k.replace("-", "_") for k in MANAGED_RAY_START_PARAMS)}
+)
+_MANAGED_CEL_LIST = "[" + ", ".join(f"'{k}'" for k in _MANAGED_SPELLINGS) + "]"
+_MANAGED_WHY = "gpumesh sets them from what it places (GPUs, CPUs, memory, addresses, ports)"
+
+
+def _unmanaged_start_params(value: dict[str, str]) -> dict[str, str]:
+    taken = [k for k in value if k in _MANAGED_SPELLINGS]
+    if taken:
+        raise ValueError(f"may not set {', '.join(taken)}: {_MANAGED_WHY}")
+    dashed = [k for k in value if k.startswith("-")]
+    if dashed:
+        raise ValueError(f"keys are option names without leading dashes: {', '.join(dashed)}")
+    return value
+
+
+RayStartParams = Annotated[
+    dict[str, Annotated[str, StringConstraints(max_length=256)]],
+    Field(
+        max_length=32,
+        json_schema_extra={
+            CEL_KEY: [
+                cel(
+                    f"self.all(k, !(k in {_MANAGED_CEL_LIST}))",
+                    f"may not set {', '.join(MANAGED_RAY_START_PARAMS)}: {_MANAGED_WHY}",
+                    message_expression=(
+                        f"'may not set ' + self.filter(k, k in {_MANAGED_CEL_LIST}).join(', ') "
+                        f"+ ': {_MANAGED_WHY}'"
+                    ),
+                ),
+                cel(
+                    "self.all(k, !k.startsWith('-'))",
+                    "keys are option names without leading dashes",
+                ),
+            ]
+        },
+    ),
+    AfterValidator(_unmanaged_start_params),
+]
+"""Extra `ray start` options; what gpumesh manages is refused with the key named."""
+
+
+@dataclass(frozen=True)
+class NameLimit:
+    """What an object's name must be, because gpumesh names other objects after it.
+
+    The API server enforces it (CEL rules at the root of the CRD schema, the only place
+    that sees ``metadata.name``) and :func:`check` gives the same answer in Python.
+    """
+
+    max_length: int
+    why: str
+    dns1035: bool = False
+    """Also a DNS-1035 label: starts with a letter (KubeRay names Services after it)."""
+
+    def problems(self, name: str) -> list[str]:
+        found = []
+        if len(name) > self.max_length:
+            found.append(f"{self.length_message()} (it has {len(name)})")
+        if self.dns1035 and not _DNS1035_RE.match(name):
+            found.append(DNS1035_MESSAGE)
+        return found
+
+    def length_message(self) -> str:
+        return f"must be at most {self.max_length} characters: {self.why}"
+
+    def cel_rules(self) -> list[JsonDict]:
+        rules = [
+            cel(
+                f"self.metadata.name.size() <= {self.max_length}",
+                f"metadata.name {self.length_message()}",
+                message_expression=(
+                    f"'metadata.name {self.length_message()} (it has ' + "
+                    "string(self.metadata.name.size()) + ')'"
+                ),
+            )
+        ]
+        if self.dns1035:
+            rules.append(
+                cel(
+                    f"self.metadata.name.matches('{DNS1035_PATTERN}')",
+                    f"metadata.name {DNS1035_MESSAGE}",
+                )
+            )
+        return rules
+
+
+DNS1035_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1035_MESSAGE = (
+    "must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter"
+)
+_DNS1035_RE = re.compile(DNS1035_PATTERN)
 
 COMPUTE_CAPABILITY_PATTERN = r"^[0-9]{1,2}\.[0-9]$"
 ComputeCapability = Annotated[str, StringConstraints(pattern=COMPUTE_CAPABILITY_PATTERN)]
@@ -187,6 +356,9 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
 
+    name_limit: ClassVar[NameLimit | None] = None
+    """Set by kinds whose name other objects are named after."""
+
     name: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
     generate_name: str | None = None
     namespace: DnsLabel | None = None
@@ -194,6 +366,15 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
     generation: int | None = None
     uid: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_fits(cls, name: str | None) -> str | None:
+        if name is not None and cls.name_limit is not None:
+            problems = cls.name_limit.problems(name)
+            if problems:
+                raise ValueError("; ".join(problems))
+        return name
 
 
 _NAME_RE = re.compile(DNS_LABEL_PATTERN)

@@ -25,11 +25,14 @@ from gpumesh.api.base import (
     ComputeCapability,
     Conditions,
     DnsLabel,
+    ImageReference,
     Labels,
+    NameLimit,
     ObjectMeta,
     Price,
     Priority,
     Quantity,
+    RayStartParams,
     StatusModel,
     UnhealthyNodes,
     cel,
@@ -41,10 +44,6 @@ DEFAULT_RAY_VERSION = "2.52.0"
 PRIMARY_GROUP = "workers"
 
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-RayStartParams = Annotated[
-    dict[str, Annotated[str, StringConstraints(max_length=256)]],
-    Field(max_length=32),
-]
 
 PreemptionPolicy = Literal["Never", "LowerPriority"]
 
@@ -218,7 +217,7 @@ class GPUClusterSpec(ApiModel):
     ray_version: Annotated[str, StringConstraints(max_length=16, pattern=RAY_VERSION_PATTERN)] = (
         Field(default=DEFAULT_RAY_VERSION, description="Ray version the image runs.")
     )
-    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+    image: ImageReference | None = Field(
         default=None, description="Container image; default rayproject/ray:<rayVersion>-gpu."
     )
     head: HeadSpec = Field(default_factory=HeadSpec, description="The Ray head.")
@@ -374,11 +373,26 @@ class GPUClusterStatus(StatusModel):
     )
 
 
+MAX_NAME_LENGTH = 53
+"""KubeRay's limit on RayCluster names (its longest Service suffix, '-serve-svc', must still
+fit 63 characters); a GPUCluster's RayCluster takes the GPUCluster's name."""
+
+
+class GPUClusterMeta(ObjectMeta):
+    """A GPUCluster's metadata: its name becomes the RayCluster's and its Services'."""
+
+    name_limit = NameLimit(
+        MAX_NAME_LENGTH,
+        "the RayCluster, its Services and its pods' labels are named after it",
+        dns1035=True,
+    )
+
+
 class GPUCluster(ApiModel):
     """A Ray cluster on supplier GPUs, reconciled into a KubeRay RayCluster."""
 
     api_version: Literal["gpumesh.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["GPUCluster"] = "GPUCluster"
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    metadata: GPUClusterMeta = Field(default_factory=GPUClusterMeta)
     spec: GPUClusterSpec
     status: GPUClusterStatus | None = None

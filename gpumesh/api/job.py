@@ -17,6 +17,7 @@ from gpumesh.api.base import (
     ApiModel,
     Conditions,
     DnsLabel,
+    NameLimit,
     ObjectMeta,
     Price,
     Priority,
@@ -177,11 +178,23 @@ class JobStatus(StatusModel):
     )
 
 
+MAX_NAME_LENGTH = 63
+"""A Job's name is the value of the label on its RayJobs, RayClusters and pods."""
+
+
+class JobMeta(ObjectMeta):
+    """A Job's metadata: its name labels everything made for it."""
+
+    name_limit = NameLimit(
+        MAX_NAME_LENGTH, "it is the value of the gpumesh.io/job label on its RayJobs and pods"
+    )
+
+
 class Job(ApiModel):
     """A Ray job on the mesh, reconciled into a KubeRay RayJob."""
 
     api_version: Literal["gpumesh.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["Job"] = "Job"
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    metadata: JobMeta = Field(default_factory=JobMeta)
     spec: JobSpec
     status: JobStatus | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final
 
+from gpumesh.api.base import price_text
 from gpumesh.api.gpucluster import PRIMARY_GROUP
 from gpumesh.operator.placement.index import InventoryIndex, node_capacity
 from gpumesh.operator.placement.inventory import NodeOffer
@@ -70,9 +71,12 @@ class Shortfall:
 
 def money(amount: Decimal) -> str:
     """``Decimal("2.5")`` -> ``"$2.50"``; exact beyond cents when the price is."""
-    text = format(amount.normalize(), "f")
-    whole, _, cents = text.partition(".")
-    return f"${whole}.{cents.ljust(2, '0')}"
+    return f"${price_text(amount)}"
+
+
+def count(n: int, noun: str) -> str:
+    """``count(1, "worker")`` -> ``"1 worker"``, ``count(2, "worker")`` -> ``"2 workers"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def gpu_words(cons: GroupConstraints) -> str:
@@ -90,7 +94,10 @@ def gpu_words(cons: GroupConstraints) -> str:
 def describe_ask(cons: GroupConstraints, workers: int, more: int | None = None) -> str:
     """'asked 4 workers x 2 GPUs of H100 at <= $2.00/GPU-h in eu-west'."""
     group = "" if cons.name == PRIMARY_GROUP else f"group {cons.name}: "
-    text = f"{group}asked {workers} workers x {cons.gpus_per_worker} GPUs of {gpu_words(cons)}"
+    text = (
+        f"{group}asked {count(workers, 'worker')} x {count(cons.gpus_per_worker, 'GPU')} "
+        f"of {gpu_words(cons)}"
+    )
     if more is not None and more != workers:
         text += f" ({more} more than kept)"
     if cons.max_price is not None:
@@ -133,7 +140,7 @@ def explain_group(
     elif tally.excluded.get(int(Exclusion.PRICE), 0) == tally.free:
         parts.append(f"{tally.free} {label}GPUs are free but all cost more")
     else:
-        parts.append(f"{tally.free} {label}GPUs are free on {tally.nodes} nodes")
+        parts.append(f"{tally.free} {label}GPUs are free on {count(tally.nodes, 'node')}")
         excluded = [
             f"{_EXCLUSION_WORDS[Exclusion(flag)]} {gpus}"
             for flag, gpus in sorted(tally.excluded.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -144,17 +151,18 @@ def explain_group(
             excluded.append(f"{small} on nodes with fewer than {cons.gpus_per_worker} free")
         if excluded:
             parts.append("excluded: " + ", ".join(excluded))
-        parts.append(f"{tally.fitting} workers fit within every limit")
+        parts.append(f"{count(tally.fitting, 'worker')} fit within every limit")
     parts += _relaxations(tally, need)
     if tally.fitting >= need:
         parts.append(
-            f"no {need} such workers are within {max_latency_ms} ms of each other"
+            f"no {count(need, 'such worker')} {'is' if need == 1 else 'are'} within "
+            f"{max_latency_ms} ms of each other"
             if max_latency_ms is not None
             else "the cluster's other groups took the nodes that fit"
         )
     if tally.idle_capacity < replicas:
         if tally.idle_capacity:
-            parts.append(f"even an idle mesh fits only {tally.idle_capacity} such workers")
+            parts.append(f"even an idle mesh fits only {count(tally.idle_capacity, 'such worker')}")
         return Shortfall(REASON_UNSATISFIABLE, "; ".join(parts))
     return Shortfall(REASON_NO_CAPACITY, "; ".join(parts))
 

@@ -22,7 +22,7 @@ from gpumesh.operator.placement.decision import (
     Decision,
     NodeUsage,
 )
-from gpumesh.operator.placement.explain import REASON_NO_CAPACITY, explain_group, money
+from gpumesh.operator.placement.explain import REASON_NO_CAPACITY, count, explain_group, money
 from gpumesh.operator.placement.head import choose_head, head_shortfall
 from gpumesh.operator.placement.index import NOTHING, InventoryIndex, Ledger, as_index
 from gpumesh.operator.placement.inventory import TOLERATED_HEALTH, NodeOffer
@@ -245,17 +245,20 @@ class _Planner:
             cons = by_group.get(a.group)
             offer = self.index.by_name.get(a.node)
             if cons is None or cons.gpus_per_worker != a.gpus_per_worker:
-                self.notes.append(f"replaced {a.workers} workers of changed group {a.group}")
+                self.notes.append(
+                    f"replaced {count(a.workers, 'worker')} of changed group {a.group}"
+                )
             elif offer is None:
-                self.notes.append(f"moved {a.workers} workers off {a.node} (gone)")
+                self.notes.append(f"moved {count(a.workers, 'worker')} off {a.node} (gone)")
             elif not cons.keeps(offer, self.keep_health):
                 why = offer.health if offer.health not in ACCEPTING_HEALTH else "no longer allowed"
-                self.notes.append(f"moved {a.workers} workers off {a.node} ({why})")
+                self.notes.append(f"moved {count(a.workers, 'worker')} off {a.node} ({why})")
             else:
                 keep = min(a.workers, self.free_of(offer)[0] // a.gpus_per_worker)
                 if keep < a.workers:
                     self.notes.append(
-                        f"moved {a.workers - keep} workers off {a.node} (GPUs no longer free)"
+                        f"moved {count(a.workers - keep, 'worker')} off {a.node} "
+                        "(GPUs no longer free)"
                     )
                 if keep > 0:
                     self.record(cons, offer, keep)
@@ -497,8 +500,9 @@ class _Planner:
         gpus = sum(a.gpus for a in assignments)
         suppliers = len({a.supplier for a in assignments})
         text = (
-            f"placed {self.total_workers} workers ({gpus} GPUs) on {len(self.chosen)} nodes "
-            f"of {suppliers} suppliers at {money(price)}/h; head on {head.name}"
+            f"placed {count(self.total_workers, 'worker')} ({count(gpus, 'GPU')}) on "
+            f"{count(len(self.chosen), 'node')} "
+            f"of {count(suppliers, 'supplier')} at {money(price)}/h; head on {head.name}"
         )
         if self.kept_workers or self.removed_workers:
             text += (

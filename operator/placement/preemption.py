@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpumesh.operator.placement.decision import Decision
+from gpumesh.operator.placement.explain import count
 from gpumesh.operator.placement.gang import plan_cluster
 from gpumesh.operator.placement.index import InventoryIndex, Ledger
 from gpumesh.operator.placement.matching import group_constraints, kind_of
@@ -124,10 +125,10 @@ def _preemptions(
                 preemptor=request.key,
                 victim_message=(
                     f"preempted by {who} (priority {request.priority} > {victim.priority}) "
-                    f"to free {victim.gpus} GPUs on {shown}"
+                    f"to free {count(victim.gpus, 'GPU')} on {shown}"
                 ),
                 preemptor_message=(
-                    f"preempting {len(victims)} lower-priority workload(s) ({names}) "
+                    f"preempting {count(len(victims), 'lower-priority workload')} ({names}) "
                     f"to fit: {decision.explanation}"
                 ),
             )
