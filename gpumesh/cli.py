@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from gpumesh import __version__, crdgen, dev_cli
 from gpumesh.api.kinds import KINDS
@@ -68,9 +69,9 @@ def validate(
             except ManifestError as err:
                 failed += 1
                 for problem in err.errors:
-                    err_console.print(f"[red]✗[/red] {where}: {problem}")
+                    err_console.print(f"[red]✗[/red] {escape(where)}: {escape(str(problem))}")
             else:
-                console.print(f"[green]✓[/green] {where}")
+                console.print(f"[green]✓[/green] {escape(where)}")
     if failed:
         raise typer.Exit(code=1)
 

@@ -6,11 +6,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from corpus import InvalidCase, load_examples, load_invalid_cases
+from gpumesh.api.base import IMAGE_MESSAGE
 from gpumesh.api.gpucluster import GPUCluster, GPUClusterSpec
 from gpumesh.api.job import Job
 from gpumesh.api.manifests import ManifestError, parse_manifest
+from gpumesh.cli import app
 
 INVALID = load_invalid_cases()
 
@@ -106,3 +109,14 @@ def test_status_ignores_fields_from_newer_versions() -> None:
     )
     assert cluster.status is not None
     assert cluster.status.phase == "Ready"
+
+
+@pytest.mark.parametrize("case", INVALID, ids=lambda c: c.name)
+def test_gpumesh_validate_prints_the_field_and_the_whole_reason(case: InvalidCase) -> None:
+    result = CliRunner().invoke(app, ["validate", str(case.path)])
+    assert result.exit_code == 1
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert f"{case.field}: " in printed
+    assert case.expect in printed
+    if case.field == "spec.image":
+        assert IMAGE_MESSAGE in printed  # brackets in the message are text, not markup
