@@ -14,6 +14,7 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from gpumesh.operator.rejection import Rejected, is_permanent
 from gpumesh.operator.render.labels import FIELD_MANAGER
 
 APPLY = "application/apply-patch+yaml"
@@ -34,21 +35,27 @@ class Kube:
         """Server-side apply a namespaced custom object as gpumesh-operator, forcing.
 
         Returns the object as the API server answered, also when the apply created it
-        (the client only decodes a 200 answer, and a creation answers 201).
+        (the client only decodes a 200 answer, and a creation answers 201). A refusal that
+        retrying cannot fix raises :class:`Rejected` with the API server's message.
         """
         meta = manifest["metadata"]
-        response: Any = self.custom.patch_namespaced_custom_object(
-            group,
-            version,
-            meta["namespace"],
-            plural,
-            meta["name"],
-            dict(manifest),
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type=APPLY,
-            _preload_content=False,
-        )
+        try:
+            response: Any = self.custom.patch_namespaced_custom_object(
+                group,
+                version,
+                meta["namespace"],
+                plural,
+                meta["name"],
+                dict(manifest),
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type=APPLY,
+                _preload_content=False,
+            )
+        except ApiException as err:
+            if err.status is not None and is_permanent(int(err.status)):
+                raise rejected(err) from err
+            raise
         try:
             return cast(dict[str, Any], json.loads(response.data))
         finally:
@@ -213,3 +220,17 @@ def shared() -> Kube:
 def _resource_version(obj: Any) -> str | None:
     version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
     return str(version) if version is not None else None
+
+
+def rejected(err: ApiException) -> Rejected:
+    """The API server's refusal, with its own message (from the Status it answered)."""
+    status = int(err.status or 0)
+    try:
+        body = json.loads(err.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    reason = str(body.get("reason") or err.reason or "")
+    message = str(body.get("message") or err.body or err.reason or "")
+    return Rejected(status, reason, message)

@@ -67,6 +67,7 @@ from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
 from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
 from gpumesh.operator.placement.quota import Usage
 from gpumesh.operator.progress import ProgressLine
+from gpumesh.operator.rejection import Refusals, Rejected
 from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
@@ -102,6 +103,7 @@ GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "gpuclusters"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 
 QUEUED = "Queued"
+RAYCLUSTER_REJECTED = "RayClusterRejected"
 
 
 class ClusterWorld(Protocol):
@@ -225,6 +227,8 @@ class Reconciler:
         """Per cluster, since when each of its nodes has been unhealthy (failover grace)."""
         self._migrations: dict[ClusterKey, int] = {}
         """Per cluster, the migrations this process counted (a status write may lag it)."""
+        self.refusals = Refusals()
+        """RayCluster writes the API server refused for good, per cluster and generation."""
 
     # -- one cluster ---------------------------------------------------------------------
 
@@ -257,12 +261,19 @@ class Reconciler:
 
         existing = self.world.raycluster(key)
         offers = self.world.offers()
+        refusal = self.refusals.standing(key, generation, when)
         # Decide under the placement lock (it is short and never waits for the API);
         # apply after it, under this cluster's own lock only.
         with self.lock:
             held = self._holding(key, body, spec, existing, offers)
             waiting: Waiting | None = None
-            if spec.suspend:
+            if refusal is not None:
+                # Refused for good: what runs stays as it is, nothing new is tried until
+                # the spec changes or the pause is over.
+                chosen = held
+                waiting = Waiting(RAYCLUSTER_REJECTED, refusal.message)
+                self.wake(key, (refusal.retry_at(self.refusals.retry_after) - when).total_seconds())
+            elif spec.suspend:
                 chosen = Placed()
                 self._settle(key, chosen)
             elif self.world.foreign_raycluster(key):
@@ -288,8 +299,11 @@ class Reconciler:
             if waiting is None:
                 self._notes.pop(key, None)  # not waiting (any more): no stale queue word
         before = _assignments_of(existing, offers) if existing else ()
-        if self._apply(key, body, spec, chosen, existing):
-            self._announce_changes(body, before, chosen.assignments)
+        try:
+            if refusal is None and self._apply(key, body, spec, chosen, existing):
+                self._announce_changes(body, before, chosen.assignments)
+        except Rejected as err:
+            chosen, waiting = self._refused(key, body, generation, err, existing, when)
         if waiting is not None:
             self._announce_waiting(body, previous, waiting)
         if waiting is not None and waiting.reason == QUEUED and not previous.conditions:
@@ -413,6 +427,7 @@ class Reconciler:
             self._kept.pop(key, None)
             self._unhealthy_since.pop(key, None)
             self._migrations.pop(key, None)
+            self.refusals.forget(key)
             self._rendered.pop(key, None)
             self._status_versions.pop(key, None)
             self._apply_versions.pop(key, None)
@@ -561,7 +576,8 @@ class Reconciler:
                         spec.priority,
                     )
                 )
-            if not spec.suspend and _wants_more(spec, held):
+            refused = self.refusals.standing(key, int(meta.get("generation") or 0), now)
+            if not spec.suspend and refused is None and _wants_more(spec, held):
                 if seen_by_pass:
                     self._seen_by_pass[key] = (int(meta.get("generation") or 0), held)
                 request = Request.for_cluster(
@@ -712,6 +728,33 @@ class Reconciler:
         version = (result.get("metadata") or {}).get("resourceVersion")
         self._apply_versions[key] = str(version) if version is not None else None
         return True
+
+    def _refused(
+        self,
+        key: ClusterKey,
+        body: Obj,
+        generation: int,
+        err: Rejected,
+        existing: Obj | None,
+        when: datetime,
+    ) -> tuple[Placed, Waiting]:
+        """The RayCluster write was refused for good: hold only what runs (the Stalled
+        condition and its event come with the status).
+
+        A cluster whose RayCluster was never made gives its booking back (nothing runs on
+        it and nobody should pay for it) and leaves the queue until it changes.
+        """
+        refusal = self.refusals.record(key, generation, f"RayCluster {key.name}", err, when)
+        log.warning("GPUCluster %s/%s: %s", key.namespace, key.name, refusal.message)
+        self._rendered.pop(key, None)
+        with self.lock:
+            held = self._placed.get(key, Placed())
+            if existing is None or not _ours(existing, body):
+                held = Placed()
+                self._settle(key, held)
+                self.request_pass(0)  # the GPUs it was promised are free for others
+        self.wake(key, self.refusals.retry_after.total_seconds())
+        return held, Waiting(RAYCLUSTER_REJECTED, refusal.message)
 
     def _render(
         self,

@@ -47,6 +47,7 @@ from gpumesh.operator.jobs.machine import (
     invalid,
     preempted,
     queued,
+    stalled,
 )
 from gpumesh.operator.jobs.metering import meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
@@ -61,6 +62,7 @@ from gpumesh.operator.placement import (
     quota_limits,
 )
 from gpumesh.operator.placement.workload import workload_key
+from gpumesh.operator.rejection import Refusals, Rejected
 from gpumesh.operator.render import digest as manifest_digest
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot
 from gpumesh.operator.render.rayjob import rayjob
@@ -84,6 +86,7 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "jobs"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+RAYJOB_REJECTED = "RayJobRejected"
 #: How soon a Job whose victim could not be preempted right away looks again.
 PREEMPTION_RETRY = timedelta(seconds=1)
 
@@ -143,6 +146,8 @@ class JobReconciler:
         """Per Job, the hash last applied per RayJob (the index may lag behind)."""
         self._specs = SpecCache(JobSpec, limit=10_000)
         self._unhealthy_since: dict[ClusterKey, dict[str, datetime]] = {}
+        self.refusals = Refusals()
+        """RayJob writes the API server refused for good, per Job and generation."""
 
     # -- entry points --------------------------------------------------------------------
 
@@ -181,11 +186,12 @@ class JobReconciler:
             self._written.forget(key)
             self._unhealthy_since.pop(key, None)
             self._applied.pop(key, None)
+            self.refusals.forget(key)
         self.counters.forget(key.namespace, "Job", key.name)
 
     def workloads(self, snap: JobSnapshot, now: datetime) -> tuple[list[Request], list[Running]]:
         """Jobs as a GPUCluster admission pass sees them (called with the lock held)."""
-        return job_workloads(self._entries(snap), now)
+        return job_workloads(self._entries(snap, now), now)
 
     def take_back(
         self, preemptions: Sequence[Preemption], snap: JobSnapshot, now: datetime
@@ -209,6 +215,9 @@ class JobReconciler:
         except ValidationError as err:
             self._report_invalid(key, body, ref, previous, err, now)
             return Outcome()
+        refusal = self.refusals.standing(key, ref.generation, now)
+        if refusal is not None:
+            return Outcome(refusal.retry_at(self.refusals.retry_after))
 
         view = _attempt(snap, key, previous.ray_job_name)
         world = self._world(key, spec, previous, view, snap, now)
@@ -219,7 +228,10 @@ class JobReconciler:
 
         if spec.cluster_template is not None:
             self.holdings.promise(key, _gpus_per_node(step.status))
-        self._sync_rayjob(ref, spec, step.status, view, snap)
+        try:
+            self._sync_rayjob(ref, spec, step.status, view, snap)
+        except Rejected as err:
+            return self._refused(key, body, ref, spec, previous, err, now)
         if step.stop_rayjob:
             self.writer.delete_custom(
                 RAY_GROUP, RAY_VERSION, RAY_PLURAL, ref.namespace, step.stop_rayjob
@@ -277,7 +289,7 @@ class JobReconciler:
         now: datetime,
     ) -> tuple[Step, bool]:
         """Run an admission pass; apply this Job's verdict and any preemption it needs."""
-        entries = self._entries(snap, override=(key, JobEntry(ref, spec, step.status)))
+        entries = self._entries(snap, now, override=(key, JobEntry(ref, spec, step.status)))
         others = self.clusters.workloads(now) if self.clusters else ([], [])
         _, running = job_workloads(entries, now)
         result = admission_pass(
@@ -425,6 +437,29 @@ class JobReconciler:
         self._written.remember(key, ref.uid, status)
         self.counters.record(ref.namespace, "Job", ref.name, flush)
 
+    def _refused(
+        self,
+        key: ClusterKey,
+        body: Obj,
+        ref: JobRef,
+        spec: JobSpec,
+        previous: JobStatus,
+        err: Rejected,
+        now: datetime,
+    ) -> Outcome:
+        """The RayJob write was refused for good: this step is dropped, the Job says why
+        (Stalled, an event), and what it had just been promised goes back to the queue."""
+        what = f"RayJob {previous.ray_job_name or ref.name}"
+        refusal = self.refusals.record(key, ref.generation, what, err, now)
+        log.warning("Job %s/%s: %s", ref.namespace, ref.name, refusal.message)
+        if spec.cluster_template is not None:
+            self.holdings.promise(key, _gpus_per_node(previous))
+        status = stalled(ref, previous, RAYJOB_REJECTED, refusal.message, now)
+        if status.to_api() != previous.to_api():
+            self._post(body, [Event("Warning", RAYJOB_REJECTED, refusal.message)])
+        self._commit(key, ref, previous, status, now)
+        return Outcome(refusal.retry_at(self.refusals.retry_after), queue_moved=True)
+
     def _report_invalid(
         self,
         key: ClusterKey,
@@ -457,8 +492,13 @@ class JobReconciler:
         return self._specs.parse(body)
 
     def _entries(
-        self, snap: JobSnapshot, override: tuple[ClusterKey, JobEntry] | None = None
+        self,
+        snap: JobSnapshot,
+        now: datetime,
+        override: tuple[ClusterKey, JobEntry] | None = None,
     ) -> list[JobEntry]:
+        """Jobs as admission sees them; one whose RayJob stands refused asks for nothing
+        (it still counts what it holds)."""
         entries = []
         for key, body in snap.jobs.items():
             if override is not None and key == override[0]:
@@ -470,7 +510,11 @@ class JobReconciler:
                 spec = self._spec(body)
             except ValidationError:
                 continue
-            entries.append(JobEntry(_ref(body), spec, self._previous(key, body)))
+            previous = self._previous(key, body)
+            refused = self.refusals.standing(key, _ref(body).generation, now)
+            if refused is not None and not previous.placements:
+                continue
+            entries.append(JobEntry(_ref(body), spec, previous))
         if override is not None and override[0] not in snap.jobs:
             entries.append(override[1])
         return entries
@@ -478,7 +522,7 @@ class JobReconciler:
     def _waiting(self, snap: JobSnapshot, now: datetime) -> list[tuple[ClusterKey, Obj]]:
         """Jobs whose template waits for GPUs, highest priority then oldest first."""
         found = []
-        for entry in self._entries(snap):
+        for entry in self._entries(snap, now):
             if entry.waiting(now):
                 key = job_key(entry.ref.namespace, entry.ref.name)
                 order = (-entry.spec.priority, entry.ref.created, key)

@@ -20,6 +20,7 @@ from gpumesh.operator.placement import InventoryIndex, NodeOffer
 from gpumesh.operator.placement.synthetic import make_offer
 from gpumesh.operator.progress import ProgressLine
 from gpumesh.operator.reconcile_gpucluster import Reconciler
+from gpumesh.operator.rejection import RETRY_AFTER, Rejected
 from gpumesh.operator.world import ClusterKey, trim_raycluster
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -48,6 +49,9 @@ class FakeApi:
         self.passes_requested: list[float] = []
         self.live_pods: dict[str, list[dict[str, Any]]] = {}
         self.pod_lists: list[ClusterKey] = []
+        self.refuse: dict[str, Rejected] = {}
+        """RayClusters whose apply the API server refuses, with its answer."""
+        self.refused_applies: list[str] = []
 
     def set_offers(self, *offers: NodeOffer) -> None:
         """The supply placement sees from now on, with the head node always in it."""
@@ -60,6 +64,9 @@ class FakeApi:
     ) -> dict[str, Any]:
         assert plural == "rayclusters"
         name = manifest["metadata"]["name"]
+        if name in self.refuse:
+            self.refused_applies.append(name)
+            raise self.refuse[name]
         old = self.rayclusters.get(name, {})
         self.rayclusters[name] = {**copy.deepcopy(dict(manifest)), "status": old.get("status", {})}
         self.applies.append(name)
@@ -654,3 +661,64 @@ def test_after_max_migrations_the_workers_stay_and_the_cluster_says_why() -> Non
     stalled = api.stalled("train")
     assert stalled["status"] == "True" and stalled["reason"] == "MigrationLimit"
     assert "maxMigrations (1)" in stalled["message"]
+
+
+DENIED = Rejected(
+    403,
+    "Forbidden",
+    'admission webhook "images.policy.example" denied the request: registry not allowed',
+)
+
+
+def test_a_refused_raycluster_stalls_the_cluster_once_and_gives_its_gpus_back() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    api.refuse["train"] = DENIED
+    settle(api, reconciler)
+
+    stalled = api.stalled("train")
+    assert stalled["status"] == "True"
+    assert stalled["reason"] == "RayClusterRejected"
+    assert "403 Forbidden" in stalled["message"] and "registry not allowed" in stalled["message"]
+    assert [e[1] for e in api.events] == ["RayClusterRejected"]
+    assert api.status("train")["gpus"] == 0 and api.status("train")["phase"] == "Pending"
+
+    # Nothing is tried again while nothing changed: not by reconciles, not by passes.
+    for second in range(1, 60):
+        settle(api, reconciler, at(second))
+        reconciler.reconcile(ClusterKey(NS, "train"), at(second))
+    assert api.refused_applies == ["train"]
+    assert [e[1] for e in api.events] == ["RayClusterRejected"]
+
+    # The GPUs it was promised went back: another cluster gets them.
+    api.create("other", replicas=1)
+    settle(api, reconciler, at(61))
+    assert api.workers_by_node("other") == {"n1": 1}
+
+
+def test_a_refused_cluster_tries_again_when_its_spec_changes() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    api.refuse["train"] = DENIED
+    settle(api, reconciler)
+    del api.refuse["train"]  # the renter fixed what the policy objected to
+
+    api.edit("train", replicas=1, cpuPerWorker="8")
+    reconciler.reconcile(ClusterKey(NS, "train"), at(5))
+    settle(api, reconciler, at(5))
+    assert api.workers_by_node("train") == {"n1": 1}
+    assert api.stalled("train")["status"] == "False"
+
+
+def test_a_refused_cluster_tries_again_after_a_long_pause() -> None:
+    api, reconciler = setup(make_offer("n1"))
+    api.create("train", replicas=1)
+    api.refuse["train"] = DENIED
+    settle(api, reconciler)
+    assert (ClusterKey(NS, "train"), RETRY_AFTER.total_seconds()) in api.later
+    del api.refuse["train"]  # the cluster's policy was relaxed
+
+    later = T0 + RETRY_AFTER
+    reconciler.reconcile(ClusterKey(NS, "train"), later)
+    settle(api, reconciler, later)
+    assert api.workers_by_node("train") == {"n1": 1}

@@ -18,6 +18,7 @@ from gpumesh.operator.jobs.settings import JobSettings
 from gpumesh.operator.placement import Assignment, NodeOffer, Preemption, Request, Running
 from gpumesh.operator.placement.synthetic import make_offer
 from gpumesh.operator.reconcile_job import JobReconciler, JobSnapshot, job_key
+from gpumesh.operator.rejection import RETRY_AFTER, Rejected
 from gpumesh.operator.world import ClusterKey, Holdings, trim_rayjob
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -40,6 +41,9 @@ class FakeApi:
         self.events: list[tuple[str, str, str]] = []
         self.gpuclusters: dict[ClusterKey, dict[str, Any]] = {}
         self.gpuquotas: list[dict[str, Any]] = []
+        self.refuse: dict[str, Rejected] = {}
+        """RayJobs whose apply the API server refuses, with its answer."""
+        self.refused_applies: list[str] = []
 
     # Writer
     def apply_custom(
@@ -47,6 +51,9 @@ class FakeApi:
     ) -> dict[str, Any]:
         assert plural == "rayjobs"
         name = manifest["metadata"]["name"]
+        if name in self.refuse:
+            self.refused_applies.append(name)
+            raise self.refuse[name]
         old = self.rayjobs.get(name, {})
         self.rayjobs[name] = {**copy.deepcopy(dict(manifest)), "status": old.get("status", {})}
         self.applies.append(name)
@@ -464,3 +471,43 @@ def test_reconciles_from_many_threads_never_give_a_gpu_twice() -> None:
         t.join()
     admitted = [n for n in api.jobs if status(api, n)["phase"] == "Admitted"]
     assert len(admitted) == 4
+
+
+def test_a_refused_rayjob_stalls_the_job_once_and_frees_what_it_was_promised() -> None:
+    holdings = Holdings()
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4), holdings=holdings)
+    api.create("train", template(4))
+    api.refuse["train"] = Rejected(
+        422, "Invalid", 'RayJob.ray.io "train" is invalid: spec.entrypoint: Too long'
+    )
+    outcome = run(api, reconciler, inventory, "train", T0)
+
+    stalled = next(c for c in status(api, "train")["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "RayJobRejected")
+    assert "422 Invalid" in stalled["message"] and "spec.entrypoint: Too long" in stalled["message"]
+    assert reasons(api, "train") == ["RayJobRejected"]
+    assert outcome.wake_at == T0 + RETRY_AFTER
+    assert holdings.reserved() == {}
+
+    # Not tried again while the Job stays the same, whoever asks.
+    for second in range(1, 30):
+        run(api, reconciler, inventory, "train", at(second))
+        reconciler.reconcile_queue(api.snapshot(inventory), at(second))
+    assert api.refused_applies == ["train"]
+    assert reasons(api, "train") == ["RayJobRejected"]
+
+    # The GPUs are there for the next Job.
+    api.create("next", template(4), age_s=10)
+    run(api, reconciler, inventory, "next", at(31))
+    assert status(api, "next")["phase"] == "Admitted"
+
+
+def test_a_refused_rayjob_is_tried_again_after_the_pause() -> None:
+    api, reconciler, inventory, _ = setup(make_offer("node-a", gpus_total=4))
+    api.create("train", template(4))
+    api.refuse["train"] = Rejected(403, "Forbidden", "denied by policy")
+    run(api, reconciler, inventory, "train", T0)
+    del api.refuse["train"]
+    run(api, reconciler, inventory, "train", T0 + RETRY_AFTER)
+    assert status(api, "train")["phase"] == "Admitted"
+    assert api.rayjobs["train"]["spec"]["suspend"] is False

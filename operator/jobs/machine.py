@@ -256,12 +256,19 @@ def preempted(
 
 def invalid(job: JobRef, previous: JobStatus, problems: str, now: datetime) -> JobStatus:
     """A spec the operator cannot act on (the API server let it through): Stalled."""
+    return stalled(job, previous, "InvalidSpec", problems, now)
+
+
+def stalled(
+    job: JobRef, previous: JobStatus, reason: str, message: str, now: datetime
+) -> JobStatus:
+    """Nothing moves until the Job changes: Stalled, the rest of the status as it was."""
     conditions = set_condition(
         previous.conditions,
         STALLED,
         True,
-        "InvalidSpec",
-        problems,
+        reason,
+        message,
         generation=job.generation,
         now=now,
     )
