@@ -15,6 +15,8 @@ from gpumesh.api.base import CEL_KEY, GROUP, LIST_TYPE_KEY, VERSION
 from gpumesh.api.kinds import KINDS, KindInfo
 
 Schema = dict[str, Any]
+MAX_OBJECT_NAME = 253
+"""Kubernetes' own limit on a custom object's name (a DNS subdomain)."""
 
 _DROPPED_KEYS = {"title", "discriminator", "$defs", "examples"}
 
@@ -121,6 +123,12 @@ def object_schema(info: KindInfo) -> Schema:
     name_limit = info.model.model_fields["metadata"].annotation
     limit = getattr(name_limit, "name_limit", None)
     if limit is not None:
+        # The only metadata a CRD schema may constrain; the bound keeps the CEL rules on
+        # the name within the API server's cost budget.
+        schema["properties"]["metadata"] = {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": MAX_OBJECT_NAME}},
+        }
         schema[CEL_KEY] = limit.cel_rules()
     if info.unreconciled_status:
         schema["properties"]["status"]["default"] = dict(info.unreconciled_status)

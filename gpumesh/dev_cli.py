@@ -43,9 +43,8 @@ def up(
         Path, typer.Option(exists=True, dir_okay=False, help="Fleet file of simulated suppliers.")
     ] = EXAMPLES / "fleet.yaml",
     sample: Annotated[
-        Path | None,
-        typer.Option(dir_okay=False, help="GPUCluster to apply once the mesh runs ('' for none)."),
-    ] = EXAMPLES / "gpucluster-sample.yaml",
+        str, typer.Option(help="GPUCluster file to apply once the mesh runs ('' for none).")
+    ] = str(EXAMPLES / "gpucluster-sample.yaml"),
     state_dir: StateDir = None,
     agent_interval: Annotated[float, typer.Option(help="Agents' NVML sweep, seconds.")] = 2.0,
 ) -> None:
@@ -56,6 +55,8 @@ def up(
     """
     state = state_dir or devcluster.default_state_dir()
     fleet_model = devcluster.load_fleet(fleet)  # a bad file fails before anything starts
+    if sample and not Path(sample).is_file():
+        raise typer.BadParameter(f"{sample} is not a file", param_hint="--sample")
     toolchain.ensure([*toolchain.CLUSTER_BINARIES, "kubectl"], console=console)
     devcluster.up(None, state)
     kubeconfig = devcluster.kubeconfig_path(state)
@@ -87,8 +88,8 @@ def up(
         if "operator" not in running:
             argv = mesh.operator_argv(free_port())
             mesh.record(state, [mesh.spawn("operator", argv, logs, env)[1]])
-    if sample is not None and str(sample):
-        _apply_sample(api, sample)
+    if sample:
+        _apply_sample(api, Path(sample))
     _print_next_steps(kubeconfig, state)
 
 

@@ -8,6 +8,7 @@ written here holds both in Python and at the API server.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -142,10 +143,11 @@ Price = Annotated[
 
 # The image reference grammar of the OCI distribution spec (docker/distribution's
 # reference package): [domain[:port]/]path[/path...][:tag][@digest]. RE2 and Python read it
-# alike, so the API server's CEL rule and the models agree.
+# alike, so the API server's CEL rule and the models agree; it holds no backslash, which a
+# CEL string literal would take as an escape.
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:[.]{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 IMAGE_PATTERN = (
@@ -172,38 +174,43 @@ ImageReference = Annotated[
 ]
 """A container image reference, checked against the distribution grammar."""
 
-MANAGED_RAY_START_PARAMS: Final = (
-    "address",
-    "block",
-    "dashboard-host",
-    "dashboard-port",
-    "memory",
-    "node-ip-address",
-    "num-cpus",
-    "num-gpus",
-    "port",
-    "ray-client-server-port",
-    "resources",
-)
-"""`ray start` options gpumesh and KubeRay set themselves: from the GPUs, CPUs and memory
-placed, the head's address and the ports its Service and probes expect."""
-_MANAGED_SPELLINGS = sorted(
-    {*MANAGED_RAY_START_PARAMS, *(k.replace("-", "_") for k in MANAGED_RAY_START_PARAMS)}
-)
-_MANAGED_CEL_LIST = "[" + ", ".join(f"'{k}'" for k in _MANAGED_SPELLINGS) + "]"
-_MANAGED_WHY = "gpumesh sets them from what it places (GPUs, CPUs, memory, addresses, ports)"
+_SIZED_BY_PLACEMENT = "gpumesh sets it from the GPUs, CPUs and memory it places"
+_WIRED_BY_KUBERAY = "KubeRay and gpumesh set it: the head's address and the ports its Service uses"
+MANAGED_RAY_START_PARAMS: Final[Mapping[str, str]] = {
+    "num-gpus": _SIZED_BY_PLACEMENT,
+    "num-cpus": _SIZED_BY_PLACEMENT,
+    "memory": _SIZED_BY_PLACEMENT,
+    "resources": _SIZED_BY_PLACEMENT,
+    "address": _WIRED_BY_KUBERAY,
+    "node-ip-address": _WIRED_BY_KUBERAY,
+    "port": _WIRED_BY_KUBERAY,
+    "block": _WIRED_BY_KUBERAY,
+    "dashboard-host": _WIRED_BY_KUBERAY,
+    "dashboard-port": _WIRED_BY_KUBERAY,
+    "ray-client-server-port": _WIRED_BY_KUBERAY,
+}
+"""`ray start` options a renter may not set, and why (`ray start` takes either spelling,
+``num-gpus`` or ``num_gpus``)."""
+
+
+def _spellings(option: str) -> tuple[str, ...]:
+    underscored = option.replace("-", "_")
+    return (option,) if underscored == option else (option, underscored)
+
+
+def _managed_message(option: str) -> str:
+    return f"may not set {' or '.join(_spellings(option))}: {MANAGED_RAY_START_PARAMS[option]}"
 
 
 def _unmanaged_start_params(value: dict[str, str]) -> dict[str, str]:
-    taken = [k for k in value if k in _MANAGED_SPELLINGS]
+    taken = [o for o in MANAGED_RAY_START_PARAMS if any(k in value for k in _spellings(o))]
     if taken:
-        raise ValueError(f"may not set {', '.join(taken)}: {_MANAGED_WHY}")
-    dashed = [k for k in value if k.startswith("-")]
-    if dashed:
-        raise ValueError(f"keys are option names without leading dashes: {', '.join(dashed)}")
+        raise ValueError("; ".join(_managed_message(o) for o in taken))
     return value
 
 
+# One rule per option, each a map lookup: a rule walking the renter's keys, or a message
+# built from them, costs more than the API server's CEL budget allows (keys are unbounded).
 RayStartParams = Annotated[
     dict[str, Annotated[str, StringConstraints(max_length=256)]],
     Field(
@@ -211,17 +218,10 @@ RayStartParams = Annotated[
         json_schema_extra={
             CEL_KEY: [
                 cel(
-                    f"self.all(k, !(k in {_MANAGED_CEL_LIST}))",
-                    f"may not set {', '.join(MANAGED_RAY_START_PARAMS)}: {_MANAGED_WHY}",
-                    message_expression=(
-                        f"'may not set ' + self.filter(k, k in {_MANAGED_CEL_LIST}).join(', ') "
-                        f"+ ': {_MANAGED_WHY}'"
-                    ),
-                ),
-                cel(
-                    "self.all(k, !k.startsWith('-'))",
-                    "keys are option names without leading dashes",
-                ),
+                    " && ".join(f"!('{k}' in self)" for k in _spellings(option)),
+                    _managed_message(option),
+                )
+                for option in MANAGED_RAY_START_PARAMS
             ]
         },
     ),
@@ -258,18 +258,16 @@ class NameLimit:
         rules = [
             cel(
                 f"self.metadata.name.size() <= {self.max_length}",
-                f"metadata.name {self.length_message()}",
-                message_expression=(
-                    f"'metadata.name {self.length_message()} (it has ' + "
-                    "string(self.metadata.name.size()) + ')'"
-                ),
+                self.length_message(),
+                ".metadata.name",
             )
         ]
         if self.dns1035:
             rules.append(
                 cel(
                     f"self.metadata.name.matches('{DNS1035_PATTERN}')",
-                    f"metadata.name {DNS1035_MESSAGE}",
+                    DNS1035_MESSAGE,
+                    ".metadata.name",
                 )
             )
         return rules
