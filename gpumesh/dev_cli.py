@@ -25,6 +25,7 @@ from rich.table import Table
 from gpumesh import devcluster
 from gpumesh.devcluster import mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster
+from gpumesh.devcluster.fleet import FleetError
 from gpumesh.devcluster.ports import free_port
 
 app = typer.Typer(help="The local mesh: control plane, simulated suppliers, operator, agents.")
@@ -54,7 +55,10 @@ def up(
     Nodes and GPUNodes go, re-scripted nodes' agents restart, new nodes get agents.
     """
     state = state_dir or devcluster.default_state_dir()
-    fleet_model = devcluster.load_fleet(fleet)  # a bad file fails before anything starts
+    try:
+        fleet_model = devcluster.load_fleet(fleet)  # a bad file fails before anything starts
+    except FleetError as err:
+        raise typer.BadParameter(str(err), param_hint="--fleet") from None
     if sample and not Path(sample).is_file():
         raise typer.BadParameter(f"{sample} is not a file", param_hint="--sample")
     toolchain.ensure([*toolchain.CLUSTER_BINARIES, "kubectl"], console=console)
@@ -64,13 +68,14 @@ def up(
     with _step("gpumesh CRDs and namespaces"):
         mesh.apply_crds(api)
         mesh.ensure_namespace(api, "gpumesh-system")
-    desired = {
-        mesh.agent_name(node.name): mesh.agent_argv(
-            fleet, supplier, node, kubeconfig, agent_interval
+    agents = {
+        mesh.agent_name(node.name): (
+            mesh.agent_argv(fleet, supplier, node, kubeconfig, agent_interval),
+            mesh.agent_fingerprint(supplier, node, kubeconfig, agent_interval),
         )
-        for supplier, node in mesh.fleet_nodes(fleet_model)
+        for supplier, node in fleet_model.nodes()
     }
-    plan = mesh.plan_agents(desired, mesh.load_record(state))
+    plan = mesh.plan_agents({n: f for n, (_, f) in agents.items()}, mesh.load_record(state))
     if plan.stop:
         with _step(f"agents stopped ({len(plan.stop)}: left the fleet or changed)"):
             mesh.stop(plan.stop)
@@ -81,8 +86,12 @@ def up(
             mesh.delete_gpunodes(api, gone)
     logs = state / "logs"
     env = {"KUBECONFIG": str(kubeconfig)}
-    with _step(f"node agents ({len(desired)}, fake NVML; {len(plan.start)} started)"):
-        mesh.record(state, [mesh.spawn(name, desired[name], logs, env)[1] for name in plan.start])
+    with _step(f"node agents ({len(agents)}, fake NVML; {len(plan.start)} started)"):
+        started = [
+            mesh.spawn(name, agents[name][0], logs, env, fingerprint=agents[name][1])[1]
+            for name in plan.start
+        ]
+        mesh.record(state, started)
     running = {p.name for p in mesh.load_record(state) if p.alive()}
     with _step("operator"):
         if "operator" not in running:

@@ -19,10 +19,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
 )
+
+from gpumesh.api.manifests import field_path
 
 KWOK_ANNOTATION: Final = "kwok.x-k8s.io/node"
 FLEET_LABEL: Final = "gpumesh.io/dev-fleet"
@@ -154,10 +157,24 @@ class Fleet(_Model):
         return [(s, n) for s in self.suppliers for n in s.nodes]
 
 
+class FleetError(ValueError):
+    """A fleet file that does not describe a fleet; says where and why."""
+
+
 def load_fleet(path: Path | str) -> Fleet:
     """Parse and validate a fleet YAML file."""
-    data = yaml.safe_load(Path(path).read_text())
-    return Fleet.model_validate(data)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise FleetError(f"fleet {path}: {err}") from None
+    try:
+        return Fleet.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise FleetError(f"fleet {path}: {problems}") from None
 
 
 def gfd_product_label(model: str) -> str:

@@ -9,6 +9,7 @@ any shell.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh import crdgen
-from gpumesh.devcluster.fleet import Fleet, FleetNode, Supplier
+from gpumesh.devcluster.fleet import FleetNode, Supplier
 
 APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "gpumesh-dev"
@@ -33,12 +34,13 @@ RECORD = "mesh-processes.json"
 
 @dataclass
 class MeshProcess:
-    """A gpumesh process started for the local mesh, with the command it runs."""
+    """A gpumesh process started for the local mesh."""
 
     name: str
     pid: int
     log: str
-    argv: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    """What it was started for (for an agent: its node as the fleet file describes it)."""
 
     def alive(self) -> bool:
         try:
@@ -90,7 +92,11 @@ def _python(*args: str) -> list[str]:
 
 
 def spawn(
-    name: str, argv: Sequence[str], logs: Path, env: dict[str, str] | None = None
+    name: str,
+    argv: Sequence[str],
+    logs: Path,
+    env: dict[str, str] | None = None,
+    fingerprint: str = "",
 ) -> tuple[subprocess.Popen[bytes], MeshProcess]:
     """Start one process in its own session, output to ``logs/NAME.log``."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -104,7 +110,7 @@ def spawn(
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
         )
-    return proc, MeshProcess(name, proc.pid, str(log_path), list(argv))
+    return proc, MeshProcess(name, proc.pid, str(log_path), fingerprint)
 
 
 def operator_argv(liveness_port: int) -> list[str]:
@@ -150,15 +156,26 @@ class AgentPlan:
     """Nodes whose agent stops for good (no longer in the fleet): their GPUNodes go too."""
 
 
-def plan_agents(desired: Mapping[str, Sequence[str]], recorded: Sequence[MeshProcess]) -> AgentPlan:
-    """One agent per fleet node, running the fleet's current command for it.
+def agent_fingerprint(supplier: Supplier, node: FleetNode, *settings: object) -> str:
+    """What an agent plays: its node and supplier as the fleet describes them, and the
+    agent's settings. The same node in another fleet file keeps its agent running."""
+    described = [
+        supplier.model_dump(mode="json", exclude={"nodes"}),
+        node.model_dump(mode="json"),
+        [str(s) for s in settings],
+    ]
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
-    ``desired`` maps agent names to their commands. An agent whose node left the fleet
-    stops; one whose command changed (the node was re-scripted) restarts; one that died
+
+def plan_agents(desired: Mapping[str, str], recorded: Sequence[MeshProcess]) -> AgentPlan:
+    """One agent per fleet node, playing what the fleet file says of it now.
+
+    ``desired`` maps agent names to their fingerprints. An agent whose node left the fleet
+    stops; one whose node changed (re-scripted GPUs or faults) restarts; one that died
     starts again; one that runs as wanted is left alone.
     """
     alive = {p.name: p for p in recorded if p.name.startswith(AGENT_PREFIX) and p.alive()}
-    stop = [p for name, p in alive.items() if list(desired.get(name, ())) != p.argv]
+    stop = [p for name, p in alive.items() if desired.get(name) != p.fingerprint]
     stopping = {p.name for p in stop}
     start = [name for name in desired if name not in alive or name in stopping]
     removed = [p.name[len(AGENT_PREFIX) :] for p in stop if p.name not in desired]
@@ -176,12 +193,6 @@ def delete_gpunodes(api: client.ApiClient, names: Iterable[str]) -> None:
                 raise
 
 
-def fleet_nodes(fleet: Fleet) -> Iterable[tuple[Supplier, FleetNode]]:
-    for supplier in fleet.suppliers:
-        for node in supplier.nodes:
-            yield supplier, node
-
-
 def record(state_dir: Path, processes: Sequence[MeshProcess]) -> None:
     """Add processes to the state directory's record, for `gpumesh dev down`; a process
     recorded under the same name before is replaced."""
@@ -194,9 +205,11 @@ def record(state_dir: Path, processes: Sequence[MeshProcess]) -> None:
 
 def load_record(state_dir: Path) -> list[MeshProcess]:
     try:
-        return [MeshProcess(**p) for p in json.loads((state_dir / RECORD).read_text())]
+        raw = json.loads((state_dir / RECORD).read_text())
     except FileNotFoundError:
         return []
+    known = {f.name for f in fields(MeshProcess)}  # a record from another version of gpumesh
+    return [MeshProcess(**{k: v for k, v in p.items() if k in known}) for p in raw]
 
 
 def stop(processes: Iterable[MeshProcess], grace: float = 10.0) -> None:

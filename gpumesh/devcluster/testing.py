@@ -187,12 +187,12 @@ def operated_mesh(
         list(operator_args or []),
     )
     try:
-        for supplier, node in mesh.fleet_nodes(kube.fleet):
+        for supplier, node in kube.fleet.nodes():
             world.agent_argvs[node.name] = mesh.agent_argv(
                 steady, supplier, node, kube.kubeconfig, interval=1.0
             )
             world.start_agent(node.name)
-        gpu_nodes = {n.name for _, n in mesh.fleet_nodes(kube.fleet) if n.gpu_count}
+        gpu_nodes = {n.name for _, n in kube.fleet.nodes() if n.gpu_count}
         wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
         world.start_operator()
         yield world
