@@ -60,15 +60,13 @@ class LabError(RuntimeError):
 
 
 def missing_prerequisites() -> str | None:
-    """Why the lab cannot run on this machine, or None."""
+    """Why the lab cannot run on this machine, or None (a failure to fix, not a skip:
+    `make test` installs what the lab needs)."""
     if os.geteuid() != 0:
-        return "needs root (network namespaces)"
+        return "needs root (it makes network namespaces): run the tests as root"
     for tool in ("ip", "wireguard-go", "wg", "nft", "ping"):
         if shutil.which(tool) is None:
-            return (
-                f"{tool} is not installed (apt-get install iproute2 wireguard-go "
-                "wireguard-tools nftables iputils-ping)"
-            )
+            return f"{tool} is not installed: run `make system-packages` as root"
     if not Path("/dev/net/tun").exists():
         return "/dev/net/tun is missing (wireguard-go needs TUN)"
     return None

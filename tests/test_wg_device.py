@@ -49,7 +49,7 @@ def _missing() -> str | None:
 def client() -> Iterator[UapiClient]:
     why = _missing()
     if why:
-        pytest.skip(why)
+        pytest.fail(f"{why}: run `make system-packages` as root", pytrace=False)
     name = f"gmt{secrets.token_hex(3)}"  # the UAPI socket path is per machine: unique
     sock = RUN_DIR / f"{name}.sock"
     subprocess.run(["ip", "netns", "add", name], check=True)

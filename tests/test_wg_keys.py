@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -73,7 +72,6 @@ def test_keys_are_clamped_and_parsed_strictly() -> None:
     assert public_key_of_hex(key.reveal_hex()) == key.public_key
 
 
-@pytest.mark.skipif(shutil.which("wg") is None, reason="wireguard-tools (wg) not installed")
 def test_public_key_matches_wg_pubkey() -> None:
     key = PrivateKey.generate()
     out = subprocess.run(
