@@ -596,3 +596,107 @@ def test_the_failover_grace_runs_on_across_an_operator_restart(
         delete(api, "rides-out-a-restart")
         if sick is not None:
             restore_agent(running_mesh, sick)
+
+
+@contextlib.contextmanager
+def registry_policy(api: client.ApiClient, allowed: str) -> Iterator[None]:
+    """A cluster admission policy a mesh operator might run: RayClusters in NS may only
+    use images from ``allowed``. Refusals come back as the API server's 422."""
+    name = f"e2e-{NS}-registry"
+    admission: Any = client.AdmissionregistrationV1Api(api)
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["ray.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["rayclusters"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": "object.spec.workerGroupSpecs.all(g, "
+                    "g.template.spec.containers.all(c, "
+                    f"c.image.startsWith('{allowed}/')))",
+                    "message": f"images must come from {allowed}",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NS}}
+            },
+        },
+    }
+    admission.create_validating_admission_policy(policy)
+    admission.create_validating_admission_policy_binding(binding)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ApiException):
+            admission.delete_validating_admission_policy_binding(name)
+        with contextlib.suppress(ApiException):
+            admission.delete_validating_admission_policy(name)
+
+
+def test_a_raycluster_the_api_server_refuses_stalls_the_cluster_once(
+    running_mesh: OperatedMesh,
+) -> None:
+    api = running_mesh.api
+    spec = {**A100_SPEC, "image": "untrusted.example.org/ray:2.52.0-gpu"}
+    with registry_policy(api, "registry.example.com"):
+        # The policy takes a moment to reach the API server's admission chain.
+        time.sleep(2)
+        create_cluster(api, "refused", spec)
+        try:
+
+            def stalled() -> dict[str, Any] | None:
+                status = gpucluster(api, "refused").get("status") or {}
+                conditions = {c["type"]: c for c in status.get("conditions", [])}
+                found = conditions.get("Stalled")
+                return found if found and found["reason"] == "RayClusterRejected" else None
+
+            condition = wait_for("Stalled, RayClusterRejected", stalled, timeout=90)
+            assert condition["status"] == "True"
+            assert "images must come from registry.example.com" in condition["message"]
+            status = gpucluster(api, "refused")["status"]
+            assert status["phase"] == "Pending" and status.get("gpus", 0) == 0
+            assert raycluster(api, "refused") is None
+
+            def rejected_events() -> list[Any]:
+                events: Any = client.CoreV1Api(api).list_namespaced_event(
+                    NS, field_selector="involvedObject.name=refused"
+                )
+                return [e for e in events.items if e.reason == "RayClusterRejected"]
+
+            wait_for("a RayClusterRejected event", rejected_events, timeout=30)
+            time.sleep(12)  # a resync (10 s here) and passes later: told once, not retried
+            assert len(rejected_events()) == 1
+            assert rejected_events()[0].count in (None, 1)
+
+            # The renter moves to the allowed registry: a new generation is tried at once.
+            custom(api).patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                NS,
+                "gpuclusters",
+                "refused",
+                {"spec": {"image": "registry.example.com/ray:2.52.0-gpu"}},
+            )
+            wait_for("GPUCluster refused Ready", lambda: ready(api, "refused"), timeout=120)
+        finally:
+            delete(api, "refused")
