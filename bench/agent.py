@@ -309,7 +309,7 @@ def sweep_stats(fleet: Path) -> dict[str, Stats]:
 
     def diff() -> None:
         assert status_patch(gpunode, snap, now=now, heartbeat_s=30) is None
-        node_patch(node, snap, supplier="bench-dc", region="eu-west")
+        node_patch(node, snap)
         condition_patch(node, snap, now=now)
 
     return {

@@ -81,18 +81,18 @@ from bench.harness import (
 from bench.placement import random_spec
 from gpumesh.api.gpucluster import GPUClusterSpec
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
-from gpumesh.devcluster import mesh, toolchain
-from gpumesh.devcluster.cluster import LocalCluster, _die_with
-from gpumesh.devcluster.fleet import FleetNode, Supplier, gfd_product_label, node_manifest
-from gpumesh.devcluster.ports import free_port
-from gpumesh.operator.placement import Decision, InventoryIndex, Ledger, NodeOffer, plan_cluster
-from gpumesh.operator.placement.inventory import (
+from gpumesh.api.nodes import (
     LABEL_HEAD_CAPABLE,
     LABEL_PRODUCT,
     LABEL_REGION,
     LABEL_SUPPLIER,
     LABEL_VERIFIED,
 )
+from gpumesh.devcluster import mesh, toolchain
+from gpumesh.devcluster.cluster import LocalCluster, _die_with
+from gpumesh.devcluster.fleet import FleetNode, Supplier, gfd_product_label, node_manifest
+from gpumesh.devcluster.ports import free_port
+from gpumesh.operator.placement import Decision, InventoryIndex, Ledger, NodeOffer, plan_cluster
 from gpumesh.operator.placement.matching import GroupConstraints, group_constraints
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 from gpumesh.operator.placement.synthetic import synthetic_inventory

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
+from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY
 from gpumesh.devcluster.testing import KubeTarget, wait_for
-from gpumesh.node_agent.desired import CONDITION_TYPE, TAINT_KEY, gfd_product
+from gpumesh.node_agent.desired import gfd_product
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
 
 pytestmark = pytest.mark.e2e
@@ -176,7 +177,7 @@ def _renewed_since(api: RestKubeApi, node: str, renew_time: str) -> bool:
 
 
 def _answered(api: RestKubeApi, node: str, nonce: str) -> dict[str, Any] | None:
-    proof: dict[str, Any] = _status(api, node).get("verification") or {}
+    proof: dict[str, Any] = _status(api, node).get("proof") or {}
     return proof if proof.get("nonce") == nonce else None
 
 
@@ -249,7 +250,7 @@ def test_scripted_xid_79_taints_within_10_s_and_recovery_clears_it(
         assert _condition(api, FAULTY)["status"] == "True"
 
 
-def test_a_verification_nonce_is_answered(
+def test_a_verification_nonce_is_answered_with_the_agents_proof(
     kube: KubeTarget, api: RestKubeApi, tmp_path: Path
 ) -> None:
     node = STEADY[1]

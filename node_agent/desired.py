@@ -5,7 +5,7 @@ None when the object already says it. The reporter writes only those patches, so
 node costs the API server one status write per heartbeat period (30 s) and one Lease
 renewal every few seconds, nothing per sweep.
 
-What changes a GPUNode status: health, reasons, identity, versions, verification. What
+What changes a GPUNode status: health, reasons, identity, versions, proof. What
 does not: temperature and power (they ride along with the next heartbeat write) and the
 heartbeat itself, refreshed at most every ``heartbeat_s``.
 """
@@ -25,19 +25,19 @@ from gpumesh.api.gpunode import (
     GPUNodeStatus,
     VerificationStatus,
 )
+from gpumesh.api.nodes import (
+    CONDITION_TYPE,
+    LABEL_COMPUTE_MAJOR,
+    LABEL_COMPUTE_MINOR,
+    LABEL_COUNT,
+    LABEL_MEMORY,
+    LABEL_PRODUCT,
+    TAINT_KEY,
+    lease_name,
+)
 from gpumesh.node_agent.health import SEVERITY, needs_taint
 from gpumesh.node_agent.snapshot import NodeSnapshot
 
-TAINT_KEY: Final = "gpumesh.io/gpu-unhealthy"
-CONDITION_TYPE: Final = "GPUHealthy"
-LEASE_PREFIX: Final = "gpumesh-agent-"
-LABEL_PRODUCT: Final = "nvidia.com/gpu.product"
-LABEL_MEMORY: Final = "nvidia.com/gpu.memory"
-LABEL_COUNT: Final = "nvidia.com/gpu.count"
-LABEL_COMPUTE_MAJOR: Final = "nvidia.com/gpu.compute.major"
-LABEL_COMPUTE_MINOR: Final = "nvidia.com/gpu.compute.minor"
-LABEL_REGION: Final = "gpumesh.io/region"
-LABEL_SUPPLIER: Final = "gpumesh.io/supplier"
 TELEMETRY_FIELDS: Final = frozenset({"temperatureC", "powerW"})
 """Per-GPU fields that change every sweep: written with heartbeats, never a reason to write."""
 AGENT_STATUS_FIELDS: Final = (
@@ -48,20 +48,17 @@ AGENT_STATUS_FIELDS: Final = (
     "driverVersion",
     "cudaVersion",
     "heartbeatTime",
-    "verification",
+    "proof",
     "observedGeneration",
 )
-"""The GPUNode status fields the agent owns; mesh, reputation and conditions are others'."""
+"""The GPUNode status fields the agent owns; verification, reputation and conditions are the
+operator's, and ``mesh`` is shared field by field with the mesh agent and the operator."""
 
 
 def gfd_product(model: str) -> str:
     """GPU feature discovery's ``nvidia.com/gpu.product`` value: spaces become dashes."""
     value = re.sub(r"\s+", "-", model.strip())
     return re.sub(r"[^A-Za-z0-9._-]", "_", value)[:63].strip("-_.")
-
-
-def lease_name(node: str) -> str:
-    return f"{LEASE_PREFIX}{node}"
 
 
 # --- GPUNode ---------------------------------------------------------------------------------
@@ -93,7 +90,7 @@ def desired_status(
     snapshot: NodeSnapshot,
     *,
     heartbeat: datetime,
-    verification: VerificationStatus | None = None,
+    proof: VerificationStatus | None = None,
     generation: int | None = None,
 ) -> GPUNodeStatus:
     """The agent's part of the GPUNode status for a snapshot."""
@@ -121,7 +118,7 @@ def desired_status(
         driver_version=snapshot.driver_version,
         cuda_version=snapshot.cuda_version,
         heartbeat_time=heartbeat,
-        verification=verification,
+        proof=proof,
         observed_generation=generation,
     )
 
@@ -155,21 +152,19 @@ def status_patch(
     *,
     now: datetime,
     heartbeat_s: float,
-    verification: VerificationStatus | None = None,
+    proof: VerificationStatus | None = None,
 ) -> dict[str, Any] | None:
     """A merge patch for the GPUNode status subresource, or None when nothing changed.
 
-    ``verification`` None keeps whatever the object holds (an agent restart must not erase
-    an earlier proof). Fields the agent owns but no longer has are set to null.
+    ``proof`` None keeps whatever the object holds (an agent restart must not erase an
+    earlier answer). Fields the agent owns but no longer has are set to null.
     """
     obj = current or {}
     generation = (obj.get("metadata") or {}).get("generation")
     status_now = _normalised(obj.get("status") or {})
-    if verification is None and "verification" in status_now:
-        verification = VerificationStatus.model_validate(status_now["verification"])
-    wanted = desired_status(
-        snapshot, heartbeat=now, verification=verification, generation=generation
-    ).to_api()
+    if proof is None and "proof" in status_now:
+        proof = VerificationStatus.model_validate(status_now["proof"])
+    wanted = desired_status(snapshot, heartbeat=now, proof=proof, generation=generation).to_api()
     have = _owned(status_now)
     beat = have.get("heartbeatTime")
     fresh = False
@@ -182,18 +177,17 @@ def status_patch(
     if fresh and _significant(_owned(wanted)) == _significant(have):
         return None
     body: dict[str, Any] = {k: wanted.get(k) for k in AGENT_STATUS_FIELDS}
-    if verification is None:
-        body.pop("verification")
+    if proof is None:
+        body.pop("proof")
     return {"status": body}
 
 
 # --- Node ------------------------------------------------------------------------------------
 
 
-def desired_labels(
-    snapshot: NodeSnapshot, *, supplier: str | None, region: str | None
-) -> dict[str, str]:
-    """GFD-style GPU labels (once a GPU has been seen) and gpumesh's supplier labels."""
+def desired_labels(snapshot: NodeSnapshot) -> dict[str, str]:
+    """GFD-style GPU labels, once a GPU has been seen. Which supplier and region a node
+    belongs to is the mesh operator's word (it labels the node when admitting it)."""
     labels: dict[str, str] = {}
     model = snapshot.gpu_model
     if model is not None:
@@ -205,10 +199,6 @@ def desired_labels(
         cc = next((i.compute_capability for i in snapshot.identities if i.name == model), None)
         if cc and "." in cc:
             labels[LABEL_COMPUTE_MAJOR], labels[LABEL_COMPUTE_MINOR] = cc.split(".", 1)
-    if supplier:
-        labels[LABEL_SUPPLIER] = supplier
-    if region:
-        labels[LABEL_REGION] = region
     return labels
 
 
@@ -223,13 +213,7 @@ def _taints_with(current: Sequence[Mapping[str, Any]], wanted: bool) -> list[dic
     return others if ours else None
 
 
-def node_patch(
-    node: Mapping[str, Any],
-    snapshot: NodeSnapshot,
-    *,
-    supplier: str | None,
-    region: str | None,
-) -> dict[str, Any] | None:
+def node_patch(node: Mapping[str, Any], snapshot: NodeSnapshot) -> dict[str, Any] | None:
     """A merge patch for labels and the gpu-unhealthy taint, or None.
 
     Taints are a list without a merge key, so the patch carries the whole list and the
@@ -238,7 +222,7 @@ def node_patch(
     """
     meta = node.get("metadata") or {}
     current_labels: Mapping[str, str] = meta.get("labels") or {}
-    wanted = desired_labels(snapshot, supplier=supplier, region=region)
+    wanted = desired_labels(snapshot)
     changed = {k: v for k, v in wanted.items() if current_labels.get(k) != v}
     taints = _taints_with(
         (node.get("spec") or {}).get("taints") or [],

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.api.nodes import lease_name
 from gpumesh.node_agent.aio import wait_any
 from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.desired import (
     condition_patch,
     lease_body,
-    lease_name,
     new_gpunode,
     node_patch,
     status_patch,
@@ -228,13 +228,9 @@ class Reporter:
         if obj is None:
             return
         self._maybe_verify(obj, snapshot)
-        verification = self.verifier.result() if self.verifier else None
+        proof = self.verifier.result() if self.verifier else None
         patch = status_patch(
-            obj,
-            snapshot,
-            now=self.clock.now(),
-            heartbeat_s=self.config.heartbeat_s,
-            verification=verification,
+            obj, snapshot, now=self.clock.now(), heartbeat_s=self.config.heartbeat_s, proof=proof
         )
         if patch is None:
             return
@@ -250,7 +246,7 @@ class Reporter:
         if self.verifier is None:
             return
         nonce = (obj.get("spec") or {}).get("verificationNonce")
-        answered = ((obj.get("status") or {}).get("verification") or {}).get("nonce")
+        answered = ((obj.get("status") or {}).get("proof") or {}).get("nonce")
         if not nonce or nonce == answered or not snapshot.nvml_ok:
             return
         identities = snapshot.identities
@@ -279,12 +275,6 @@ class Reporter:
                 count = None
         return Claim(count=count, previous=previous)
 
-    def _supplier_region(self) -> tuple[str | None, str | None]:
-        spec = ((self._gpunode.obj if self._gpunode else None) or {}).get("spec") or {}
-        return spec.get("supplier") or self.config.supplier, spec.get(
-            "region"
-        ) or self.config.region
-
     def _sync_node(self, snapshot: NodeSnapshot, now: float) -> None:
         if not self._fresh(self._node, now):
             self._node = _Cached(self.api.get(self.node_path), now)
@@ -295,9 +285,8 @@ class Reporter:
                 "no-node", "Node %s not found: no labels, taint or condition", self.config.node
             )
             return
-        supplier, region = self._supplier_region()
         for attempt in (1, 2):
-            patch = node_patch(node, snapshot, supplier=supplier, region=region)
+            patch = node_patch(node, snapshot)
             if patch is None:
                 break
             try:

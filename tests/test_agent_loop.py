@@ -8,9 +8,9 @@ import time
 from test_agent_fakekube import FakeKube
 from typer.testing import CliRunner
 
+from gpumesh.api.nodes import TAINT_KEY
 from gpumesh.node_agent.agent import Agent, AgentConfig
 from gpumesh.node_agent.cli import app
-from gpumesh.node_agent.desired import TAINT_KEY
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml
 from gpumesh.node_agent.nvml.types import DeviceSample

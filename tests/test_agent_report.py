@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from gpumesh.api.gpunode import GPUNodeStatus, VerificationStatus
+from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY, agent_may_set
 from gpumesh.node_agent.desired import (
-    CONDITION_TYPE,
-    TAINT_KEY,
     condition_patch,
     desired_labels,
     gfd_product,
@@ -136,17 +135,18 @@ def test_fields_the_agent_no_longer_has_are_nulled_and_others_left_alone() -> No
     assert after["status"]["conditions"] == [{"type": "Ready", "status": "True"}]
 
 
-def test_verification_is_kept_across_restarts_and_written_when_new() -> None:
+def test_the_proof_is_kept_across_restarts_and_written_when_new() -> None:
     proof = VerificationStatus(nonce="ab" * 8, result="Passed", checked_time=NOW)
-    first = status_patch(gpunode(), snap(), now=NOW, heartbeat_s=30, verification=proof)
+    first = status_patch(gpunode(), snap(), now=NOW, heartbeat_s=30, proof=proof)
     obj = applied(gpunode(), first)
-    assert obj["status"]["verification"]["result"] == "Passed"
+    assert obj["status"]["proof"]["result"] == "Passed"
+    assert "verification" not in obj["status"]  # the operator's verdict, never the agent's
     # A restarted agent knows no result: the earlier proof stays, and nothing is written.
     assert status_patch(obj, snap(), now=NOW, heartbeat_s=30) is None
     newer = proof.model_copy(update={"nonce": "cd" * 8, "result": "Failed"})
-    patch = status_patch(obj, snap(), now=NOW, heartbeat_s=30, verification=newer)
+    patch = status_patch(obj, snap(), now=NOW, heartbeat_s=30, proof=newer)
     assert patch is not None
-    assert patch["status"]["verification"]["nonce"] == "cd" * 8
+    assert patch["status"]["proof"]["nonce"] == "cd" * 8
 
 
 def test_an_unreadable_status_counts_as_changed() -> None:
@@ -198,54 +198,53 @@ def test_gfd_product_label() -> None:
     assert gfd_product(" NVIDIA GeForce RTX 4090 (rev a) ") == "NVIDIA-GeForce-RTX-4090-_rev-a"
 
 
-def test_labels_gfd_style_plus_supplier_and_region() -> None:
-    assert desired_labels(snap(), supplier="acme", region="eu-west") == {
+def test_labels_gfd_style_and_never_the_mesh_operators() -> None:
+    assert desired_labels(snap()) == {
         "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
         "nvidia.com/gpu.memory": "81559",
         "nvidia.com/gpu.count": "2",
         "nvidia.com/gpu.compute.major": "9",
         "nvidia.com/gpu.compute.minor": "0",
-        "gpumesh.io/supplier": "acme",
-        "gpumesh.io/region": "eu-west",
     }
+    assert all(agent_may_set(key) for key in desired_labels(snap()))
     nothing_seen = replace(snap(), gpus=())
-    assert desired_labels(nothing_seen, supplier=None, region=None) == {}
+    assert desired_labels(nothing_seen) == {}
 
 
 def test_node_patch_sets_only_changed_labels_with_a_precondition() -> None:
     current = node(labels={"nvidia.com/gpu.count": "2", "kubernetes.io/hostname": "n1"})
-    patch = node_patch(current, snap(), supplier="acme", region="eu-west")
+    patch = node_patch(current, snap())
     assert patch is not None
     assert patch["metadata"]["resourceVersion"] == "7"
     assert "nvidia.com/gpu.count" not in patch["metadata"]["labels"]
-    assert patch["metadata"]["labels"]["gpumesh.io/supplier"] == "acme"
+    assert patch["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     assert "spec" not in patch
-    assert node_patch(applied(current, patch), snap(), supplier="acme", region="eu-west") is None
+    assert node_patch(applied(current, patch), snap()) is None
 
 
 @pytest.mark.parametrize("bad", ["Lost", "Unhealthy"])
 def test_taint_while_a_gpu_is_unhealthy_or_lost_and_removed_on_recovery(bad: str) -> None:
     others = [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]
-    labelled = applied(node(), node_patch(node(), snap(), supplier=None, region=None))
+    labelled = applied(node(), node_patch(node(), snap()))
     current = applied(labelled, {"spec": {"taints": others}})
     sick = snap(gpu(0), gpu(1, bad))
-    patch = node_patch(current, sick, supplier=None, region=None)
+    patch = node_patch(current, sick)
     assert patch is not None
     assert patch["spec"]["taints"] == [
         *others,
         {"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"},
     ]
     tainted = applied(current, patch)
-    assert node_patch(tainted, sick, supplier=None, region=None) is None
-    healed = node_patch(tainted, snap(), supplier=None, region=None)
+    assert node_patch(tainted, sick) is None
+    healed = node_patch(tainted, snap())
     assert healed is not None
     assert healed["spec"]["taints"] == others
 
 
 @pytest.mark.parametrize("mild", ["Degraded", "NeedsReset", "Unknown"])
 def test_milder_states_do_not_taint(mild: str) -> None:
-    current = applied(node(), node_patch(node(), snap(), supplier=None, region=None))
-    assert node_patch(current, snap(gpu(0), gpu(1, mild)), supplier=None, region=None) is None
+    current = applied(node(), node_patch(node(), snap()))
+    assert node_patch(current, snap(gpu(0), gpu(1, mild))) is None
 
 
 # --- Node condition ----------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from test_agent_fakekube import GPUNODES, FakeKube
 
+from gpumesh.api.nodes import CONDITION_TYPE, MESH_OPERATOR_LABELS, TAINT_KEY
 from gpumesh.node_agent.clock import ManualClock, SystemClock
 from gpumesh.node_agent.collector import Collector
-from gpumesh.node_agent.desired import CONDITION_TYPE, TAINT_KEY
 from gpumesh.node_agent.kube import KubeError
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml
 from gpumesh.node_agent.report import ReportConfig, Reporter
@@ -69,7 +69,7 @@ def test_first_sync_creates_and_fills_everything_and_the_second_writes_nothing()
     assert gn["status"]["gpuCount"] == 2
     labels = rig.kube.node("n1")["metadata"]["labels"]
     assert labels["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
-    assert labels["gpumesh.io/region"] == "eu-west"
+    assert not set(MESH_OPERATOR_LABELS) & set(labels)  # the mesh operator's, at admission
     (cond,) = rig.kube.node("n1")["status"]["conditions"]
     assert (cond["type"], cond["status"]) == (CONDITION_TYPE, "True")
     assert rig.kube.objects[LEASE]["spec"]["holderIdentity"] == "n1"
@@ -89,12 +89,13 @@ def test_lease_every_renewal_period_and_status_every_heartbeat() -> None:
     assert len(status) == 1  # the heartbeat at 30 s
 
 
-def test_existing_gpunode_spec_wins_over_flags_for_labels() -> None:
+def test_an_existing_gpunode_is_reported_into_and_its_spec_left_alone() -> None:
     rig = Rig()
     rig.kube.add_gpunode("n1", supplier="other", region="us-east")
     assert ("POST", GPUNODES) not in rig.sync()
-    labels = rig.kube.node("n1")["metadata"]["labels"]
-    assert (labels["gpumesh.io/supplier"], labels["gpumesh.io/region"]) == ("other", "us-east")
+    gn = rig.kube.gpunode("n1")
+    assert (gn["spec"]["supplier"], gn["spec"]["region"]) == ("other", "us-east")
+    assert gn["status"]["health"] == "Healthy"
 
 
 def test_without_a_gpunode_or_flags_only_node_and_lease_are_reported() -> None:
@@ -151,16 +152,16 @@ def test_a_concurrent_node_writer_costs_one_retry_not_its_change() -> None:
     rig.sync()
     assert raced
     assert taints(rig.kube) == ["theirs"]
-    assert rig.kube.node("n1")["metadata"]["labels"]["gpumesh.io/supplier"] == "acme"
+    assert rig.kube.node("n1")["metadata"]["labels"]["nvidia.com/gpu.count"] == "2"
 
 
 def test_drift_is_repaired_after_a_resync() -> None:
     rig = Rig(resync_s=60.0)
     rig.sync()
-    del rig.kube.node("n1")["metadata"]["labels"]["gpumesh.io/region"]
+    del rig.kube.node("n1")["metadata"]["labels"]["nvidia.com/gpu.count"]
     assert ("PATCH", "/api/v1/nodes/n1") not in rig.sync(30.0)  # cached view still fresh
     assert ("PATCH", "/api/v1/nodes/n1") in rig.sync(31.0)
-    assert rig.kube.node("n1")["metadata"]["labels"]["gpumesh.io/region"] == "eu-west"
+    assert rig.kube.node("n1")["metadata"]["labels"]["nvidia.com/gpu.count"] == "2"
 
 
 def test_an_outage_raises_and_the_return_reports_what_changed() -> None:
@@ -203,7 +204,9 @@ def test_a_nonce_is_answered_with_a_scripted_proof(outcome: str, result: str) ->
     while rig.verifier.result() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     rig.sync(1.0)
-    proof = rig.kube.gpunode("n1")["status"]["verification"]
+    status = rig.kube.gpunode("n1")["status"]
+    assert "verification" not in status  # the agent answers; the operator judges
+    proof = status["proof"]
     assert (proof["nonce"], proof["result"]) == ("0123456789abcdef", result)
     if result == "Passed":
         assert proof["vramVerifiedMib"] == 2 * (81559 - 1536)
@@ -280,7 +283,7 @@ def test_a_new_nonce_is_seen_through_the_watch_not_at_the_next_resync() -> None:
         proof: dict[str, Any] = {}
         for _ in range(300):
             await asyncio.sleep(0.01)
-            proof = kube.gpunode("n1")["status"].get("verification") or {}
+            proof = kube.gpunode("n1")["status"].get("proof") or {}
             if proof:
                 break
         stop.set()

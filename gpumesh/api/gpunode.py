@@ -169,8 +169,15 @@ class GPUNodeStatus(StatusModel):
     cuda_version: str | None = Field(default=None, description="CUDA driver API version.")
     heartbeat_time: datetime | None = Field(default=None, description="Last agent report.")
     mesh: MeshStatus | None = Field(default=None, description="WireGuard mesh membership.")
+    proof: VerificationStatus | None = Field(
+        default=None,
+        description=(
+            "The agent's answer to the last challenge: a claim, checked by the operator "
+            "before anything counts on it."
+        ),
+    )
     verification: VerificationStatus | None = Field(
-        default=None, description="Proof-of-GPU result."
+        default=None, description="The operator's verdict on the proof of GPU."
     )
     reputation: float | None = Field(
         default=None, ge=0, le=1, description="Track record from 0 to 1 (uptime, failures)."

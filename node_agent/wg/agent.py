@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from gpumesh.api.base import GROUP, VERSION
-from gpumesh.node_agent.desired import lease_body, lease_name
+from gpumesh.api.nodes import lease_name
+from gpumesh.node_agent.desired import lease_body
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.device import DeviceError
 from gpumesh.node_agent.wg.diff import ObservedDevice, PeerChanges, apply_changes

@@ -17,10 +17,10 @@ from typing import Any, cast
 import kopf
 
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.api.nodes import LEASE_PREFIX
 from gpumesh.operator import kube
 from gpumesh.operator.handlers.runtime import RUNTIME, entries
 from gpumesh.operator.liveness import AgentLiveness
-from gpumesh.operator.mesh.publish import LEASE_PREFIX
 from gpumesh.operator.mesh.state import lease_node
 from gpumesh.operator.settings import SETTINGS
 from gpumesh.operator.workqueue import WorkQueue

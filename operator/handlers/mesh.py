@@ -30,9 +30,9 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.api.nodes import LEASE_PREFIX
 from gpumesh.operator import kube
 from gpumesh.operator.mesh import MeshConfig, MeshConfigError
-from gpumesh.operator.mesh.publish import LEASE_PREFIX
 from gpumesh.operator.mesh.state import MeshState, Writes, trim_gpunode
 from gpumesh.operator.settings import SETTINGS, OperatorSettings
 

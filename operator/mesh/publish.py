@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+from gpumesh.api.nodes import LEASE_PREFIX
 from gpumesh.operator.mesh.model import Catalogue, MeshNode, valid_endpoint, valid_public_key
 from gpumesh.operator.mesh.planner import Assignment, Ledger
 
 CATALOGUE_NAME: Final = "gpumesh-mesh"
 CATALOGUE_KEY: Final = "catalogue.json"
 LEDGER_KEY: Final = "ledger.json"
-LEASE_PREFIX: Final = "gpumesh-agent-"
 """Heartbeat Lease names: ``gpumesh-agent-<node>`` (the node agent's reporter writes them)."""
 
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from gpumesh.api.nodes import LEASE_PREFIX
 from gpumesh.operator.mesh.config import MeshConfig
 from gpumesh.operator.mesh.model import Catalogue, CatalogueError, valid_endpoint
 from gpumesh.operator.mesh.planner import Delta, Ledger, MeshPlanner
 from gpumesh.operator.mesh.publish import (
     CATALOGUE_NAME,
-    LEASE_PREFIX,
     catalogue_configmap,
     catalogue_from_configmap,
     lease_expiry,

@@ -16,17 +16,17 @@ from pydantic import ValidationError
 
 from gpumesh.api.base import parse_compute_capability
 from gpumesh.api.gpunode import ACCEPTING_HEALTH, GPUHealth, GPUNodeSpec, GPUNodeStatus
+from gpumesh.api.nodes import (
+    LABEL_COMPUTE_MAJOR,
+    LABEL_COMPUTE_MINOR,
+    LABEL_HEAD_CAPABLE,
+    LABEL_MEMORY,
+    LABEL_PRODUCT,
+    LABEL_VERIFIED,
+)
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
-LABEL_PRODUCT: Final = "nvidia.com/gpu.product"
-LABEL_MEMORY: Final = "nvidia.com/gpu.memory"
-LABEL_CC_MAJOR: Final = "nvidia.com/gpu.compute.major"
-LABEL_CC_MINOR: Final = "nvidia.com/gpu.compute.minor"
-LABEL_SUPPLIER: Final = "gpumesh.io/supplier"
-LABEL_REGION: Final = "gpumesh.io/region"
-LABEL_VERIFIED: Final = "gpumesh.io/verified"
-LABEL_HEAD_CAPABLE: Final = "gpumesh.io/head-capable"
 
 #: Taints our worker pods tolerate; any other NoSchedule/NoExecute taint closes a node.
 OUR_TAINT_PREFIXES: Final = ("gpumesh.io/",)
@@ -314,7 +314,7 @@ def _gpu_memory(status: GPUNodeStatus, labels: Mapping[str, str]) -> int:
 
 
 def _compute_capability(status: GPUNodeStatus, labels: Mapping[str, str]) -> tuple[int, int]:
-    major, minor = labels.get(LABEL_CC_MAJOR, ""), labels.get(LABEL_CC_MINOR, "")
+    major, minor = labels.get(LABEL_COMPUTE_MAJOR, ""), labels.get(LABEL_COMPUTE_MINOR, "")
     if major.isdigit() and minor.isdigit():
         return int(major), int(minor)
     known = [g.compute_capability for g in status.gpus if g.compute_capability]
