@@ -36,9 +36,10 @@ typecheck: $(STAMP) ## mypy --strict over the package, tests, e2e and benchmarks
 toolchain: $(STAMP) system-packages ## Build the pinned Kubernetes components from Go modules (cached)
 	$(PY) -m gpumesh.devcluster.toolchain
 
-crds: $(STAMP) ## Regenerate crds/ from the API models
+crds: $(STAMP) ## Regenerate crds/ and the agent admission policy from the API models
 	$(VENV)/bin/gpumesh crds --out crds
 	$(VENV)/bin/gpumesh crds --out charts/gpumesh-operator/crds
+	$(VENV)/bin/gpumesh policy --out charts/gpumesh-operator/templates/agent-policy.yaml
 
 unit: $(STAMP) ## Unit tests only (no cluster)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gpumesh import __version__, crdgen, dev_cli
+from gpumesh import policy as agent_policy
 from gpumesh.api.kinds import KINDS
 from gpumesh.api.manifests import ManifestError, parse_manifest
 from gpumesh.node_agent import cli as agent_cli
@@ -51,6 +52,20 @@ def crds(
         path = out / crdgen.crd_file_name(info)
         path.write_text(crdgen.render(info))
         err_console.print(f"wrote {path}")
+
+
+@app.command()
+def policy(
+    out: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Write to this file instead of printing.")
+    ] = None,
+) -> None:
+    """Print the admission policies that hold each node agent to its own node."""
+    if out is None:
+        typer.echo(agent_policy.render(), nl=False)
+        return
+    out.write_text(agent_policy.render())
+    err_console.print(f"wrote {out}")
 
 
 @app.command()

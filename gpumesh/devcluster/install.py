@@ -1,0 +1,189 @@
+"""The charts installed into the local mesh as a mesh operator installs them, and the
+identities the local gpumesh processes then run under.
+
+- The operator chart: its RBAC, the agent admission policies and the operator's
+  ServiceAccount. Its Deployment is scaled to zero: the operator runs here as a process,
+  with a token of that ServiceAccount.
+- One supplier chart release per fleet supplier: kwok runs its DaemonSet's pods on that
+  supplier's nodes (the ``gpumesh.io/supplier`` label the fleet gives them stands for the
+  mesh operator admitting them). Each node's agent process runs with a token bound to its
+  own pod, as the kubelet would mount it, and as the user and with the capabilities the
+  chart gives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from kubernetes import client
+
+from gpumesh.api.nodes import agent_account
+from gpumesh.devcluster import identity, toolchain
+from gpumesh.devcluster.fleet import Fleet
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+CHARTS: Final = ROOT / "charts"
+NAMESPACE: Final = "gpumesh-system"
+OPERATOR_RELEASE: Final = "gpumesh"
+OPERATOR_ACCOUNT: Final = "gpumesh-operator"
+SUPPLIER_RELEASE_PREFIX: Final = "supplier-"
+AGENT_POD_LABEL: Final = "app.kubernetes.io/name=gpumesh-agent"
+AGENT_UID: Final = 65532
+"""The user the image runs as (Dockerfile ``USER``), with the chart's one capability."""
+AGENT_CAPABILITIES: Final = "net_admin"
+
+
+class InstallError(RuntimeError):
+    """A chart could not be installed, or its pods did not appear."""
+
+
+def helm(kubeconfig: Path, *args: str) -> str:
+    """Run the pinned helm against ``kubeconfig``; its output, or InstallError with why."""
+    binary = toolchain.binary_path("helm")
+    if not binary.exists():
+        toolchain.ensure(["helm"], assets=False)
+    done = subprocess.run(
+        [str(binary), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise InstallError(f"helm {' '.join(args[:3])}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def install_operator_chart(kubeconfig: Path, namespace: str = NAMESPACE) -> None:
+    """RBAC, admission policies and ServiceAccount; no operator pod (it runs here)."""
+    helm(
+        kubeconfig,
+        "upgrade",
+        "--install",
+        OPERATOR_RELEASE,
+        str(CHARTS / "gpumesh-operator"),
+        "-n",
+        namespace,
+        "--create-namespace",
+        "--skip-crds",  # applied server-side by the harness: too big for helm's annotations
+        "--set",
+        "replicas=0",
+    )
+
+
+def supplier_release(supplier: str) -> str:
+    return f"{SUPPLIER_RELEASE_PREFIX}{supplier}"
+
+
+def install_supplier_charts(
+    kubeconfig: Path, fleet: Fleet, namespace: str = NAMESPACE, *, prune: bool = True
+) -> list[str]:
+    """One release per supplier, as its fleet entry says; ``prune`` uninstalls releases of
+    suppliers no longer in the fleet. Returns the suppliers pruned."""
+    for supplier in fleet.suppliers:
+        helm(
+            kubeconfig,
+            "upgrade",
+            "--install",
+            supplier_release(supplier.name),
+            str(CHARTS / "gpumesh-supplier"),
+            "-n",
+            namespace,
+            "--set-string",
+            f"supplier={supplier.name},region={supplier.region},"
+            f"pricePerGpuHour={supplier.model_dump(mode='json', by_alias=True)['pricePerGpuHour']}",
+            "--set",
+            f"headCapable={'true' if supplier.head_capable else 'false'},mesh.enabled=false",
+        )
+    if not prune:
+        return []
+    listed = json.loads(helm(kubeconfig, "list", "-n", namespace, "-o", "json") or "[]")
+    wanted = {supplier_release(s.name) for s in fleet.suppliers}
+    pruned = []
+    for release in listed:
+        name = str(release.get("name", ""))
+        if name.startswith(SUPPLIER_RELEASE_PREFIX) and name not in wanted:
+            helm(kubeconfig, "uninstall", name, "-n", namespace)
+            pruned.append(name.removeprefix(SUPPLIER_RELEASE_PREFIX))
+    return pruned
+
+
+def agent_pods(
+    api: client.ApiClient, nodes: Mapping[str, str], namespace: str = NAMESPACE, timeout: float = 60
+) -> dict[str, Any]:
+    """Each node's agent pod (a V1Pod bound to it), once the DaemonSets made them all.
+
+    ``nodes`` maps node names to their suppliers.
+    """
+    core: Any = client.CoreV1Api(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = core.list_namespaced_pod(namespace, label_selector=AGENT_POD_LABEL)
+        found = {
+            p.spec.node_name: p
+            for p in listed.items
+            if p.spec.node_name in nodes
+            and p.metadata.deletion_timestamp is None
+            and p.spec.service_account_name == agent_account(nodes[p.spec.node_name])
+        }
+        if set(found) >= set(nodes):
+            return found
+        if time.monotonic() > deadline:
+            missing = sorted(set(nodes) - set(found))
+            raise InstallError(f"no agent pod on {', '.join(missing)} after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def agent_kubeconfig(
+    api: client.ApiClient,
+    admin_kubeconfig: Path,
+    supplier: str,
+    pod: Any,
+    directory: Path,
+    namespace: str = NAMESPACE,
+) -> Path:
+    """A kubeconfig holding a token bound to ``pod``, readable by the agent's user only."""
+    token = identity.pod_token(api, namespace, agent_account(supplier), pod)
+    node = pod.spec.node_name
+    path = identity.write_token_kubeconfig(
+        admin_kubeconfig, token, directory / f"agent-{node}.yaml", f"agent-{node}"
+    )
+    if os.geteuid() == 0:
+        os.chown(path, AGENT_UID, AGENT_UID)
+    return path
+
+
+def operator_kubeconfig(
+    api: client.ApiClient, admin_kubeconfig: Path, directory: Path, namespace: str = NAMESPACE
+) -> Path:
+    """A kubeconfig holding a token of the operator chart's ServiceAccount."""
+    token = identity.service_account_token(api, namespace, OPERATOR_ACCOUNT)
+    return identity.write_token_kubeconfig(
+        admin_kubeconfig, token, directory / "operator.yaml", "gpumesh-operator"
+    )
+
+
+def as_agent_user(argv: list[str]) -> list[str]:
+    """``argv`` run as the chart runs the agent: its user, and NET_ADMIN only.
+
+    Needs root to switch; otherwise the command runs as the calling user.
+    """
+    if os.geteuid() != 0:
+        return argv
+    caps = f"-all,+{AGENT_CAPABILITIES}"
+    return [
+        "setpriv",
+        f"--reuid={AGENT_UID}",
+        f"--regid={AGENT_UID}",
+        "--clear-groups",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        f"--bounding-set={caps}",
+        "--",
+        *argv,
+    ]
