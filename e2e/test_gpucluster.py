@@ -566,7 +566,8 @@ def test_the_failover_grace_runs_on_across_an_operator_restart(
                 if node["name"] == sick:
                     node["faults"] = [{"atSeconds": 0, "gpuIndex": 0, "kind": "ecc_dbe"}]
         (tmp_path / "sick.yaml").write_text(yaml.safe_dump(fleet))
-        running_mesh.start_agent(sick, "--fake-nvml", str(tmp_path / "sick.yaml"))
+        sick_fleet = running_mesh.share(tmp_path / "sick.yaml")
+        running_mesh.start_agent(sick, "--fake-nvml", str(sick_fleet))
 
         def unhealthy_since() -> str | None:
             status = gpucluster(api, "rides-out-a-restart").get("status") or {}

@@ -9,6 +9,7 @@ back clears the taint.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY
+from gpumesh.devcluster import install
 from gpumesh.devcluster.testing import KubeTarget, wait_for
 from gpumesh.node_agent.desired import gfd_product
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
@@ -90,41 +92,53 @@ def _clean(api: RestKubeApi, node: str) -> None:
         )
 
 
+@pytest.fixture(scope="module")
+def identities(kube: KubeTarget, api: RestKubeApi) -> Iterator[install.Identities]:
+    """The charts installed; each agent runs on its own pod's token, as the chart's user."""
+    assert kube.fleet is not None
+    home = install.agents_home(f"{kube.kubeconfig}:node-agent")
+    yield install.Identities.install(kube.api, kube.kubeconfig, kube.fleet, home, prune=False)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def agents(
-    kube: KubeTarget, api: RestKubeApi, nodes: tuple[str, ...], fleet: Path
+    ids: install.Identities, api: RestKubeApi, nodes: tuple[str, ...], fleet: Path
 ) -> Iterator[float]:
     """Run one agent per node; yields the time they were started (monotonic)."""
     for node in nodes:
         _clean(api, node)
     procs: list[subprocess.Popen[bytes]] = []
     logs = [fleet.parent / f"agent-{node}.log" for node in nodes]
+    fleet = ids.share(fleet)
     started = time.monotonic()
     try:
         for node, log in zip(nodes, logs, strict=True):
             with log.open("wb") as out:
                 procs.append(
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "gpumesh.node_agent",
-                            "run",
-                            "--node",
-                            node,
-                            "--kubeconfig",
-                            str(kube.kubeconfig),
-                            "--fake-nvml",
-                            str(fleet),
-                            "--interval",
-                            "1",
-                            "--metrics-host",
-                            "127.0.0.1",
-                            "--metrics-port",
-                            "0",
-                            "--lease-renew",
-                            "2",
-                        ],
+                        install.as_agent_user(
+                            [
+                                sys.executable,
+                                "-m",
+                                "gpumesh.node_agent",
+                                "run",
+                                "--node",
+                                node,
+                                "--kubeconfig",
+                                str(ids.kubeconfig(node)),
+                                "--fake-nvml",
+                                str(fleet),
+                                "--interval",
+                                "1",
+                                "--metrics-host",
+                                "127.0.0.1",
+                                "--metrics-port",
+                                "0",
+                                "--lease-renew",
+                                "2",
+                            ]
+                        ),
                         cwd=ROOT,
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -187,11 +201,11 @@ def _taints(api: RestKubeApi, node: str) -> list[str]:
 
 
 def test_agents_fill_status_labels_condition_and_lease(
-    kube: KubeTarget, api: RestKubeApi, tmp_path: Path
+    identities: install.Identities, api: RestKubeApi, tmp_path: Path
 ) -> None:
     fleet = _fleet_file(tmp_path, {})
     specs = _fleet_nodes()
-    with agents(kube, api, STEADY, fleet):
+    with agents(identities, api, STEADY, fleet):
         for node in STEADY:
             supplier, spec = specs[node]
             status = wait_for(f"{node} GPUNode status", partial(_healthy, api, node), timeout=30)
@@ -221,7 +235,7 @@ def test_agents_fill_status_labels_condition_and_lease(
 
 
 def test_scripted_xid_79_taints_within_10_s_and_recovery_clears_it(
-    kube: KubeTarget, api: RestKubeApi, tmp_path: Path
+    identities: install.Identities, api: RestKubeApi, tmp_path: Path
 ) -> None:
     fault = {
         "atSeconds": XID_AT_S,
@@ -231,7 +245,7 @@ def test_scripted_xid_79_taints_within_10_s_and_recovery_clears_it(
         "durationSeconds": XID_FOR_S,
     }
     fleet = _fleet_file(tmp_path, {FAULTY: [fault]})
-    with agents(kube, api, (FAULTY,), fleet) as started:
+    with agents(identities, api, (FAULTY,), fleet) as started:
         wait_for("a healthy first report", partial(_healthy, api, FAULTY))
         assert TAINT_KEY not in _taints(api, FAULTY)
         wait_for("the taint", lambda: TAINT_KEY in _taints(api, FAULTY), timeout=30, interval=0.1)
@@ -251,11 +265,11 @@ def test_scripted_xid_79_taints_within_10_s_and_recovery_clears_it(
 
 
 def test_a_verification_nonce_is_answered_with_the_agents_proof(
-    kube: KubeTarget, api: RestKubeApi, tmp_path: Path
+    identities: install.Identities, api: RestKubeApi, tmp_path: Path
 ) -> None:
     node = STEADY[1]
     fleet = _fleet_file(tmp_path, {})
-    with agents(kube, api, (node,), fleet):
+    with agents(identities, api, (node,), fleet):
         wait_for("a first report", partial(_healthy, api, node))
         nonce = "feedfacecafebeef0011223344556677"
         api.request(

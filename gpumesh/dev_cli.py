@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpumesh import devcluster
-from gpumesh.devcluster import mesh, toolchain
+from gpumesh.devcluster import install, mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster
 from gpumesh.devcluster.fleet import FleetError
 from gpumesh.devcluster.ports import free_port
@@ -51,8 +51,10 @@ def up(
 ) -> None:
     """Start (or reuse) the local mesh and a sample GPUCluster.
 
-    On a running mesh, a changed fleet converges: agents of removed nodes stop and their
-    Nodes and GPUNodes go, re-scripted nodes' agents restart, new nodes get agents.
+    Installs the operator chart and one supplier chart release per fleet supplier, and runs
+    each agent on a token bound to its node's agent pod, as the chart's user. On a running
+    mesh, a changed fleet converges: agents of removed nodes stop and their Nodes,
+    GPUNodes and releases go, re-scripted nodes' agents restart, new nodes get agents.
     """
     state = state_dir or devcluster.default_state_dir()
     try:
@@ -61,40 +63,64 @@ def up(
         raise typer.BadParameter(str(err), param_hint="--fleet") from None
     if sample and not Path(sample).is_file():
         raise typer.BadParameter(f"{sample} is not a file", param_hint="--sample")
-    toolchain.ensure([*toolchain.CLUSTER_BINARIES, "kubectl"], console=console)
+    toolchain.ensure([*toolchain.CLUSTER_BINARIES, "kubectl", "helm"], console=console)
     devcluster.up(None, state)
     kubeconfig = devcluster.kubeconfig_path(state)
     api = new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     with _step("gpumesh CRDs and namespaces"):
         mesh.apply_crds(api)
-        mesh.ensure_namespace(api, "gpumesh-system")
-    agents = {
-        mesh.agent_name(node.name): (
-            mesh.agent_argv(fleet, supplier, node, kubeconfig, agent_interval),
-            mesh.agent_fingerprint(supplier, node, kubeconfig, agent_interval),
-        )
-        for supplier, node in fleet_model.nodes()
-    }
-    plan = mesh.plan_agents({n: f for n, (_, f) in agents.items()}, mesh.load_record(state))
-    if plan.stop:
-        with _step(f"agents stopped ({len(plan.stop)}: left the fleet or changed)"):
-            mesh.stop(plan.stop)
+        mesh.ensure_namespace(api, install.NAMESPACE)
+    wanted = {mesh.agent_name(node.name) for _, node in fleet_model.nodes()}
+    leaving = [
+        p
+        for p in mesh.load_record(state)
+        if p.name.startswith(mesh.AGENT_PREFIX) and p.name not in wanted and p.alive()
+    ]
+    if leaving:
+        with _step(f"agents of nodes that left the fleet stopped ({len(leaving)})"):
+            mesh.stop(leaving)
     applied = devcluster.apply_fleet(fleet, state)
-    gone = sorted({*applied.removed, *plan.removed_nodes})
+    gone = sorted({*applied.removed, *(p.name.removeprefix(mesh.AGENT_PREFIX) for p in leaving)})
     if gone:
         with _step(f"GPUNodes of removed nodes deleted ({', '.join(gone)})"):
             mesh.delete_gpunodes(api, gone)
+    with _step(
+        f"charts: operator, and a supplier release for each of {len(fleet_model.suppliers)}"
+    ):
+        ids = install.Identities.install(
+            api, kubeconfig, fleet_model, install.agents_home(str(state))
+        )
+    shared_fleet = ids.share(fleet)
+    fingerprints = {
+        mesh.agent_name(node.name): mesh.agent_fingerprint(
+            supplier, node, agent_interval, ids.pod_uid(node.name)
+        )
+        for supplier, node in fleet_model.nodes()
+    }
+    plan = mesh.plan_agents(fingerprints, mesh.load_record(state))
+    if plan.stop:
+        with _step(f"agents stopped ({len(plan.stop)}: changed, or their pod was replaced)"):
+            mesh.stop(plan.stop)
     logs = state / "logs"
-    env = {"KUBECONFIG": str(kubeconfig)}
-    with _step(f"node agents ({len(agents)}, fake NVML; {len(plan.start)} started)"):
-        started = [
-            mesh.spawn(name, agents[name][0], logs, env, fingerprint=agents[name][1])[1]
-            for name in plan.start
-        ]
+    nodes = {mesh.agent_name(node.name): (supplier, node) for supplier, node in fleet_model.nodes()}
+    with _step(
+        f"node agents ({len(nodes)}, fake NVML, each on its own pod's token; "
+        f"{len(plan.start)} started)"
+    ):
+        started = []
+        for name in plan.start:
+            supplier, node = nodes[name]
+            own = ids.kubeconfig(node.name)
+            argv = mesh.agent_argv(shared_fleet, supplier, node, own, agent_interval)
+            proc = mesh.spawn(
+                name, install.as_agent_user(argv), logs, fingerprint=fingerprints[name]
+            )
+            started.append(proc[1])
         mesh.record(state, started)
     running = {p.name for p in mesh.load_record(state) if p.alive()}
-    with _step("operator"):
+    with _step("operator (on its ServiceAccount's token)"):
         if "operator" not in running:
+            env = {"KUBECONFIG": str(ids.operator_kubeconfig())}
             argv = mesh.operator_argv(free_port())
             mesh.record(state, [mesh.spawn("operator", argv, logs, env)[1]])
     if sample:

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-TOKEN_SECONDS = 24 * 3600
-"""Long enough for a dev session or a test run; a kubelet would rotate it hourly."""
+TOKEN_SECONDS = 7 * 24 * 3600
+"""Long enough for a week-long dev session (`make up` again issues new ones); a kubelet
+would rotate a projected token hourly, and the agent re-reads it in a pod."""
 
 
 def pod_token(api: client.ApiClient, namespace: str, service_account: str, pod: Any) -> str:

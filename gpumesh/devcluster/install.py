@@ -13,9 +13,11 @@ identities the local gpumesh processes then run under.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -187,3 +189,82 @@ def as_agent_user(argv: list[str]) -> list[str]:
         "--",
         *argv,
     ]
+
+
+class Identities:
+    """What each fleet node's agent runs as, the charts installed: a token bound to its
+    node's agent pod, and the chart's user and capability.
+
+    The files those agents read (their kubeconfigs, a fleet file) live in ``home``, a
+    directory the agents' user can enter but not list; kubeconfigs are readable by that
+    user only.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        admin_kubeconfig: Path,
+        fleet: Fleet,
+        home: Path,
+        namespace: str = NAMESPACE,
+    ) -> None:
+        self.api = api
+        self.admin_kubeconfig = admin_kubeconfig
+        self.namespace = namespace
+        self.home = _private_home(home)
+        self.suppliers = {node.name: supplier.name for supplier, node in fleet.nodes()}
+        self.pods = agent_pods(api, self.suppliers, namespace)
+
+    @classmethod
+    def install(
+        cls,
+        api: client.ApiClient,
+        admin_kubeconfig: Path,
+        fleet: Fleet,
+        home: Path,
+        *,
+        prune: bool = True,
+    ) -> Identities:
+        """Install (or upgrade) both charts for ``fleet``, then read its agents' pods."""
+        install_operator_chart(admin_kubeconfig)
+        install_supplier_charts(admin_kubeconfig, fleet, prune=prune)
+        return cls(api, admin_kubeconfig, fleet, home)
+
+    def pod_uid(self, node: str) -> str:
+        """The agent pod's uid: a token is valid only while that very pod exists."""
+        return str(self.pods[node].metadata.uid)
+
+    def kubeconfig(self, node: str) -> Path:
+        """A kubeconfig for ``node``'s agent, with a fresh token bound to its pod."""
+        return agent_kubeconfig(
+            self.api,
+            self.admin_kubeconfig,
+            self.suppliers[node],
+            self.pods[node],
+            self.home,
+            self.namespace,
+        )
+
+    def operator_kubeconfig(self) -> Path:
+        return operator_kubeconfig(self.api, self.admin_kubeconfig, self.home, self.namespace)
+
+    def share(self, source: Path) -> Path:
+        """A copy of ``source`` the agents' user can read (a fleet file, say)."""
+        target = self.home / source.name
+        target.write_bytes(source.read_bytes())
+        target.chmod(0o644)
+        return target
+
+
+def _private_home(home: Path) -> Path:
+    """``home``, made: root's, enterable but not listable by the agents' user (0711)."""
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o711)
+    return home
+
+
+def agents_home(key: str) -> Path:
+    """Where a mesh's agent files go: outside any root-only home directory (the agents'
+    user could not reach into ~root), one folder per ``key``."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"gpumesh-agents-{digest}"

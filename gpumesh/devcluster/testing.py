@@ -6,6 +6,7 @@ and type them normally.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from kubernetes import client
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster import mesh
+from gpumesh.devcluster import install, mesh
 from gpumesh.devcluster.fleet import Fleet
 from gpumesh.devcluster.ports import free_port
 
@@ -80,13 +81,21 @@ class OperatedMesh:
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     """Each fleet node's agent, by node."""
     agent_argvs: dict[str, list[str]] = field(default_factory=dict)
+    operator_kubeconfig: Path | None = None
+    identities: install.Identities | None = None
+
+    def share(self, path: Path) -> Path:
+        """A copy of ``path`` the agents' user can read (their own files are not root's)."""
+        assert self.identities is not None
+        return self.identities.share(path)
 
     def start_operator(self) -> None:
+        """The operator, on its ServiceAccount's token (the chart's RBAC, nothing more)."""
         self.operator, _ = mesh.spawn(
             "operator",
             [*mesh.operator_argv(free_port()), *self.operator_args],
             self.logs,
-            {"KUBECONFIG": str(self.kubeconfig), **self.operator_env},
+            {"KUBECONFIG": str(self.operator_kubeconfig or self.kubeconfig), **self.operator_env},
         )
 
     def kill_operator(self) -> None:
@@ -170,27 +179,34 @@ def operated_mesh(
     operator_env: dict[str, Any] | None = None,
     operator_args: list[str] | None = None,
 ) -> Iterator[OperatedMesh]:
-    """CRDs and namespaces in place, agents reporting Healthy, then the operator running.
+    """CRDs, charts and namespaces in place, agents reporting Healthy, then the operator.
 
-    Everything started here is stopped on the way out.
+    As `make up` runs them: each agent on a token bound to its node's agent pod, as the
+    supplier chart's user; the operator on its ServiceAccount's token. Everything started
+    here is stopped on the way out.
     """
     assert kube.fleet is not None, "this cluster has no simulated fleet for agents to play"
-    steady = steady_fleet(fleet_file, workdir / "fleet.yaml")
     mesh.apply_crds(kube.api)
-    for namespace in ("gpumesh-system", *namespaces):
+    for namespace in (install.NAMESPACE, *namespaces):
         mesh.ensure_namespace(kube.api, namespace)
+    ids = install.Identities.install(
+        kube.api, kube.kubeconfig, kube.fleet, install.agents_home(str(workdir)), prune=False
+    )
+    steady = ids.share(steady_fleet(fleet_file, workdir / "fleet.yaml"))
     world = OperatedMesh(
         kube.api,
         kube.kubeconfig,
         workdir / "logs",
         {k: str(v) for k, v in (operator_env or {}).items()},
         list(operator_args or []),
+        operator_kubeconfig=ids.operator_kubeconfig(),
+        identities=ids,
     )
     try:
         for supplier, node in kube.fleet.nodes():
-            world.agent_argvs[node.name] = mesh.agent_argv(
-                steady, supplier, node, kube.kubeconfig, interval=1.0
-            )
+            own = ids.kubeconfig(node.name)
+            argv = mesh.agent_argv(steady, supplier, node, own, interval=1.0)
+            world.agent_argvs[node.name] = install.as_agent_user(argv)
             world.start_agent(node.name)
         gpu_nodes = {n.name for _, n in kube.fleet.nodes() if n.gpu_count}
         wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
@@ -199,3 +215,4 @@ def operated_mesh(
     finally:
         world.stop()
         world.print_troubled_logs()
+        shutil.rmtree(ids.home, ignore_errors=True)
