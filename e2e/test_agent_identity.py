@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pytest
 
 from gpumesh.api.nodes import SUPPLIER_TAINT, agent_account, lease_name
-from gpumesh.devcluster import identity, install
+from gpumesh.devcluster import identity, install, mesh
 from gpumesh.devcluster.testing import KubeTarget
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
 
@@ -543,6 +543,8 @@ def agent(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if kube.fleet is None:
         pytest.skip("external cluster: no simulated fleet, so no supplier pods to bind to")
     api = kube.api
+    mesh.apply_crds(api)
+    mesh.ensure_namespace(api, NS)
     install.install_operator_chart(kube.kubeconfig)
     install.install_supplier_charts(kube.kubeconfig, kube.fleet, prune=False)
     pods = install.agent_pods(api, {ME: MY_SUPPLIER, VICTIM: VICTIM_SUPPLIER})

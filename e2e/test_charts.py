@@ -34,6 +34,7 @@ def server_dry_run(kube: KubeTarget, manifests: str) -> None:
             "apply",
             "--dry-run=server",
             "--server-side",
+            "--force-conflicts",  # the charts may be installed already (helm owns the fields)
             "--field-manager=gpumesh-e2e",
             "-f",
             "-",
