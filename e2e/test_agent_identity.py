@@ -40,7 +40,6 @@ LEASES = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 KEY_A = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
-KEY_B = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PFgvNFE="
 
 Outcome = Literal["allowed", "policy", "rbac", "error"]
 
@@ -549,7 +548,8 @@ def agent(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     install.install_supplier_charts(kube.kubeconfig, kube.fleet, prune=False)
     pods = install.agent_pods(api, {ME: MY_SUPPLIER, VICTIM: VICTIM_SUPPLIER})
     admin = RestKubeApi(api)
-    _stage(admin)
+    labels = dict(((admin.get(ME_NODE) or {}).get("metadata") or {}).get("labels") or {})
+    made = _stage(admin)
     home = tmp_path_factory.mktemp("identity")
     config = install.agent_kubeconfig(api, kube.kubeconfig, MY_SUPPLIER, pods[ME], home)
     agent = RestKubeApi.connect(str(config))
@@ -557,28 +557,39 @@ def agent(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     try:
         yield agent
     finally:
-        _unstage(admin)
+        _unstage(admin, labels, made)
 
 
-def _stage(admin: RestKubeApi) -> None:
-    """A victim with a GPUNode, a key and a Lease; me with no GPUNode yet, and reserved."""
-    for path in (ME_GN, f"{LEASES}/{lease_name(ME)}"):
+def _stage(admin: RestKubeApi) -> list[str]:
+    """A victim with a GPUNode and a Lease; me with no GPUNode yet, and reserved.
+    Returns what was made here for the victim, to be removed afterwards."""
+    made = [ME_GN, f"{LEASES}/{lease_name(ME)}"]
+    for path in made:
         with contextlib.suppress(KubeError):
             admin.request("DELETE", path)
     if admin.get(VICTIM_GN) is None:
-        admin.request("POST", GPUNODES, gpunode(VICTIM, VICTIM_SUPPLIER))
-    admin.request(
-        "PATCH", f"{VICTIM_GN}/status", status(mesh={"publicKey": KEY_B}), content_type=MERGE
-    )
+        admin.request("POST", GPUNODES, gpunode(VICTIM, VICTIM_SUPPLIER, pricePerGpuHour="1.29"))
+        made.append(VICTIM_GN)
     if admin.get(f"{LEASES}/{lease_name(VICTIM)}") is None:
         admin.request("POST", LEASES, lease(lease_name(VICTIM), VICTIM))
+        made.append(f"{LEASES}/{lease_name(VICTIM)}")
     reserved = [{"key": SUPPLIER_TAINT, "value": MY_SUPPLIER, "effect": "NoSchedule"}]
     admin.request("PATCH", ME_NODE, {"spec": {"taints": reserved}}, content_type=MERGE)
+    return made
 
 
-def _unstage(admin: RestKubeApi) -> None:
-    admin.request("PATCH", ME_NODE, {"spec": {"taints": None}}, content_type=MERGE)
-    for path in (ME_GN, f"{LEASES}/{lease_name(ME)}", f"{LEASES}/{lease_name(VICTIM)}"):
+def _unstage(admin: RestKubeApi, labels: dict[str, str], made: list[str]) -> None:
+    """Put things back as they were: later tests place work by these nodes and offers."""
+    now = ((admin.get(ME_NODE) or {}).get("metadata") or {}).get("labels") or {}
+    restore: dict[str, str | None] = {k: None for k in now if k not in labels}
+    restore.update(labels)
+    admin.request(
+        "PATCH",
+        ME_NODE,
+        {"metadata": {"labels": restore}, "spec": {"taints": None}},
+        content_type=MERGE,
+    )
+    for path in made:
         with contextlib.suppress(KubeError):
             admin.request("DELETE", path)
 
