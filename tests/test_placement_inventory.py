@@ -45,6 +45,7 @@ def node(
         "metadata": {
             "name": name,
             "labels": {
+                "gpumesh.io/supplier": "acme",  # admitted by the mesh operator
                 "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
                 "nvidia.com/gpu.memory": "81559",
                 "nvidia.com/gpu.compute.major": "9",
@@ -77,7 +78,7 @@ def pod(
 def test_an_offer_joins_gpunode_node_and_pods() -> None:
     [offer] = build_inventory(
         [gpunode("n1", headCapable=True)],
-        [node("n1")],
+        [node("n1", labels={"gpumesh.io/head-capable": "true"})],
         [pod("n1", "2"), pod("n1", "1", phase="Succeeded"), pod(None), pod("other")],
     )
     assert offer.name == "n1"
@@ -207,7 +208,7 @@ def test_status_fills_in_when_labels_are_missing_and_rtt_is_read() -> None:
         "mesh": {"rttMs": {"peer": 12.5, "bad": "x"}},
     }
     bare = node("n")
-    bare["metadata"]["labels"] = {}
+    bare["metadata"]["labels"] = {"gpumesh.io/supplier": "acme"}
     [offer] = build_inventory([gpunode("n", status)], [bare], [])
     assert offer.gpu_model == "NVIDIA A100-SXM4-40GB"
     assert (offer.gpu_memory_mib, offer.compute_capability) == (40960, (8, 0))
@@ -217,7 +218,7 @@ def test_status_fills_in_when_labels_are_missing_and_rtt_is_read() -> None:
 
 def test_cpu_only_nodes_are_offered_for_heads() -> None:
     bare = node("head", gpus=0)
-    bare["metadata"]["labels"] = {"gpumesh.io/head-capable": "true"}
+    bare["metadata"]["labels"] = {"gpumesh.io/supplier": "acme", "gpumesh.io/head-capable": "true"}
     [offer] = build_inventory([gpunode("head", status={"health": "Healthy"})], [bare], [])
     assert offer.gpus_total == 0 and offer.gpu_model == "" and offer.head_capable
 
@@ -287,3 +288,24 @@ def test_the_offer_cache_parses_again_only_nodes_whose_inputs_changed() -> None:
     third = {o.name: o for o in cache.build(gpunodes, nodes, [pod("a")])}
     assert third["a"] is second["a"] and third["b"] is second["b"]
     assert list(third.values()) == build_inventory(gpunodes, nodes, [pod("a")])
+
+
+def test_only_nodes_the_mesh_operator_admitted_for_the_gpunodes_supplier_are_offered() -> None:
+    claimed = gpunode("n1", supplier="acme")
+    assert [o.name for o in build_inventory([claimed], [node("n1")], [])] == ["n1"]
+    assert not build_inventory([claimed], [node("n2")], [])  # no Node at all
+    foreign = node("n1", labels={"gpumesh.io/supplier": "rival"})
+    assert [o.name for o in build_inventory([claimed], [foreign], [])] == []
+    unadmitted = node("n1")
+    del unadmitted["metadata"]["labels"]["gpumesh.io/supplier"]
+    assert build_inventory([claimed], [unadmitted], []) == []
+
+
+def test_region_and_head_capability_are_the_mesh_operators_word() -> None:
+    claims = gpunode("n1", region="eu-west", headCapable=True)
+    [offer] = build_inventory([claims], [node("n1", labels={"gpumesh.io/region": "ap-south"})], [])
+    assert offer.region == "ap-south"
+    assert not offer.head_capable  # the supplier asked; the mesh operator did not grant it
+    granted = node("n1", labels={"gpumesh.io/head-capable": "true"})
+    [offer] = build_inventory([claims], [granted], [])
+    assert offer.head_capable

@@ -26,9 +26,16 @@ from pydantic import (
 )
 
 from gpumesh.api.manifests import field_path
+from gpumesh.api.nodes import (
+    LABEL_DEV_FLEET,
+    LABEL_HEAD_CAPABLE,
+    LABEL_REGION,
+    LABEL_SUPPLIER,
+    LABEL_VERIFIED,
+)
 
 KWOK_ANNOTATION: Final = "kwok.x-k8s.io/node"
-FLEET_LABEL: Final = "gpumesh.io/dev-fleet"
+FLEET_LABEL: Final = LABEL_DEV_FLEET
 """Marks nodes created from a fleet file, so re-applying a changed fleet can prune them."""
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -195,11 +202,12 @@ def node_labels(supplier: Supplier, node: FleetNode) -> dict[str, str]:
         "kubernetes.io/arch": "amd64",
         "type": "kwok",
         FLEET_LABEL: "true",
-        "gpumesh.io/supplier": supplier.name,
-        "gpumesh.io/region": supplier.region,
+        # What the mesh operator sets when it admits a node (no agent may).
+        LABEL_SUPPLIER: supplier.name,
+        LABEL_REGION: supplier.region,
         "topology.kubernetes.io/region": supplier.region,
-        "gpumesh.io/verified": _bool(supplier.verified),
-        "gpumesh.io/head-capable": _bool(supplier.head_capable),
+        LABEL_VERIFIED: _bool(supplier.verified),
+        LABEL_HEAD_CAPABLE: _bool(supplier.head_capable),
     }
     if node.gpu_count > 0:
         assert node.gpu_model

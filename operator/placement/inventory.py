@@ -22,6 +22,8 @@ from gpumesh.api.nodes import (
     LABEL_HEAD_CAPABLE,
     LABEL_MEMORY,
     LABEL_PRODUCT,
+    LABEL_REGION,
+    LABEL_SUPPLIER,
     LABEL_VERIFIED,
 )
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
@@ -226,6 +228,9 @@ def _offer(
         return None
     metadata = node.get("metadata") or {}
     labels: dict[str, str] = dict(metadata.get("labels") or {})
+    if labels.get(LABEL_SUPPLIER) != spec.supplier:
+        return None  # not admitted, or not for the supplier this GPUNode claims
+
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     gpus_total = _quantity(allocatable.get(GPU_RESOURCE), memory_bytes)
     node_spec = node.get("spec") or {}
@@ -233,7 +238,7 @@ def _offer(
     return NodeOffer(
         name=_name(gpunode),
         supplier=spec.supplier,
-        region=spec.region,
+        region=labels.get(LABEL_REGION) or spec.region,
         gpu_model=_gpu_model(status, labels),
         gpu_memory_mib=_gpu_memory(status, labels),
         compute_capability=_compute_capability(status, labels),
@@ -245,7 +250,7 @@ def _offer(
         health=health,
         cordoned=cordoned or spec.cordoned,
         tainted=tainted,
-        head_capable=spec.head_capable or labels.get(LABEL_HEAD_CAPABLE) == "true",
+        head_capable=labels.get(LABEL_HEAD_CAPABLE) == "true",
         cpu_free_millicores=max(
             0, _quantity(allocatable.get("cpu"), cpu_millicores) - used.cpu_millicores
         ),
