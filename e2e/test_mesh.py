@@ -30,6 +30,7 @@ import pytest
 import yaml
 from netns import GPUNODES_PATH, Host, Lab, missing_prerequisites
 
+from gpumesh.api.nodes import LABEL_MESH_RELAY, LABEL_REGION, LABEL_SUPPLIER
 from gpumesh.devcluster import mesh as devmesh
 from gpumesh.devcluster.ports import free_port
 from gpumesh.devcluster.testing import KubeTarget, wait_for
@@ -47,6 +48,8 @@ CONFIG = MeshConfig(
     cooldown_s=600,
 )
 LEASE_S = 2
+SUPPLIER = "e2e"
+"""The lab's hosts' supplier, as the mesh operator admitted their Nodes."""
 INITIAL_HOSTS = 6
 NATD = (4, 5)
 JOIN_DEADLINE_S = 5.0
@@ -98,12 +101,25 @@ class Mesh:
         return next(h for h in self.lab.hosts if h.index == index)
 
     def add(self, index: int, *, public: bool) -> Host:
-        """A new host: namespace, wireguard-go, GPUNode, agent (in that order)."""
+        """A new host: namespace, wireguard-go, its Node as the mesh operator admits it
+        (public hosts may relay), GPUNode, agent (in that order)."""
         host = self.lab.add_host(index, public=public)
         self.lab.start_wireguard(host)
         self.lab.forward_api(host, self.api_port)
+        labels = {
+            LABEL_SUPPLIER: SUPPLIER,
+            LABEL_REGION: region_of(index),
+            "gpumesh.io/mesh-e2e": self.lab.tag,
+        }
+        if public:
+            labels[LABEL_MESH_RELAY] = "true"
+        self.api.request(
+            "POST",
+            "/api/v1/nodes",
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": host.name, "labels": labels}},
+        )
         spec: dict[str, Any] = {
-            "supplier": "e2e",
+            "supplier": SUPPLIER,
             "region": region_of(index),
             "pricePerGpuHour": "1.00",
         }
@@ -284,8 +300,9 @@ def mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             if "Traceback" in text:
                 print(f"operator log:\n{text[-20000:]}")
         for host in lab.hosts:
-            with contextlib.suppress(KubeError):
-                api.request("DELETE", f"{GPUNODES_PATH}/{host.name}")
+            for path in (f"{GPUNODES_PATH}/{host.name}", f"/api/v1/nodes/{host.name}"):
+                with contextlib.suppress(KubeError):
+                    api.request("DELETE", path)
         with contextlib.suppress(KubeError):
             api.request("DELETE", f"/api/v1/namespaces/{namespace}")
         lab.close()

@@ -139,6 +139,14 @@ class Kube:
         found = cast(dict[str, Any], self.custom.list_cluster_custom_object(group, version, plural))
         return cast(list[dict[str, Any]], found.get("items", []))
 
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """Every Node, as plain JSON."""
+        response: Any = self.core.list_node(_preload_content=False)
+        try:
+            return cast(list[dict[str, Any]], json.loads(response.data).get("items") or [])
+        finally:
+            response.release_conn()
+
     def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         """Pods of one namespace matching ``label_selector``, as plain JSON."""
         response: Any = self.core.list_namespaced_pod(

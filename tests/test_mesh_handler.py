@@ -45,6 +45,25 @@ def gpunode(
     }
 
 
+def kube_node(
+    name: str, *, supplier: str | None = "s", relay: bool = True, region: str | None = None
+) -> dict[str, Any]:
+    """A Node as the mesh operator admitted it (its labels say for whom, and if it relays)."""
+    labels: dict[str, str] = {}
+    if supplier is not None:
+        labels["gpumesh.io/supplier"] = supplier
+    if relay:
+        labels["gpumesh.io/mesh-relay"] = "true"
+    if region is not None:
+        labels["gpumesh.io/region"] = region
+    return {"metadata": {"name": name, "labels": labels}}
+
+
+def admitted(gpunodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each GPUNode's Node, admitted for its supplier and allowed to relay."""
+    return [kube_node(g["metadata"]["name"]) for g in gpunodes]
+
+
 def lease(node: str, renewed: datetime = NOW, seconds: int = 40) -> dict[str, Any]:
     return {
         "metadata": {"name": f"gpumesh-agent-{node}", "namespace": NS},
@@ -66,7 +85,7 @@ def fleet() -> tuple[MeshState, list[dict[str, Any]]]:
         gpunode("n", 3),  # NAT'd
     ]
     state = MeshState(CONFIG, NS)
-    state.sync(nodes, [lease(n["metadata"]["name"]) for n in nodes], NOW)
+    state.sync(nodes, [lease(n["metadata"]["name"]) for n in nodes], admitted(nodes), NOW)
     return state, nodes
 
 
@@ -147,7 +166,7 @@ def test_restart_from_the_published_configmap_writes_nothing() -> None:
             dict(writes.statuses)[node["metadata"]["name"]]["status"]["mesh"]
         )
     restarted = MeshState(CONFIG, NS, published=json.loads(json.dumps(writes.configmap)))
-    restarted.sync(nodes, [lease(n["metadata"]["name"]) for n in nodes], NOW)
+    restarted.sync(nodes, [lease(n["metadata"]["name"]) for n in nodes], admitted(nodes), NOW)
     assert not restarted.take_writes()
 
 
@@ -170,7 +189,7 @@ def test_relay_observations_become_observed_endpoints() -> None:
 def test_mesh_relay_false_keeps_a_public_node_out_of_the_relay_pool() -> None:
     nodes = [gpunode("a", 1, "198.51.100.1:51820", relay=False), gpunode("n", 3)]
     state = MeshState(CONFIG, NS)
-    state.sync(nodes, [lease("a"), lease("n")], NOW)
+    state.sync(nodes, [lease("a"), lease("n")], admitted(nodes), NOW)
     members = catalogue(state, state.take_writes().configmap).by_name()
     assert members["n"].relay is None and members["a"].endpoint == "198.51.100.1:51820"
 
@@ -188,6 +207,7 @@ def test_nat_d_nodes_are_relayed_from_their_own_region_whatever_order_agents_rep
         gpunode("relay-west", 1, "198.51.100.1:51820", region="west"),
     ]
     for body in order:
+        state.node(kube_node(body["metadata"]["name"]), NOW)
         state.lease(lease(body["metadata"]["name"]), NOW)
         state.gpunode(body, NOW)
     relays = {n.name: n.relay for n in catalogue(state, state.take_writes().configmap).entries}
@@ -252,7 +272,7 @@ def leases_of(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_a_full_resync_with_nothing_missed_writes_nothing() -> None:
     state, nodes, configmap = settled()
-    state.resync(nodes, leases_of(nodes), configmap, NOW)
+    state.resync(nodes, leases_of(nodes), admitted(nodes), configmap, NOW)
     assert not state.take_writes()
 
 
@@ -261,7 +281,7 @@ def test_a_full_resync_repairs_missed_events() -> None:
     # The watch missed: c joining, b leaving, and someone resetting n's status.
     nodes = [nodes[0], nodes[2], gpunode("c", 4, "198.51.100.4:51820")]
     nodes[1]["status"]["mesh"] = {"publicKey": key(3)}
-    state.resync(nodes, leases_of(nodes), configmap, NOW)
+    state.resync(nodes, leases_of(nodes), admitted(nodes), configmap, NOW)
     writes = state.take_writes()
     assert writes.configmap is not None
     assert set(catalogue(state, writes.configmap).by_name()) == {"a", "c", "n"}
@@ -275,7 +295,7 @@ def test_a_full_resync_rewrites_a_deleted_or_edited_catalogue(damage: str) -> No
     if damage == "edited":
         found = json.loads(json.dumps(configmap))
         found["data"]["catalogue.json"] = '{"version":1,"generation":1,"nodes":[]}'
-    state.resync(nodes, leases_of(nodes), found, NOW)
+    state.resync(nodes, leases_of(nodes), admitted(nodes), found, NOW)
     writes = state.take_writes()
     assert not writes.statuses
     assert writes.configmap == configmap  # ours again, same generation
@@ -296,6 +316,9 @@ class ListingKube:
     def list_leases(self, namespace: str) -> list[dict[str, Any]]:
         return leases_of(self.nodes)
 
+    def list_nodes(self) -> list[dict[str, Any]]:
+        return admitted(self.nodes)
+
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.configmap
 
@@ -314,3 +337,44 @@ def test_events_during_the_lists_are_replayed_on_top(monkeypatch: pytest.MonkeyP
     mesh_handler.feed(lambda s: s.gpunode_deleted("a", NOW))
     assert mesh_handler._replay is None
     assert set(catalogue(state, state.take_writes().configmap).by_name()) == {"n"}
+
+
+def members(state: MeshState) -> dict[str, Any]:
+    configmap = state.take_writes().configmap
+    return dict(catalogue(state, configmap).by_name()) if configmap else {}
+
+
+def test_only_nodes_the_mesh_operator_admitted_for_their_supplier_join() -> None:
+    """A phantom GPUNode (no Node), or one claiming a supplier its Node was not admitted
+    for, stays out however good its key and Lease look."""
+    bodies = [
+        gpunode("a", 1, "198.51.100.1:51820"),
+        gpunode("phantom", 5, "198.51.100.5:51820"),
+        gpunode("impostor", 6, "198.51.100.6:51820"),
+        gpunode("n", 3),
+    ]
+    state = MeshState(CONFIG, NS)
+    nodes = [kube_node("a"), kube_node("impostor", supplier="rival"), kube_node("n")]
+    state.sync(bodies, leases_of(bodies), nodes, NOW)
+    found = members(state)
+    assert set(found) == {"a", "n"} and found["n"].relay == "a"
+
+
+def test_relays_only_where_the_mesh_operator_allows_relaying() -> None:
+    bodies = [gpunode("a", 1, "198.51.100.1:51820"), gpunode("n", 3)]
+    state = MeshState(CONFIG, NS)
+    state.sync(bodies, leases_of(bodies), [kube_node("a", relay=False), kube_node("n")], NOW)
+    assert members(state)["n"].relay is None  # a public node, but not allowed to relay
+    state.node(kube_node("a"), NOW)  # the mesh operator allows it
+    assert members(state)["n"].relay == "a"
+
+
+def test_withdrawing_admission_or_deleting_the_node_takes_it_out() -> None:
+    state, _ = fleet()
+    assert set(members(state)) == {"a", "b", "n"}
+    state.node(kube_node("b", supplier=None), NOW)
+    assert set(members(state)) == {"a", "n"}
+    state.node_deleted("a", NOW)
+    assert set(members(state)) == {"n"}
+    state.node(kube_node("a"), NOW)
+    assert set(members(state)) == {"a", "n"}

@@ -65,6 +65,8 @@ class MeshKube(Protocol):
 
     def list_leases(self, namespace: str) -> list[dict[str, Any]]: ...
 
+    def list_nodes(self) -> list[dict[str, Any]]: ...
+
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
@@ -124,7 +126,7 @@ def start_mesh(**_: Any) -> None:
     gpunodes = _list_gpunodes(k, selector)
     leases = k.list_leases(SETTINGS.namespace)
     state = MeshState(config, SETTINGS.namespace, SETTINGS.mesh_catalogue, published=published)
-    state.sync(gpunodes, leases, _now())
+    state.sync(gpunodes, leases, k.list_nodes(), _now())
     with _lock:
         _state = state
     _stop.clear()
@@ -181,6 +183,17 @@ def mesh_gpunode(
         feed(lambda state: state.gpunode(trimmed, _now()))
 
 
+@kopf.on.event("", "v1", "nodes")
+def mesh_admission(type: str | None, name: str, labels: kopf.Labels, **_: Any) -> None:
+    """A Node appeared, went, or its labels changed: the mesh operator admitted or withdrew
+    it (only admitted nodes join the mesh, and only relay-labelled ones relay)."""
+    if type == "DELETED":
+        feed(lambda state: state.node_deleted(name, _now()))
+        return
+    trimmed = {"metadata": {"name": name, "labels": dict(labels)}}
+    feed(lambda state: state.node(trimmed, _now()))
+
+
 def lease_changed(type: str | None, body: kopf.Body) -> None:
     """An agent renewed (or dropped) its heartbeat Lease (called by :mod:`.leases`)."""
     copy = dict(body)
@@ -202,6 +215,7 @@ def full_resync(state: MeshState, k: MeshKube) -> bool:
     try:
         gpunodes = _list_gpunodes(k, parse_selector(SETTINGS.mesh_node_selector))
         leases = k.list_leases(SETTINGS.namespace)
+        kube_nodes = k.list_nodes()
         configmap = k.get_configmap(SETTINGS.namespace, SETTINGS.mesh_catalogue)
     except ApiException as err:
         with _lock:
@@ -210,7 +224,7 @@ def full_resync(state: MeshState, k: MeshKube) -> bool:
         return False
     with _lock:
         replay, _replay = _replay, None
-        state.resync(gpunodes, leases, configmap, _now())
+        state.resync(gpunodes, leases, kube_nodes, configmap, _now())
         for event in replay:
             event(state)
     log.info("mesh: full resync of %d GPUNodes, %d replayed events", len(gpunodes), len(replay))

@@ -9,10 +9,11 @@ cluster. The catalogue and the planner's ledger live in one ConfigMap; the opera
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from gpumesh.api.nodes import LEASE_PREFIX
+from gpumesh.api.nodes import LABEL_MESH_RELAY, LABEL_REGION, LABEL_SUPPLIER, LEASE_PREFIX
 from gpumesh.operator.mesh.model import Catalogue, MeshNode, valid_endpoint, valid_public_key
 from gpumesh.operator.mesh.planner import Assignment, Ledger
 
@@ -76,6 +77,40 @@ def mesh_node(
         alive=alive,
         relay=spec.get("meshRelay", True) is not False,
         region=region if isinstance(region := spec.get("region"), str) and region else None,
+    )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The mesh operator's word on a node, from its Node's labels (no agent may write
+    them): whose it is, where it is, and whether it may relay others' traffic."""
+
+    supplier: str | None
+    region: str | None
+    relay: bool
+
+    @classmethod
+    def of(cls, node: Mapping[str, Any]) -> Admission:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        supplier, region = labels.get(LABEL_SUPPLIER), labels.get(LABEL_REGION)
+        return cls(
+            supplier=supplier if isinstance(supplier, str) and supplier else None,
+            region=region if isinstance(region, str) and region else None,
+            relay=labels.get(LABEL_MESH_RELAY) == "true",
+        )
+
+
+def admitted(node: MeshNode, claimed_supplier: Any, admission: Admission | None) -> MeshNode:
+    """``node`` as far as the mesh operator lets it in.
+
+    A GPUNode joins only when its Node exists and was admitted for the supplier the
+    GPUNode claims; it relays only where the mesh operator allows relaying; its region is
+    the one the mesh operator labelled. Anything else stays out, whatever its agent says.
+    """
+    if admission is None or admission.supplier is None or admission.supplier != claimed_supplier:
+        return replace(node, alive=False, relay=False)
+    return replace(
+        node, relay=node.relay and admission.relay, region=admission.region or node.region
     )
 
 

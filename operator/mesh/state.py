@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gpumesh.api.nodes import LEASE_PREFIX
+from gpumesh.api.nodes import LEASE_PREFIX, OPERATOR_MESH_FIELDS
 from gpumesh.operator.mesh.config import MeshConfig
 from gpumesh.operator.mesh.model import Catalogue, CatalogueError, valid_endpoint
 from gpumesh.operator.mesh.planner import Delta, Ledger, MeshPlanner
 from gpumesh.operator.mesh.publish import (
     CATALOGUE_NAME,
+    Admission,
+    admitted,
     catalogue_configmap,
     catalogue_from_configmap,
     lease_expiry,
@@ -35,7 +37,7 @@ from gpumesh.operator.mesh.publish import (
     mesh_node,
 )
 
-OWNED = ("overlayIp", "podCidr", "relay", "observedEndpoint")
+OWNED = OPERATOR_MESH_FIELDS
 """The ``status.mesh`` fields the operator writes (the agent owns the others)."""
 
 
@@ -66,7 +68,9 @@ def trim_gpunode(body: Mapping[str, Any]) -> dict[str, Any]:
     mesh = (body.get("status") or {}).get("mesh") or {}
     return {
         "metadata": {"name": (body.get("metadata") or {}).get("name", "")},
-        "spec": {k: spec[k] for k in ("publicEndpoint", "meshRelay", "region") if k in spec},
+        "spec": {
+            k: spec[k] for k in ("supplier", "publicEndpoint", "meshRelay", "region") if k in spec
+        },
         "status": {
             "mesh": {
                 k: mesh[k]
@@ -117,6 +121,8 @@ class MeshState:
     _pending: set[str] = field(default_factory=set)
     _observed_by: dict[str, tuple[str, str]] = field(default_factory=dict)
     """NAT'd node -> (relay that saw it, endpoint)."""
+    _admissions: dict[str, Admission] = field(default_factory=dict)
+    """Node -> the mesh operator's word on it (from its Node's labels)."""
     _data: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
@@ -132,9 +138,13 @@ class MeshState:
         self,
         gpunodes: Iterable[Mapping[str, Any]],
         leases: Iterable[Mapping[str, Any]],
+        kube_nodes: Iterable[Mapping[str, Any]],
         now: datetime,
     ) -> None:
-        """Hold exactly these GPUNodes and Leases (at start, or a full resync)."""
+        """Hold exactly these GPUNodes, Leases and Nodes (at start, or a full resync)."""
+        self._admissions = {
+            str((n.get("metadata") or {}).get("name", "")): Admission.of(n) for n in kube_nodes
+        }
         self._gpunodes = {}
         self._observed_by = {}
         for body in gpunodes:
@@ -155,6 +165,7 @@ class MeshState:
         self,
         gpunodes: Iterable[Mapping[str, Any]],
         leases: Iterable[Mapping[str, Any]],
+        kube_nodes: Iterable[Mapping[str, Any]],
         configmap: Mapping[str, Any] | None,
         now: datetime,
     ) -> None:
@@ -165,7 +176,7 @@ class MeshState:
         writes only where something differs. Events that arrived while the lists were
         read must be fed again afterwards (the lists may be older than they are).
         """
-        self.sync(gpunodes, leases, now)
+        self.sync(gpunodes, leases, kube_nodes, now)
         data = (configmap or {}).get("data")
         if not isinstance(data, Mapping) or dict(data) != self._data:
             self._data = None
@@ -184,6 +195,18 @@ class MeshState:
                 del self._observed_by[nat]
         if name in self.planner.nodes:
             self._note(self.planner.remove(name, now.timestamp()))
+
+    def node(self, body: Mapping[str, Any], now: datetime) -> None:
+        """A Node was added or changed: the mesh operator may have admitted or withdrawn it."""
+        name = str((body.get("metadata") or {}).get("name", ""))
+        admission = Admission.of(body)
+        if self._admissions.get(name) != admission:
+            self._admissions[name] = admission
+            self._refresh(name, now)
+
+    def node_deleted(self, name: str, now: datetime) -> None:
+        if self._admissions.pop(name, None) is not None:
+            self._refresh(name, now)
 
     def lease(self, body: Mapping[str, Any], now: datetime) -> None:
         """An agent heartbeat Lease was written (other Leases are ignored)."""
@@ -316,7 +339,10 @@ class MeshState:
         return name
 
     def _node(self, name: str, now: datetime) -> Any:
-        return mesh_node(self._gpunodes[name], self._leases.get(name), now)
+        gpunode = self._gpunodes[name]
+        claimed = (gpunode.get("spec") or {}).get("supplier")
+        node = mesh_node(gpunode, self._leases.get(name), now)
+        return admitted(node, claimed, self._admissions.get(name))
 
     def _refresh(self, node: str, now: datetime) -> None:
         if node in self._gpunodes:
