@@ -43,10 +43,18 @@ _failed = False
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the marker here too, so the suite also runs outside this pyproject."""
+    """Register the markers here too, so the suite also runs outside this pyproject."""
     config.addinivalue_line(
         "markers", "e2e: needs a Kubernetes control plane (the local one is started if none)"
     )
+    config.addinivalue_line(
+        "markers", "after_all: runs after every other test (it reads what they left)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked after_all go last, in their collected order."""
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)
 
 
 @pytest.hookimpl(wrapper=True)

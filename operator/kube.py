@@ -92,19 +92,6 @@ class Kube:
             return None
         return _resource_version(result)
 
-    def get_custom(
-        self, group: str, version: str, plural: str, namespace: str, name: str
-    ) -> dict[str, Any] | None:
-        try:
-            found = self.custom.get_namespaced_custom_object(
-                group, version, namespace, plural, name
-            )
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-        return cast(dict[str, Any], found)
-
     def delete_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str
     ) -> None:

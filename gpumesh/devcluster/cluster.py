@@ -54,6 +54,7 @@ CONTROLLERS: Final = (
 )
 KWOK_NODE_SELECTOR: Final = "kwok.x-k8s.io/node=fake"
 STATE_VERSION: Final = 1
+AUDITED_GROUP: Final = "system:serviceaccounts:gpumesh-system"
 STEP_TIMEOUT_S: Final = 180.0
 """How long one start step (etcd, the API server, the controllers...) may take to answer."""
 COMPONENT_ORDER: Final = (
@@ -598,6 +599,38 @@ class LocalCluster:
             # Endpoints, and Endpoints may not hold loopback IPs: it would log an error
             # every 10 s. Nothing in the fake cluster dials that Service anyway.
             "--endpoint-reconciler-type=none",
+            *self._audit_args(),
+        ]
+
+    @property
+    def audit_log(self) -> Path:
+        """What gpumesh's ServiceAccounts asked the API server for (JSON lines)."""
+        return self.logs_dir / "audit.log"
+
+    def _audit_args(self) -> list[str]:
+        """Record, at the Metadata level, every request of the ServiceAccounts in gpumesh's
+        namespace (the operator and the agents), so tests can hold what the code does
+        against what the charts grant. Nothing else is recorded."""
+        policy = self.state_dir / "audit-policy.yaml"
+        policy.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [
+                        {"level": "Metadata", "userGroups": [AUDITED_GROUP]},
+                        {"level": "None"},
+                    ],
+                }
+            )
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=200",
+            "--audit-log-maxbackup=1",
         ]
 
     def _kcm_argv(
