@@ -28,10 +28,13 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from kubernetes.client import ApiClient
 from netns import GPUNODES_PATH, Host, Lab, missing_prerequisites
 
-from gpumesh.api.nodes import LABEL_MESH_RELAY, LABEL_REGION, LABEL_SUPPLIER
+from gpumesh.api.nodes import LABEL_MESH_RELAY
+from gpumesh.devcluster import install
 from gpumesh.devcluster import mesh as devmesh
+from gpumesh.devcluster.fleet import Supplier, node_manifest
 from gpumesh.devcluster.ports import free_port
 from gpumesh.devcluster.testing import KubeTarget, wait_for
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
@@ -48,8 +51,6 @@ CONFIG = MeshConfig(
     cooldown_s=600,
 )
 LEASE_S = 2
-SUPPLIER = "e2e"
-"""The lab's hosts' supplier, as the mesh operator admitted their Nodes."""
 INITIAL_HOSTS = 6
 NATD = (4, 5)
 JOIN_DEADLINE_S = 5.0
@@ -73,6 +74,47 @@ class Mesh:
     namespace: str
     kubeconfig: Path
     api_port: int
+    kube_api: ApiClient
+    identities: Path
+    """Where the hosts' agents' kubeconfigs go (each holds its own pod's token)."""
+
+    @property
+    def supplier(self) -> str:
+        """The lab's supplier: one per lab, so its release's cluster-wide names are its own."""
+        return f"lab-{self.lab.tag}"
+
+    def admit(self, host: Host, index: int, *, public: bool) -> Path:
+        """The host's Node, as the mesh operator admits it (public hosts may relay), and a
+        kubeconfig holding a token bound to the agent pod the supplier chart puts there."""
+        supplier = Supplier.model_validate(
+            {
+                "name": self.supplier,
+                "region": region_of(index),
+                "pricePerGpuHour": "1.00",
+                "verified": False,
+                "nodes": [{"name": host.name, "cpu": "4", "memory": "8Gi"}],
+            }
+        )
+        node = node_manifest(supplier, supplier.nodes[0])
+        node["metadata"]["labels"]["gpumesh.io/mesh-e2e"] = self.lab.tag
+        if public:
+            node["metadata"]["labels"][LABEL_MESH_RELAY] = "true"
+        self.api.request("POST", "/api/v1/nodes", node)
+        self.api.request(
+            "PATCH",
+            f"/api/v1/nodes/{host.name}/status",
+            {"status": node["status"]},
+            content_type="application/merge-patch+json",
+        )
+        pods = install.agent_pods(self.kube_api, {host.name: self.supplier}, self.namespace)
+        return install.agent_kubeconfig(
+            self.kube_api,
+            self.kubeconfig,
+            self.supplier,
+            pods[host.name],
+            self.identities,
+            self.namespace,
+        )
 
     def republish(self) -> int:
         """The operator's catalogue again, unchanged but under a new generation.
@@ -106,20 +148,9 @@ class Mesh:
         host = self.lab.add_host(index, public=public)
         self.lab.start_wireguard(host)
         self.lab.forward_api(host, self.api_port)
-        labels = {
-            LABEL_SUPPLIER: SUPPLIER,
-            LABEL_REGION: region_of(index),
-            "gpumesh.io/mesh-e2e": self.lab.tag,
-        }
-        if public:
-            labels[LABEL_MESH_RELAY] = "true"
-        self.api.request(
-            "POST",
-            "/api/v1/nodes",
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": host.name, "labels": labels}},
-        )
+        own = self.admit(host, index, public=public)
         spec: dict[str, Any] = {
-            "supplier": SUPPLIER,
+            "supplier": self.supplier,
             "region": region_of(index),
             "pricePerGpuHour": "1.00",
         }
@@ -142,7 +173,7 @@ class Mesh:
             f"--key-dir={host.key_dir}",
             f"--listen-port={host.listen_port}",
             "--mtu=1420",
-            f"--kubeconfig={self.kubeconfig}",
+            f"--kubeconfig={own}",
             f"--namespace={self.namespace}",
             "--resync=1",
             f"--lease-duration={LEASE_S}",
@@ -286,6 +317,13 @@ def mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             namespace,
             kube.kubeconfig,
             _api_port(kube.kubeconfig),
+            kube.api,
+            tmp_path_factory.mktemp("identities"),
+        )
+        # The agent policies, and the lab supplier's identity, RBAC and DaemonSet.
+        install.install_operator_chart(kube.kubeconfig)
+        install.install_supplier_chart(
+            kube.kubeconfig, m.supplier, "lab-a", "1.00", namespace, mesh=True
         )
         for i in range(INITIAL_HOSTS):
             m.add(i, public=i not in NATD)
@@ -303,6 +341,14 @@ def mesh(kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             for path in (f"{GPUNODES_PATH}/{host.name}", f"/api/v1/nodes/{host.name}"):
                 with contextlib.suppress(KubeError):
                     api.request("DELETE", path)
+        with contextlib.suppress(install.InstallError):
+            install.helm(
+                kube.kubeconfig,
+                "uninstall",
+                install.supplier_release(f"lab-{lab.tag}"),
+                "-n",
+                namespace,
+            )
         with contextlib.suppress(KubeError):
             api.request("DELETE", f"/api/v1/namespaces/{namespace}")
         lab.close()

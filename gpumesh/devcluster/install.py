@@ -82,25 +82,47 @@ def supplier_release(supplier: str) -> str:
     return f"{SUPPLIER_RELEASE_PREFIX}{supplier}"
 
 
+def install_supplier_chart(
+    kubeconfig: Path,
+    supplier: str,
+    region: str,
+    price: str,
+    namespace: str = NAMESPACE,
+    *,
+    head_capable: bool = False,
+    mesh: bool = False,
+) -> None:
+    """One supplier's release: its ServiceAccount, RBAC and agent DaemonSet."""
+    helm(
+        kubeconfig,
+        "upgrade",
+        "--install",
+        supplier_release(supplier),
+        str(CHARTS / "gpumesh-supplier"),
+        "-n",
+        namespace,
+        "--set-string",
+        f"supplier={supplier},region={region},pricePerGpuHour={price},"
+        f"mesh.operatorNamespace={namespace}",
+        "--set",
+        f"headCapable={str(head_capable).lower()},mesh.enabled={str(mesh).lower()}",
+    )
+
+
 def install_supplier_charts(
     kubeconfig: Path, fleet: Fleet, namespace: str = NAMESPACE, *, prune: bool = True
 ) -> list[str]:
     """One release per supplier, as its fleet entry says; ``prune`` uninstalls releases of
     suppliers no longer in the fleet. Returns the suppliers pruned."""
     for supplier in fleet.suppliers:
-        helm(
+        price = supplier.model_dump(mode="json", by_alias=True)["pricePerGpuHour"]
+        install_supplier_chart(
             kubeconfig,
-            "upgrade",
-            "--install",
-            supplier_release(supplier.name),
-            str(CHARTS / "gpumesh-supplier"),
-            "-n",
+            supplier.name,
+            supplier.region,
+            price,
             namespace,
-            "--set-string",
-            f"supplier={supplier.name},region={supplier.region},"
-            f"pricePerGpuHour={supplier.model_dump(mode='json', by_alias=True)['pricePerGpuHour']}",
-            "--set",
-            f"headCapable={'true' if supplier.head_capable else 'false'},mesh.enabled=false",
+            head_capable=supplier.head_capable,
         )
     if not prune:
         return []
