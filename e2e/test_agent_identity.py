@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from kubernetes import client
+from kubernetes.config import new_client_from_config
 
 from gpumesh.api.nodes import SUPPLIER_TAINT, agent_account, lease_name
 from gpumesh.devcluster import identity, install, mesh
@@ -756,3 +758,31 @@ def test_what_the_agent_and_the_operator_identities_may_do(
 
 def _yes(allowed: bool) -> str:
     return "yes" if allowed else "no"
+
+
+def _flow_schema_of(admin: Any, kubeconfig: Path) -> str:
+    """The name of the FlowSchema the API server put this identity's request in."""
+    api: Any = new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    try:
+        _, url, headers, body, _ = api.param_serialize(
+            method="GET",
+            resource_path="/version",
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = api.call_api("GET", url, header_params=headers, body=body)
+        uid = response.getheader("X-Kubernetes-PF-FlowSchema-UID")
+    finally:
+        api.close()
+    schemas: Any = client.FlowcontrolApiserverV1Api(admin).list_flow_schema()
+    return str(next(s.metadata.name for s in schemas.items if s.metadata.uid == uid))
+
+
+def test_agents_queue_apart_from_the_operator_and_the_control_plane(
+    kube: KubeTarget, agent: RestKubeApi, tmp_path: Path
+) -> None:
+    pods = install.agent_pods(kube.api, {ME: MY_SUPPLIER})
+    mine = install.agent_kubeconfig(kube.api, kube.kubeconfig, MY_SUPPLIER, pods[ME], tmp_path)
+    operator = install.operator_kubeconfig(kube.api, kube.kubeconfig, tmp_path)
+    assert _flow_schema_of(kube.api, mine) == "gpumesh-agents"
+    assert _flow_schema_of(kube.api, operator) == "gpumesh-operator"
