@@ -92,6 +92,13 @@ def ready(api: client.ApiClient, name: str) -> dict[str, Any] | None:
     return obj
 
 
+def stalled(api: client.ApiClient, name: str, reason: str) -> dict[str, Any] | None:
+    """The cluster's Stalled condition, once it is True for ``reason``."""
+    status = gpucluster(api, name).get("status") or {}
+    found = {c["type"]: c for c in status.get("conditions", [])}.get("Stalled")
+    return found if found and found["status"] == "True" and found["reason"] == reason else None
+
+
 def placed_nodes(obj: dict[str, Any]) -> dict[str, int]:
     return {p["node"]: p["workers"] for p in obj["status"]["placements"]}
 
@@ -250,14 +257,9 @@ def test_an_unplaceable_request_waits_with_a_message_that_names_the_binding_cons
     }
     create_cluster(api, "too-cheap", spec)
     try:
-
-        def stalled() -> dict[str, Any] | None:
-            status = gpucluster(api, "too-cheap").get("status") or {}
-            conditions = {c["type"]: c for c in status.get("conditions", [])}
-            stalled_ = conditions.get("Stalled")
-            return stalled_ if stalled_ and stalled_["status"] == "True" else None
-
-        condition = wait_for("Stalled condition", stalled, timeout=60)
+        condition = wait_for(
+            "Stalled condition", lambda: stalled(api, "too-cheap", "Unschedulable"), timeout=60
+        )
         assert gpucluster(api, "too-cheap")["status"]["phase"] == "Pending"
         assert condition["reason"] == "Unschedulable"
         assert "H100" in condition["message"] and "1.00" in condition["message"]
@@ -664,14 +666,11 @@ def test_a_raycluster_the_api_server_refuses_stalls_the_cluster_once(
         time.sleep(2)
         create_cluster(api, "refused", spec)
         try:
-
-            def stalled() -> dict[str, Any] | None:
-                status = gpucluster(api, "refused").get("status") or {}
-                conditions = {c["type"]: c for c in status.get("conditions", [])}
-                found = conditions.get("Stalled")
-                return found if found and found["reason"] == "RayClusterRejected" else None
-
-            condition = wait_for("Stalled, RayClusterRejected", stalled, timeout=90)
+            condition = wait_for(
+                "Stalled, RayClusterRejected",
+                lambda: stalled(api, "refused", "RayClusterRejected"),
+                timeout=90,
+            )
             assert condition["status"] == "True"
             assert "images must come from registry.example.com" in condition["message"]
             status = gpucluster(api, "refused")["status"]
