@@ -36,7 +36,12 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from gpumesh.api.conditions import STALLED, set_condition
-from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
+from gpumesh.api.gpucluster import (
+    PRIMARY_GROUP,
+    GPUClusterSpec,
+    GPUClusterStatus,
+    WorkerPlacement,
+)
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
@@ -62,6 +67,7 @@ from gpumesh.operator.placement import (
     admit,
     place_cluster,
     quota_limits,
+    with_terms_of,
 )
 from gpumesh.operator.placement.explain import REASON_NO_CAPACITY
 from gpumesh.operator.placement.queue import REASON_BEHIND, REASON_QUOTA
@@ -393,7 +399,7 @@ class Reconciler:
         )
         if not decision.ok:
             return held, Waiting("Unschedulable", decision.explanation)  # keep what runs
-        placed = Placed(decision.assignments, decision.head_node)
+        placed = Placed(with_terms_of(decision.assignments, held.assignments), decision.head_node)
         left = {a.node for a in held.assignments} - {a.node for a in placed.assignments}
         if any(_failing(offers.by_name.get(node)) for node in left):
             self._migrations[key] = migrations + 1
@@ -497,7 +503,9 @@ class Reconciler:
                     if not taken:
                         retry_soon = True  # a victim is mid-reconcile: try again in a moment
                         continue
-                    self._settle(key, Placed(decision.assignments, decision.head_node))
+                    held_now = self._placed.get(key, Placed()).assignments
+                    terms = with_terms_of(decision.assignments, held_now)
+                    self._settle(key, Placed(terms, decision.head_node))
                     self._notes.pop(key, None)
                     if verdict.preemptions:
                         self._event(key, "Normal", "Preempting", verdict.explanation)
@@ -668,8 +676,12 @@ class Reconciler:
             return Placed()
         if existing["spec"].get("suspend"):
             return Placed()
+        # After a restart: the workers are where the RayCluster says, on the terms the
+        # status recorded when they were placed (not the GPUNode's terms of today).
+        placed_on = _terms_of(self._previous(key, body).placements)
         held = Placed(
-            tuple(_assignments_of(existing, offers)), existing["spec"].get("headNode") or None
+            with_terms_of(_assignments_of(existing, offers), placed_on),
+            existing["spec"].get("headNode") or None,
         )
         self._settle(key, held)  # adopted: from now on this process keeps it current
         return held
@@ -990,6 +1002,23 @@ def _condition_reason(queue_reason: str, request: Request) -> str:
     if queue_reason == REASON_NO_CAPACITY or queue_reason in STALLED_REASONS:
         return "ScaleUpUnschedulable" if request.current else "Unschedulable"
     return queue_reason
+
+
+def _terms_of(placements: Sequence[WorkerPlacement]) -> list[Assignment]:
+    """The terms a status recorded for each (group, node) its workers were placed on."""
+    return [
+        Assignment(
+            group=p.group,
+            node=p.node,
+            workers=p.workers,
+            gpus_per_worker=p.gpus // p.workers if p.workers else 0,
+            supplier=p.supplier,
+            region=p.region,
+            gpu_model=p.gpu_model,
+            price_per_gpu_hour=p.price_per_gpu_hour,
+        )
+        for p in placements
+    ]
 
 
 def _assignments_of(trimmed_raycluster: Obj, offers: InventoryIndex) -> list[Assignment]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -722,3 +723,44 @@ def test_a_refused_cluster_tries_again_after_a_long_pause() -> None:
     reconciler.reconcile(ClusterKey(NS, "train"), later)
     settle(api, reconciler, later)
     assert api.workers_by_node("train") == {"n1": 1}
+
+
+def placement_terms(api: FakeApi, name: str) -> set[tuple[str, str, str, int]]:
+    return {
+        (p["node"], p["supplier"], p["pricePerGpuHour"], p["workers"])
+        for p in api.status(name)["placements"]
+    }
+
+
+def test_workers_keep_the_terms_they_were_placed_on_whatever_the_gpunode_says_later() -> None:
+    """A supplier raising its price, or its GPUNode naming another supplier, changes what
+    new placements see; workers already there keep their price and their earner, when
+    more join them and after an operator restart."""
+    api, reconciler = setup(make_offer("n1", price_per_gpu_hour=Decimal("2.00")))
+    api.create("train", replicas=1, gpus=2)
+    settle(api, reconciler)
+    assert placement_terms(api, "train") == {("n1", "acme", "2.00", 1)}
+
+    api.set_offers(make_offer("n1", price_per_gpu_hour=Decimal("9.00"), supplier="rival"))
+    api.edit("train", replicas=2)  # one more worker on the same node
+    reconciler.reconcile(ClusterKey(NS, "train"), at(5))
+    settle(api, reconciler, at(5))
+    assert placement_terms(api, "train") == {("n1", "acme", "2.00", 2)}
+    assert api.status("train")["pricePerHour"] == "8.00"
+
+    restarted = reconciler_for(api)
+    restarted.reconcile(ClusterKey(NS, "train"), at(10))
+    assert placement_terms(api, "train") == {("n1", "acme", "2.00", 2)}
+
+
+def test_new_nodes_are_placed_on_their_terms_of_the_day() -> None:
+    api, reconciler = setup(make_offer("n1", gpus_total=2), make_offer("n2"))
+    api.create("train", replicas=1, gpus=2)
+    settle(api, reconciler)
+    api.set_offers(
+        make_offer("n1", gpus_total=2), make_offer("n2", price_per_gpu_hour=Decimal("3.00"))
+    )
+    api.edit("train", replicas=2)
+    reconciler.reconcile(ClusterKey(NS, "train"), at(5))
+    settle(api, reconciler, at(5))
+    assert placement_terms(api, "train") == {("n1", "acme", "2.00", 1), ("n2", "acme", "3.00", 1)}

@@ -5,7 +5,7 @@ Pure: no Kubernetes client here. Handlers list GPUNodes, Nodes and Pods, call
 for a pass over the queue, and write the results back as status, conditions and events.
 """
 
-from gpumesh.operator.placement.decision import Assignment, Decision, NodeUsage
+from gpumesh.operator.placement.decision import Assignment, Decision, NodeUsage, with_terms_of
 from gpumesh.operator.placement.gang import place_cluster, plan_cluster
 from gpumesh.operator.placement.index import InventoryIndex, Ledger, as_index
 from gpumesh.operator.placement.inventory import NodeOffer, OfferCache, build_inventory
@@ -46,4 +46,5 @@ __all__ = [
     "plan_cluster",
     "queue_order",
     "quota_limits",
+    "with_terms_of",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Final
 
@@ -31,6 +32,35 @@ class Assignment:
     @property
     def price_per_hour(self) -> Decimal:
         return self.gpus * self.price_per_gpu_hour
+
+
+def with_terms_of(
+    assignments: Sequence[Assignment], earlier: Sequence[Assignment]
+) -> tuple[Assignment, ...]:
+    """``assignments``, where each (group, node) that already held workers keeps the terms
+    those workers were placed on.
+
+    Who earns from them (the supplier) and what the renter pays (the price), like the
+    region and model they were bought as, are fixed when workers land on a node; a later
+    edit of that node's GPUNode changes only what new placements see.
+    """
+    terms = {(a.group, a.node): a for a in earlier if a.workers}
+    kept = []
+    for a in assignments:
+        t = terms.get((a.group, a.node))
+        if t is None:
+            kept.append(a)
+        else:
+            kept.append(
+                replace(
+                    a,
+                    supplier=t.supplier,
+                    region=t.region,
+                    gpu_model=t.gpu_model,
+                    price_per_gpu_hour=t.price_per_gpu_hour,
+                )
+            )
+    return tuple(kept)
 
 
 @dataclass(frozen=True, slots=True)
