@@ -19,6 +19,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from gpumesh.api.gpunode import Track
 from gpumesh.devcluster.testing import (
     KubeTarget,
     OperatedMesh,
@@ -27,6 +28,7 @@ from gpumesh.devcluster.testing import (
     steady_fleet,
     wait_for,
 )
+from gpumesh.operator.reputation import ReputationSettings, score
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +42,18 @@ WHOLE_A100: dict[str, Any] = {
 """One worker taking a whole A100 80GB node (the fleet has two): a move has one place to go."""
 
 
+REPUTATION = ReputationSettings(
+    half_life=timedelta(minutes=10), prior_s=60, rewrite_after=timedelta(seconds=2)
+)
+"""A reputation that moves within a test: the formula as shipped, on a shorter clock."""
+OPERATOR_ENV = {
+    "GPUMESH_RESYNC_SECONDS": 10,
+    "GPUMESH_REPUTATION_HALF_LIFE_SECONDS": REPUTATION.half_life.total_seconds(),
+    "GPUMESH_REPUTATION_PRIOR_SECONDS": REPUTATION.prior_s,
+    "GPUMESH_REPUTATION_REWRITE_SECONDS": REPUTATION.rewrite_after.total_seconds(),
+}
+
+
 @pytest.fixture(scope="module")
 def running_mesh(
     kube: KubeTarget, tmp_path_factory: pytest.TempPathFactory
@@ -47,9 +61,7 @@ def running_mesh(
     if kube.fleet is None:
         pytest.skip("this cluster has no simulated fleet for agents to play")
     tmp = tmp_path_factory.mktemp("mesh")
-    with operated_mesh(
-        kube, tmp, FLEET, (NS,), operator_env={"GPUMESH_RESYNC_SECONDS": 10}
-    ) as world:
+    with operated_mesh(kube, tmp, FLEET, (NS,), operator_env=OPERATOR_ENV) as world:
         yield world
 
 
@@ -511,8 +523,9 @@ def restore_agent(mesh: OperatedMesh, node: str) -> None:
 
 def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> None:
     """The agent of the worker's node is restarted with a 6 s Lease, then killed (SIGKILL):
-    once its Lease lapses the operator marks the GPUNode Lost and the worker moves. A
-    restarted agent writes its own health again."""
+    once its Lease lapses the operator marks the GPUNode Lost and the worker moves, and the
+    node's reputation falls as the formula says. A restarted agent writes its own health
+    again."""
     api = running_mesh.api
     core: Any = client.CoreV1Api(api)
     create_cluster(api, "outlives-an-agent", WHOLE_A100)
@@ -533,9 +546,18 @@ def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> No
             ),
         )
         assert gpunode_health(api, quiet) == "Healthy"
+        up = wait_for("a reputation written while up", lambda: reputation(api, quiet, up=True))
         running_mesh.kill_agent(quiet)
 
         wait_for(f"{quiet} Lost", lambda: gpunode_health(api, quiet) == "Lost", timeout=60)
+        down = wait_for(
+            "the reputation to fall while the node is down",
+            lambda: (
+                found if (found := reputation(api, quiet, up=False)) and found[0] < up[0] else None
+            ),
+            timeout=60,
+        )
+        assert down[1].down_seconds > 0
         events = core.list_event_for_all_namespaces(
             field_selector=f"involvedObject.name={quiet},reason=AgentLost"
         ).items
@@ -546,6 +568,17 @@ def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> No
         delete(api, "outlives-an-agent")
         if quiet is not None:
             restore_agent(running_mesh, quiet)
+
+
+def reputation(api: client.ApiClient, node: str, *, up: bool) -> tuple[float, Track] | None:
+    """The node's reputation and record once the record says ``up``; the reputation is
+    checked against the formula applied to the record it was written with."""
+    status = custom(api).get_cluster_custom_object(GROUP, VERSION, "gpunodes", node)["status"]
+    if "track" not in status or status["track"]["up"] is not up:
+        return None
+    track = Track.model_validate(status["track"])
+    assert status["reputation"] == score(track, REPUTATION)
+    return float(status["reputation"]), track
 
 
 def test_the_failover_grace_runs_on_across_an_operator_restart(

@@ -33,6 +33,12 @@ class OperatorSettings:
     """How often the mesh planner lists GPUNodes and Leases again: one list costs the API
     server about what ten minutes of heartbeat events do at this period, and a missed
     event is rare."""
+    reputation_half_life_seconds: float = 7 * 86400.0
+    """How fast what the operator saw of a node fades from its reputation."""
+    reputation_prior_seconds: float = 3600.0
+    """A new node's benefit of the doubt (it starts at 0.5)."""
+    reputation_rewrite_seconds: float = 600.0
+    """Write a node's record at least this often while it changes."""
     mesh_node_selector: str = ""
     """Only GPUNodes with these labels join the mesh, as "k=v,k2=v2" (empty: all)."""
 
@@ -71,6 +77,15 @@ class OperatorSettings:
                 env.get("GPUMESH_MESH_FULL_RESYNC_SECONDS", cls.mesh_full_resync_seconds)
             ),
             mesh_node_selector=env.get("GPUMESH_MESH_NODE_SELECTOR", cls.mesh_node_selector),
+            reputation_half_life_seconds=float(
+                env.get("GPUMESH_REPUTATION_HALF_LIFE_SECONDS", cls.reputation_half_life_seconds)
+            ),
+            reputation_prior_seconds=float(
+                env.get("GPUMESH_REPUTATION_PRIOR_SECONDS", cls.reputation_prior_seconds)
+            ),
+            reputation_rewrite_seconds=float(
+                env.get("GPUMESH_REPUTATION_REWRITE_SECONDS", cls.reputation_rewrite_seconds)
+            ),
         )
 
 

@@ -19,6 +19,8 @@ PURE = [
     "operator/mesh",
     "operator/render",
     "operator/liveness.py",
+    "operator/reputation.py",
+    "operator/rejection.py",
     "operator/status.py",
     "operator/world.py",
 ]

@@ -156,6 +156,21 @@ class VerificationStatus(StatusModel):
     matmul_tflops: float | None = Field(default=None, description="Measured throughput.")
 
 
+class Track(StatusModel):
+    """What the operator has seen of a node, for its reputation: time up and down and its
+    faults, each decayed with a half-life (a rolling window that needs no history)."""
+
+    updated_time: datetime = Field(description="The time this record is counted up to.")
+    up: bool = Field(description="Whether the node was up at updatedTime.")
+    up_seconds: float = Field(default=0.0, ge=0, description="Decayed seconds up.")
+    down_seconds: float = Field(default=0.0, ge=0, description="Decayed seconds down.")
+    faults: float = Field(default=0.0, ge=0, description="Decayed count of GPU failures.")
+    failed_challenges: float = Field(
+        default=0.0, ge=0, description="Decayed count of failed proofs of GPU."
+    )
+    health: str | None = Field(default=None, description="Health last seen.")
+
+
 class GPUNodeStatus(StatusModel):
     """What the node agent observed."""
 
@@ -180,7 +195,13 @@ class GPUNodeStatus(StatusModel):
         default=None, description="The operator's verdict on the proof of GPU."
     )
     reputation: float | None = Field(
-        default=None, ge=0, le=1, description="Track record from 0 to 1 (uptime, failures)."
+        default=None,
+        ge=0,
+        le=1,
+        description="Track record from 0 to 1, by the operator (docs/security.md: the formula).",
+    )
+    track: Track | None = Field(
+        default=None, description="What the operator has seen of the node (for reputation)."
     )
     observed_generation: int | None = Field(
         default=None, description="The metadata.generation this status describes."

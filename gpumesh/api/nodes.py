@@ -72,7 +72,7 @@ def agent_account(supplier: str) -> str:
     return f"{AGENT_ACCOUNT_PREFIX}{supplier}"
 
 
-OPERATOR_STATUS_FIELDS: Final = ("verification", "reputation", "conditions")
+OPERATOR_STATUS_FIELDS: Final = ("verification", "reputation", "track", "conditions")
 """GPUNode status fields that are the operator's verdicts: no agent may write them."""
 OPERATOR_MESH_FIELDS: Final = ("overlayIp", "podCidr", "relay", "observedEndpoint")
 """GPUNode ``status.mesh`` fields the operator assigns."""

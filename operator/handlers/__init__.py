@@ -9,6 +9,7 @@ from gpumesh.operator.handlers import (
     lifecycle,
     liveness,
     mesh,
+    reputation,
     supply,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "lifecycle",
     "liveness",
     "mesh",
+    "reputation",
     "supply",
 ]
