@@ -40,13 +40,13 @@ from gpumesh.api.gpucluster import (
     PRIMARY_GROUP,
     GPUClusterSpec,
     GPUClusterStatus,
-    WorkerPlacement,
 )
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
 from gpumesh.operator.jobs.admission import (
     STALLED_REASONS,
+    assignments,
     placement_trouble,
     placements,
     unhealthy_nodes,
@@ -678,7 +678,7 @@ class Reconciler:
             return Placed()
         # After a restart: the workers are where the RayCluster says, on the terms the
         # status recorded when they were placed (not the GPUNode's terms of today).
-        placed_on = _terms_of(self._previous(key, body).placements)
+        placed_on = assignments(self._previous(key, body).placements)
         held = Placed(
             with_terms_of(_assignments_of(existing, offers), placed_on),
             existing["spec"].get("headNode") or None,
@@ -1002,23 +1002,6 @@ def _condition_reason(queue_reason: str, request: Request) -> str:
     if queue_reason == REASON_NO_CAPACITY or queue_reason in STALLED_REASONS:
         return "ScaleUpUnschedulable" if request.current else "Unschedulable"
     return queue_reason
-
-
-def _terms_of(placements: Sequence[WorkerPlacement]) -> list[Assignment]:
-    """The terms a status recorded for each (group, node) its workers were placed on."""
-    return [
-        Assignment(
-            group=p.group,
-            node=p.node,
-            workers=p.workers,
-            gpus_per_worker=p.gpus // p.workers if p.workers else 0,
-            supplier=p.supplier,
-            region=p.region,
-            gpu_model=p.gpu_model,
-            price_per_gpu_hour=p.price_per_gpu_hour,
-        )
-        for p in placements
-    ]
 
 
 def _assignments_of(trimmed_raycluster: Obj, offers: InventoryIndex) -> list[Assignment]:
