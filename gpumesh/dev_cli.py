@@ -70,12 +70,8 @@ def up(
     with _step("gpumesh CRDs and namespaces"):
         mesh.apply_crds(api)
         mesh.ensure_namespace(api, install.NAMESPACE)
-    wanted = {mesh.agent_name(node.name) for _, node in fleet_model.nodes()}
-    leaving = [
-        p
-        for p in mesh.load_record(state)
-        if p.name.startswith(mesh.AGENT_PREFIX) and p.name not in wanted and p.alive()
-    ]
+    nodes = {mesh.agent_name(node.name): (supplier, node) for supplier, node in fleet_model.nodes()}
+    leaving = mesh.departed(nodes, mesh.load_record(state))
     if leaving:
         with _step(f"agents of nodes that left the fleet stopped ({len(leaving)})"):
             mesh.stop(leaving)
@@ -92,17 +88,14 @@ def up(
         )
     shared_fleet = ids.share(fleet)
     fingerprints = {
-        mesh.agent_name(node.name): mesh.agent_fingerprint(
-            supplier, node, agent_interval, ids.pod_uid(node.name)
-        )
-        for supplier, node in fleet_model.nodes()
+        name: mesh.agent_fingerprint(supplier, node, agent_interval, ids.pod_uid(node.name))
+        for name, (supplier, node) in nodes.items()
     }
     plan = mesh.plan_agents(fingerprints, mesh.load_record(state))
     if plan.stop:
         with _step(f"agents stopped ({len(plan.stop)}: changed, or their pod was replaced)"):
             mesh.stop(plan.stop)
     logs = state / "logs"
-    nodes = {mesh.agent_name(node.name): (supplier, node) for supplier, node in fleet_model.nodes()}
     with _step(
         f"node agents ({len(nodes)}, fake NVML, each on its own pod's token; "
         f"{len(plan.start)} started)"

@@ -36,11 +36,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from gpumesh.api.conditions import STALLED, set_condition
-from gpumesh.api.gpucluster import (
-    PRIMARY_GROUP,
-    GPUClusterSpec,
-    GPUClusterStatus,
-)
+from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
@@ -278,7 +274,7 @@ class Reconciler:
                 # the spec changes or the pause is over.
                 chosen = held
                 waiting = Waiting(RAYCLUSTER_REJECTED, refusal.message)
-                self.wake(key, (refusal.retry_at(self.refusals.retry_after) - when).total_seconds())
+                self.wake(key, (refusal.retry_at - when).total_seconds())
             elif spec.suspend:
                 chosen = Placed()
                 self._settle(key, chosen)
@@ -765,7 +761,7 @@ class Reconciler:
                 held = Placed()
                 self._settle(key, held)
                 self.request_pass(0)  # the GPUs it was promised are free for others
-        self.wake(key, self.refusals.retry_after.total_seconds())
+        self.wake(key, (refusal.retry_at - when).total_seconds())
         return held, Waiting(RAYCLUSTER_REJECTED, refusal.message)
 
     def _render(

@@ -217,7 +217,7 @@ class JobReconciler:
             return Outcome()
         refusal = self.refusals.standing(key, ref.generation, now)
         if refusal is not None:
-            return Outcome(refusal.retry_at(self.refusals.retry_after))
+            return Outcome(refusal.retry_at)
 
         view = _attempt(snap, key, previous.ray_job_name)
         world = self._world(key, spec, previous, view, snap, now)
@@ -458,7 +458,7 @@ class JobReconciler:
         if status.to_api() != previous.to_api():
             self._post(body, [Event("Warning", RAYJOB_REJECTED, refusal.message)])
         self._commit(key, ref, previous, status, now)
-        return Outcome(refusal.retry_at(self.refusals.retry_after), queue_moved=True)
+        return Outcome(refusal.retry_at, queue_moved=True)
 
     def _report_invalid(
         self,

@@ -42,10 +42,8 @@ class Refusal:
 
     generation: int
     message: str
-    at: datetime
-
-    def retry_at(self, retry_after: timedelta = RETRY_AFTER) -> datetime:
-        return self.at + retry_after
+    retry_at: datetime
+    """When the write is tried again though the object did not change."""
 
 
 class Refusals:
@@ -61,7 +59,7 @@ class Refusals:
     ) -> Refusal:
         """Remember that writing ``what`` for ``key`` at ``generation`` was refused."""
         message = f"the API server refused {what} ({err.status} {err.reason}): {err.message}"
-        refusal = Refusal(generation, message, now)
+        refusal = Refusal(generation, message, now + self.retry_after)
         self._by_key[key] = refusal
         return refusal
 
@@ -73,7 +71,7 @@ class Refusals:
         refusal = self._by_key.get(key)
         if refusal is None:
             return None
-        if refusal.generation != generation or now >= refusal.at + self.retry_after:
+        if refusal.generation != generation or now >= refusal.retry_at:
             del self._by_key[key]
             return None
         return refusal

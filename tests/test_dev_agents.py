@@ -10,7 +10,13 @@ import pytest
 
 from corpus import ROOT
 from gpumesh.devcluster.fleet import load_fleet
-from gpumesh.devcluster.mesh import MeshProcess, agent_fingerprint, agent_name, plan_agents
+from gpumesh.devcluster.mesh import (
+    MeshProcess,
+    agent_fingerprint,
+    agent_name,
+    departed,
+    plan_agents,
+)
 
 
 @pytest.fixture
@@ -31,10 +37,10 @@ def test_agents_of_nodes_that_left_the_fleet_stop_and_their_nodes_are_named(
 ) -> None:
     desired = {agent_name("a"): "a-v1"}
     recorded = [running("a", "a-v1", live_pid), running("b", "b-v1", live_pid)]
+    assert [p.name for p in departed(desired, recorded)] == ["agent-b"]
     plan = plan_agents(desired, recorded)
     assert [p.name for p in plan.stop] == ["agent-b"]
     assert plan.start == ()
-    assert plan.removed_nodes == ("b",)
 
 
 def test_a_re_scripted_node_restarts_its_agent_and_keeps_its_gpunode(live_pid: int) -> None:
@@ -42,7 +48,7 @@ def test_a_re_scripted_node_restarts_its_agent_and_keeps_its_gpunode(live_pid: i
     plan = plan_agents(desired, [running("a", "a-v1", live_pid)])
     assert [p.name for p in plan.stop] == ["agent-a"]
     assert plan.start == ("agent-a",)
-    assert plan.removed_nodes == ()
+    assert departed(desired, [running("a", "a-v1", live_pid)]) == []
 
 
 def test_new_and_dead_agents_start_and_running_ones_are_left_alone(live_pid: int) -> None:

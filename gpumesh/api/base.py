@@ -70,21 +70,9 @@ class StatusModel(ApiModel):
     model_config = ConfigDict(extra="ignore", strict=False)
 
 
-def cel(
-    rule: str,
-    message: str,
-    field_path: str | None = None,
-    *,
-    message_expression: str | None = None,
-) -> JsonDict:
-    """One CEL rule for ``x-kubernetes-validations``; the message is what a user reads.
-
-    ``message_expression`` (CEL yielding a string) names what broke the rule, such as the
-    offending keys; ``message`` stays as the fallback the API server shows if it fails.
-    """
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One CEL rule for ``x-kubernetes-validations``; the message is what a user reads."""
     entry: JsonDict = {"rule": rule, "message": message}
-    if message_expression is not None:
-        entry["messageExpression"] = message_expression
     if field_path is not None:
         entry["fieldPath"] = field_path
     return entry

@@ -41,12 +41,14 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def field_problems(err: ValidationError, prefix: str = "") -> str:
+    """Validation errors as one line naming each field (under ``prefix``) and its reason."""
+    return "; ".join(f"{prefix}{field_path(e['loc'])}: {_reason(e['msg'])}" for e in err.errors())
+
+
 def spec_problems(err: ValidationError) -> str:
     """A stored spec's validation errors, one line naming each field and its reason."""
-    return "; ".join(
-        f"spec.{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-        for e in err.errors()
-    )
+    return field_problems(err, "spec.")
 
 
 def parse_manifest(doc: Any) -> ApiModel:

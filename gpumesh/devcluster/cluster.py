@@ -743,10 +743,10 @@ class LocalCluster:
         kdir.mkdir(exist_ok=True)
         for name, pair in pki.clients.items():
             path = kdir / f"{name}.yaml"
-            _write_private(path, yaml.safe_dump(doc(name, pair.cert, pair.key, False)))
+            write_private(path, yaml.safe_dump(doc(name, pair.cert, pair.key, False)))
             out[name] = path
         admin = pki.clients["admin"]
-        _write_private(self.kubeconfig, yaml.safe_dump(doc("admin", admin.cert, admin.key, True)))
+        write_private(self.kubeconfig, yaml.safe_dump(doc("admin", admin.cert, admin.key, True)))
         return out
 
     def _apply_crds(self, client: KubeClient, files: Sequence[Path], timeout: float) -> None:
@@ -908,7 +908,7 @@ def _nodes_ready(client: KubeClient, names: Sequence[str]) -> bool:
     return ready.issuperset(names)
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Kubeconfigs hold keys: owner-only, replaced atomically."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from gpumesh.api.manifests import field_path
+from gpumesh.api.manifests import field_problems
 from gpumesh.api.nodes import (
     LABEL_DEV_FLEET,
     LABEL_HEAD_CAPABLE,
@@ -177,11 +177,7 @@ def load_fleet(path: Path | str) -> Fleet:
     try:
         return Fleet.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors()
-        )
-        raise FleetError(f"fleet {path}: {problems}") from None
+        raise FleetError(f"fleet {path}: {field_problems(err)}") from None
 
 
 def gfd_product_label(model: str) -> str:

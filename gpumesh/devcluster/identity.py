@@ -11,46 +11,34 @@ object) and hands the local process a kubeconfig holding it.
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kubernetes import client
 
+from gpumesh.devcluster.cluster import write_private
+
 TOKEN_SECONDS = 7 * 24 * 3600
 """Long enough for a week-long dev session (`make up` again issues new ones); a kubelet
 would rotate a projected token hourly, and the agent re-reads it in a pod."""
 
 
-def pod_token(api: client.ApiClient, namespace: str, service_account: str, pod: Any) -> str:
-    """A token for ``service_account`` bound to ``pod`` (a V1Pod), as a projected volume has."""
+def service_account_token(
+    api: client.ApiClient, namespace: str, service_account: str, pod: Any = None
+) -> str:
+    """A token for ``service_account``: bound to ``pod`` (a V1Pod), as a projected volume
+    has it, or to nothing (the operator's, in the dev mesh)."""
+    spec: dict[str, Any] = {"expirationSeconds": TOKEN_SECONDS}
+    if pod is not None:
+        spec["boundObjectRef"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod.metadata.name,
+            "uid": pod.metadata.uid,
+        }
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
     core: Any = client.CoreV1Api(api)
-    request = {
-        "apiVersion": "authentication.k8s.io/v1",
-        "kind": "TokenRequest",
-        "spec": {
-            "expirationSeconds": TOKEN_SECONDS,
-            "boundObjectRef": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": pod.metadata.name,
-                "uid": pod.metadata.uid,
-            },
-        },
-    }
-    answer = core.create_namespaced_service_account_token(service_account, namespace, request)
-    return str(answer.status.token)
-
-
-def service_account_token(api: client.ApiClient, namespace: str, service_account: str) -> str:
-    """A token for ``service_account`` bound to nothing (the operator's, in the dev mesh)."""
-    core: Any = client.CoreV1Api(api)
-    request = {
-        "apiVersion": "authentication.k8s.io/v1",
-        "kind": "TokenRequest",
-        "spec": {"expirationSeconds": TOKEN_SECONDS},
-    }
     answer = core.create_namespaced_service_account_token(service_account, namespace, request)
     return str(answer.status.token)
 
@@ -76,9 +64,5 @@ def write_token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path, user:
         "current-context": user,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(yaml.safe_dump(doc))
-    os.replace(tmp, path)
+    write_private(path, yaml.safe_dump(doc))
     return path

@@ -172,7 +172,7 @@ def agent_kubeconfig(
     namespace: str = NAMESPACE,
 ) -> Path:
     """A kubeconfig holding a token bound to ``pod``, readable by the agent's user only."""
-    token = identity.pod_token(api, namespace, agent_account(supplier), pod)
+    token = identity.service_account_token(api, namespace, agent_account(supplier), pod)
     node = pod.spec.node_name
     path = identity.write_token_kubeconfig(
         admin_kubeconfig, token, directory / f"agent-{node}.yaml", f"agent-{node}"

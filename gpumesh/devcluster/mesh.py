@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -152,8 +152,6 @@ class AgentPlan:
     stop: tuple[MeshProcess, ...]
     start: tuple[str, ...]
     """Agent names to start, in fleet order."""
-    removed_nodes: tuple[str, ...]
-    """Nodes whose agent stops for good (no longer in the fleet): their GPUNodes go too."""
 
 
 def agent_fingerprint(supplier: Supplier, node: FleetNode, *settings: object) -> str:
@@ -174,12 +172,20 @@ def plan_agents(desired: Mapping[str, str], recorded: Sequence[MeshProcess]) -> 
     stops; one whose node changed (re-scripted GPUs or faults) restarts; one that died
     starts again; one that runs as wanted is left alone.
     """
-    alive = {p.name: p for p in recorded if p.name.startswith(AGENT_PREFIX) and p.alive()}
+    alive = {p.name: p for p in _running_agents(recorded)}
     stop = [p for name, p in alive.items() if desired.get(name) != p.fingerprint]
     stopping = {p.name for p in stop}
     start = [name for name in desired if name not in alive or name in stopping]
-    removed = [p.name[len(AGENT_PREFIX) :] for p in stop if p.name not in desired]
-    return AgentPlan(tuple(stop), tuple(start), tuple(sorted(removed)))
+    return AgentPlan(tuple(stop), tuple(start))
+
+
+def departed(wanted: Collection[str], recorded: Sequence[MeshProcess]) -> list[MeshProcess]:
+    """Running agents whose node is no longer in the fleet (``wanted``: agent names)."""
+    return [p for p in _running_agents(recorded) if p.name not in wanted]
+
+
+def _running_agents(recorded: Sequence[MeshProcess]) -> list[MeshProcess]:
+    return [p for p in recorded if p.name.startswith(AGENT_PREFIX) and p.alive()]
 
 
 def delete_gpunodes(api: client.ApiClient, names: Iterable[str]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import kopf
 from pydantic import ValidationError
@@ -34,7 +34,9 @@ REPUTATION = ReputationSettings(
 
 _lock = threading.Lock()
 _latest: dict[str, dict[str, Any]] = {}
-"""Each GPUNode's status as last delivered (a cache: the API holds the record)."""
+"""Of each GPUNode's status as last delivered, what reputation reads (a cache: the API
+holds the record)."""
+_READ: Final = ("health", "reputation", "track")
 
 
 @kopf.on.event(GROUP, VERSION, "gpunodes")
@@ -43,7 +45,7 @@ def reputation_gpunode(type: str | None, name: str, status: kopf.Status, **_: An
         if type == "DELETED":
             _latest.pop(name, None)
             return
-        _latest[name] = dict(status)
+        _latest[name] = {k: status[k] for k in _READ if k in status}
     QUEUE.add(name)
 
 

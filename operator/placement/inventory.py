@@ -230,7 +230,6 @@ def _offer(
     labels: dict[str, str] = dict(metadata.get("labels") or {})
     if labels.get(LABEL_SUPPLIER) != spec.supplier:
         return None  # not admitted, or not for the supplier this GPUNode claims
-
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     gpus_total = _quantity(allocatable.get(GPU_RESOURCE), memory_bytes)
     node_spec = node.get("spec") or {}
