@@ -580,10 +580,11 @@ class Reconciler:
                         spec.priority,
                     )
                 )
-            refused = self.refusals.standing(key, int(meta.get("generation") or 0), now)
+            generation = int(meta.get("generation") or 0)
+            refused = self.refusals.standing(key, generation, now)
             if not spec.suspend and refused is None and _wants_more(spec, held):
                 if seen_by_pass:
-                    self._seen_by_pass[key] = (int(meta.get("generation") or 0), held)
+                    self._seen_by_pass[key] = (generation, held)
                 request = Request.for_cluster(
                     key.namespace, key.name, spec, created, held.assignments, held.head_node
                 )

@@ -510,11 +510,11 @@ class JobReconciler:
                 spec = self._spec(body)
             except ValidationError:
                 continue
-            previous = self._previous(key, body)
-            refused = self.refusals.standing(key, _ref(body).generation, now)
+            ref, previous = _ref(body), self._previous(key, body)
+            refused = self.refusals.standing(key, ref.generation, now)
             if refused is not None and not previous.placements:
                 continue
-            entries.append(JobEntry(_ref(body), spec, previous))
+            entries.append(JobEntry(ref, spec, previous))
         if override is not None and override[0] not in snap.jobs:
             entries.append(override[1])
         return entries

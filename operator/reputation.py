@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from gpumesh.api.gpunode import GPUNodeStatus, Track
+from gpumesh.operator.settings import OperatorSettings
 
 DOWN_HEALTH: Final = frozenset({"Lost", "Unknown"})
 """Health in which the node counts as down (no agent report, or its GPUs gone)."""
@@ -30,10 +31,19 @@ FAILED_CHALLENGE_FACTOR: Final = 0.8
 
 @dataclass(frozen=True)
 class ReputationSettings:
-    half_life: timedelta = timedelta(days=7)
-    prior_s: float = 3600.0
-    rewrite_after: timedelta = timedelta(minutes=10)
+    half_life: timedelta
+    prior_s: float
+    rewrite_after: timedelta
     """Write the record at least this often while it changes (so a restart loses little)."""
+
+    @classmethod
+    def of(cls, settings: OperatorSettings) -> ReputationSettings:
+        """The operator's settings (defaults and ``GPUMESH_REPUTATION_*``) for the formula."""
+        return cls(
+            half_life=timedelta(seconds=settings.reputation_half_life_seconds),
+            prior_s=settings.reputation_prior_seconds,
+            rewrite_after=timedelta(seconds=settings.reputation_rewrite_seconds),
+        )
 
 
 def account(

@@ -13,7 +13,8 @@ import pytest
 from gpumesh.operator.handlers import mesh as mesh_handler
 from gpumesh.operator.handlers.mesh import parse_selector, selected
 from gpumesh.operator.mesh import Catalogue, MeshConfig, catalogue_from_configmap
-from gpumesh.operator.mesh.state import MeshState, lease_node
+from gpumesh.operator.mesh.publish import lease_node
+from gpumesh.operator.mesh.state import MeshState
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 CONFIG = MeshConfig(overlay_cidr="198.19.0.0/24", pod_cidr="198.19.128.0/17", cooldown_s=600)

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from gpumesh.api.gpunode import GPUNodeStatus, Track
 from gpumesh.operator.reputation import ReputationSettings, account, score, step
+from gpumesh.operator.settings import OperatorSettings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-WEEK = ReputationSettings()
+WEEK = ReputationSettings.of(OperatorSettings())
 HOUR = timedelta(hours=1)
 
 

@@ -8,7 +8,9 @@ one place, so the three cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
 
 # --- the mesh operator's word on a node (set when it admits the node; no agent may) ---------
 
@@ -33,6 +35,32 @@ MESH_OPERATOR_LABELS: Final = (
 SUPPLIER_TAINT: Final = "gpumesh.io/supplier"
 """A supplier's node reserved for the mesh (set at join, like the labels above)."""
 
+
+@dataclass(frozen=True)
+class Admission:
+    """The mesh operator's word on a node, from its Node's labels (no agent may write
+    them): whose it is, where it is, and whether it may relay others' traffic."""
+
+    supplier: str | None
+    region: str | None
+    relay: bool
+
+    @classmethod
+    def of(cls, node: Mapping[str, Any]) -> Admission:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        supplier, region = labels.get(LABEL_SUPPLIER), labels.get(LABEL_REGION)
+        return cls(
+            supplier=supplier if isinstance(supplier, str) and supplier else None,
+            region=region if isinstance(region, str) and region else None,
+            relay=labels.get(LABEL_MESH_RELAY) == "true",
+        )
+
+    def admits(self, claimed_supplier: object) -> bool:
+        """Was the node admitted for the supplier its GPUNode claims? Only then does the
+        operator place work on it or mesh it."""
+        return self.supplier is not None and self.supplier == claimed_supplier
+
+
 # --- what an agent writes on its own node ---------------------------------------------------
 
 LABEL_PRODUCT: Final = "nvidia.com/gpu.product"
@@ -51,6 +79,13 @@ LEASE_PREFIX: Final = "gpumesh-agent-"
 def lease_name(node: str) -> str:
     """The heartbeat Lease of ``node``'s agent, in the operator's namespace."""
     return f"{LEASE_PREFIX}{node}"
+
+
+def node_of_lease(name: object) -> str | None:
+    """The node whose agent's heartbeat Lease is called ``name``, or None for another Lease."""
+    if isinstance(name, str) and name.startswith(LEASE_PREFIX) and len(name) > len(LEASE_PREFIX):
+        return name[len(LEASE_PREFIX) :]
+    return None
 
 
 def agent_may_set(key: str) -> bool:

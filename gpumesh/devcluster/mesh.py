@@ -25,6 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh import crdgen
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.devcluster.fleet import FleetNode, Supplier
 
 APPLY = "application/apply-patch+yaml"
@@ -193,7 +194,7 @@ def delete_gpunodes(api: client.ApiClient, names: Iterable[str]) -> None:
     custom = client.CustomObjectsApi(api)
     for name in names:
         try:
-            custom.delete_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes", name)
+            custom.delete_cluster_custom_object(GROUP, VERSION, "gpunodes", name)
         except ApiException as err:
             if err.status != 404:
                 raise

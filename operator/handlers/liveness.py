@@ -17,11 +17,11 @@ from typing import Any, cast
 import kopf
 
 from gpumesh.api.base import GROUP, VERSION
-from gpumesh.api.nodes import LEASE_PREFIX
+from gpumesh.api.nodes import lease_name
 from gpumesh.operator import kube
 from gpumesh.operator.handlers.runtime import RUNTIME, entries
 from gpumesh.operator.liveness import AgentLiveness
-from gpumesh.operator.mesh.state import lease_node
+from gpumesh.operator.mesh.publish import lease_node
 from gpumesh.operator.settings import SETTINGS
 from gpumesh.operator.workqueue import WorkQueue
 
@@ -67,7 +67,7 @@ def _check_in_context(node: str) -> bool:
         QUEUE.add(node, after=deadline - now)  # renewed since this look was asked for
         return True
     k = kube.shared()
-    lease = k.get_lease(SETTINGS.namespace, f"{LEASE_PREFIX}{node}")
+    lease = k.get_lease(SETTINGS.namespace, lease_name(node))
     found = entries(RUNTIME.index("gpunode_index"), node)
     gpunode: Mapping[str, Any] = found[0] if found else {}
     health = (gpunode.get("status") or {}).get("health") if found else None
@@ -90,7 +90,7 @@ def _check_in_context(node: str) -> bool:
         type="Warning",
         reason="AgentLost",
         message=(
-            f"the agent's Lease {SETTINGS.namespace}/{LEASE_PREFIX}{node} "
+            f"the agent's Lease {SETTINGS.namespace}/{lease_name(node)} "
             f"{'is gone' if lease is None else 'was not renewed in time'}: no GPU health is "
             "known, so the node is Lost until the agent reports again"
         ),

@@ -30,7 +30,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.base import GROUP, VERSION
-from gpumesh.api.nodes import LEASE_PREFIX
+from gpumesh.api.nodes import lease_name, node_of_lease
 from gpumesh.operator import kube
 from gpumesh.operator.mesh import MeshConfig, MeshConfigError
 from gpumesh.operator.mesh.state import MeshState, Writes, trim_gpunode
@@ -97,9 +97,7 @@ def selected(labels: Any, selector: dict[str, str]) -> bool:
 
 
 def is_agent_lease(name: str | None, namespace: str | None, **_: Any) -> bool:
-    return (
-        namespace == SETTINGS.namespace and isinstance(name, str) and name.startswith(LEASE_PREFIX)
-    )
+    return namespace == SETTINGS.namespace and node_of_lease(name) is not None
 
 
 def _now() -> datetime:
@@ -259,7 +257,7 @@ def _publish_loop() -> None:
 
 def _read_lease(node: str) -> dict[str, Any] | None:
     """The agent's Lease as the API has it now (the watch may lag behind)."""
-    return kube.shared().get_lease(SETTINGS.namespace, f"{LEASE_PREFIX}{node}")
+    return kube.shared().get_lease(SETTINGS.namespace, lease_name(node))
 
 
 def _write(state: MeshState, writes: Writes) -> bool:

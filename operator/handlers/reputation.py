@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
@@ -26,11 +26,7 @@ from gpumesh.operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-REPUTATION = ReputationSettings(
-    half_life=timedelta(seconds=SETTINGS.reputation_half_life_seconds),
-    prior_s=SETTINGS.reputation_prior_seconds,
-    rewrite_after=timedelta(seconds=SETTINGS.reputation_rewrite_seconds),
-)
+REPUTATION = ReputationSettings.of(SETTINGS)
 
 _lock = threading.Lock()
 _latest: dict[str, dict[str, Any]] = {}

@@ -9,18 +9,17 @@ cluster. The catalogue and the planner's ledger live in one ConfigMap; the opera
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from gpumesh.api.nodes import LABEL_MESH_RELAY, LABEL_REGION, LABEL_SUPPLIER, LEASE_PREFIX
+from gpumesh.api.nodes import Admission, node_of_lease
 from gpumesh.operator.mesh.model import Catalogue, MeshNode, valid_endpoint, valid_public_key
 from gpumesh.operator.mesh.planner import Assignment, Ledger
 
 CATALOGUE_NAME: Final = "gpumesh-mesh"
 CATALOGUE_KEY: Final = "catalogue.json"
 LEDGER_KEY: Final = "ledger.json"
-"""Heartbeat Lease names: ``gpumesh-agent-<node>`` (the node agent's reporter writes them)."""
 
 
 def lease_expiry(lease: Mapping[str, Any]) -> datetime | None:
@@ -36,12 +35,17 @@ def lease_expiry(lease: Mapping[str, Any]) -> datetime | None:
     return renewed + timedelta(seconds=duration)
 
 
+def lease_node(lease: Mapping[str, Any]) -> str | None:
+    """The node an agent heartbeat Lease belongs to, or None for any other Lease."""
+    return node_of_lease((lease.get("metadata") or {}).get("name"))
+
+
 def leases_by_node(leases: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     out: dict[str, Mapping[str, Any]] = {}
     for lease in leases:
-        name = (lease.get("metadata") or {}).get("name", "")
-        if isinstance(name, str) and name.startswith(LEASE_PREFIX):
-            out[name[len(LEASE_PREFIX) :]] = lease
+        node = lease_node(lease)
+        if node is not None:
+            out[node] = lease
     return out
 
 
@@ -80,26 +84,6 @@ def mesh_node(
     )
 
 
-@dataclass(frozen=True)
-class Admission:
-    """The mesh operator's word on a node, from its Node's labels (no agent may write
-    them): whose it is, where it is, and whether it may relay others' traffic."""
-
-    supplier: str | None
-    region: str | None
-    relay: bool
-
-    @classmethod
-    def of(cls, node: Mapping[str, Any]) -> Admission:
-        labels = (node.get("metadata") or {}).get("labels") or {}
-        supplier, region = labels.get(LABEL_SUPPLIER), labels.get(LABEL_REGION)
-        return cls(
-            supplier=supplier if isinstance(supplier, str) and supplier else None,
-            region=region if isinstance(region, str) and region else None,
-            relay=labels.get(LABEL_MESH_RELAY) == "true",
-        )
-
-
 def admitted(node: MeshNode, claimed_supplier: Any, admission: Admission | None) -> MeshNode:
     """``node`` as far as the mesh operator lets it in.
 
@@ -107,7 +91,7 @@ def admitted(node: MeshNode, claimed_supplier: Any, admission: Admission | None)
     GPUNode claims; it relays only where the mesh operator allows relaying; its region is
     the one the mesh operator labelled. Anything else stays out, whatever its agent says.
     """
-    if admission is None or admission.supplier is None or admission.supplier != claimed_supplier:
+    if admission is None or not admission.admits(claimed_supplier):
         return replace(node, alive=False, relay=False)
     return replace(
         node, relay=node.relay and admission.relay, region=admission.region or node.region

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from gpumesh.api.nodes import LEASE_PREFIX, OPERATOR_MESH_FIELDS
+from gpumesh.api.nodes import OPERATOR_MESH_FIELDS, Admission
 from gpumesh.operator.mesh.config import MeshConfig
 from gpumesh.operator.mesh.model import Catalogue, CatalogueError, valid_endpoint
 from gpumesh.operator.mesh.planner import Delta, Ledger, MeshPlanner
 from gpumesh.operator.mesh.publish import (
     CATALOGUE_NAME,
-    Admission,
     admitted,
     catalogue_configmap,
     catalogue_from_configmap,
     lease_expiry,
+    lease_node,
     leases_by_node,
     ledger_from_configmap,
     mesh_node,
@@ -52,14 +52,6 @@ class Writes:
 
     def __bool__(self) -> bool:
         return bool(self.statuses) or self.configmap is not None
-
-
-def lease_node(lease: Mapping[str, Any]) -> str | None:
-    """The node an agent heartbeat Lease belongs to, or None for any other Lease."""
-    name = (lease.get("metadata") or {}).get("name")
-    if isinstance(name, str) and name.startswith(LEASE_PREFIX) and len(name) > len(LEASE_PREFIX):
-        return name[len(LEASE_PREFIX) :]
-    return None
 
 
 def trim_gpunode(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,8 @@ from gpumesh.api.nodes import (
     LABEL_HEAD_CAPABLE,
     LABEL_MEMORY,
     LABEL_PRODUCT,
-    LABEL_REGION,
-    LABEL_SUPPLIER,
     LABEL_VERIFIED,
+    Admission,
 )
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 
@@ -226,10 +225,10 @@ def _offer(
     health = _node_health(status.health, node)
     if health == "Unknown":
         return None
-    metadata = node.get("metadata") or {}
-    labels: dict[str, str] = dict(metadata.get("labels") or {})
-    if labels.get(LABEL_SUPPLIER) != spec.supplier:
+    admission = Admission.of(node)
+    if not admission.admits(spec.supplier):
         return None  # not admitted, or not for the supplier this GPUNode claims
+    labels: dict[str, str] = dict((node.get("metadata") or {}).get("labels") or {})
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     gpus_total = _quantity(allocatable.get(GPU_RESOURCE), memory_bytes)
     node_spec = node.get("spec") or {}
@@ -237,7 +236,7 @@ def _offer(
     return NodeOffer(
         name=_name(gpunode),
         supplier=spec.supplier,
-        region=labels.get(LABEL_REGION) or spec.region,
+        region=admission.region or spec.region,
         gpu_model=_gpu_model(status, labels),
         gpu_memory_mib=_gpu_memory(status, labels),
         compute_capability=_compute_capability(status, labels),
