@@ -6,7 +6,9 @@ COPY gpumesh gpumesh
 COPY operator operator
 COPY node_agent node_agent
 # setuptools follows the gpumesh/operator and gpumesh/node_agent links into the wheel.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[mesh]'
+# EXTRAS=mesh,gpu adds CuPy for the agent's proof of GPU (large; the operator needs none).
+ARG EXTRAS=mesh
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[${EXTRAS}]"
 
 FROM python:3.12-slim
 RUN apt-get update \

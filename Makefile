@@ -48,6 +48,7 @@ test: system-packages lint typecheck toolchain ## Everything CI runs: lint, type
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-gpu: $(STAMP) ## The agent on a real NVIDIA GPU (real NVML, proof of GPU); needs one
+	$(PY) -m pip install --quiet -e '.[gpu]'
 	$(PY) -m pytest -m gpu tests/test_gpu_real.py -v -W default $(PYTEST_ARGS)
 
 up: $(STAMP) system-packages ## Start the local mesh: control plane, simulated suppliers, sample GPUCluster

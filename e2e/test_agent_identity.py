@@ -123,13 +123,6 @@ ATTEMPTS: tuple[Attempt, ...] = (
         f"spec.supplier {VICTIM_SUPPLIER}",
     ),
     Attempt(
-        "create my own GPUNode with a verification nonce of my choosing",
-        "POST",
-        GPUNODES,
-        gpunode(ME, MY_SUPPLIER, verificationNonce="0123456789abcdef"),
-        says="the operator's challenge",
-    ),
-    Attempt(
         "create my own GPUNode with labels (to join a mesh selector)",
         "POST",
         GPUNODES,
@@ -171,14 +164,6 @@ ATTEMPTS: tuple[Attempt, ...] = (
         says=f"spec.meshRelay {FIXED}",
     ),
     Attempt(
-        "set my own verification nonce",
-        "PATCH",
-        ME_GN,
-        {"spec": {"verificationNonce": "0123456789abcdef"}},
-        MERGE,
-        says="spec.verificationNonce is the operator's challenge",
-    ),
-    Attempt(
         "label my GPUNode",
         "PATCH",
         ME_GN,
@@ -206,9 +191,24 @@ ATTEMPTS: tuple[Attempt, ...] = (
         "grade my own proof of GPU",
         "PATCH",
         f"{ME_GN}/status",
-        status(verification={"nonce": "0123456789abcdef", "result": "Passed"}),
+        status(verification={"result": "Passed", "reason": "Verified"}),
         MERGE,
-        says="status.verification is the operator's verdict",
+        says="status.verification is the operator's",
+    ),
+    Attempt(
+        "set my own challenge (one I answered before)",
+        "PATCH",
+        f"{ME_GN}/status",
+        status(
+            challenge={
+                "id": "0123456789abcdef",
+                "seed": "ab" * 32,
+                "issuedTime": "2026-01-01T00:00:00Z",
+                "deadlineSeconds": 3600,
+            }
+        ),
+        MERGE,
+        says="status.challenge is the operator's",
     ),
     Attempt(
         "give myself the best reputation",

@@ -34,7 +34,6 @@ def fleet(*suppliers: tuple[str, list[str]]) -> dict[str, Any]:
                 "region": "eu-north",
                 "pricePerGpuHour": "1.00",
                 "headCapable": True,
-                "verified": True,
                 "nodes": [
                     {
                         "name": node,

@@ -91,7 +91,6 @@ class Mesh:
                 "name": self.supplier,
                 "region": region_of(index),
                 "pricePerGpuHour": "1.00",
-                "verified": False,
                 "nodes": [{"name": host.name, "cpu": "4", "memory": "8Gi"}],
             }
         )

@@ -190,11 +190,6 @@ def _renewed_since(api: RestKubeApi, node: str, renew_time: str) -> bool:
     return bool(lease.get("spec", {}).get("renewTime") != renew_time)
 
 
-def _answered(api: RestKubeApi, node: str, nonce: str) -> dict[str, Any] | None:
-    proof: dict[str, Any] = _status(api, node).get("proof") or {}
-    return proof if proof.get("nonce") == nonce else None
-
-
 def _taints(api: RestKubeApi, node: str) -> list[str]:
     obj = api.get(f"/api/v1/nodes/{node}") or {}
     return [t["key"] for t in (obj.get("spec") or {}).get("taints") or []]
@@ -262,22 +257,3 @@ def test_scripted_xid_79_taints_within_10_s_and_recovery_clears_it(
         assert time.monotonic() - started >= XID_AT_S + XID_FOR_S  # not before the GPU is back
         wait_for("Healthy again", partial(_healthy, api, FAULTY))
         assert _condition(api, FAULTY)["status"] == "True"
-
-
-def test_a_verification_nonce_is_answered_with_the_agents_proof(
-    identities: install.Identities, api: RestKubeApi, tmp_path: Path
-) -> None:
-    node = STEADY[1]
-    fleet = _fleet_file(tmp_path, {})
-    with agents(identities, api, (node,), fleet):
-        wait_for("a first report", partial(_healthy, api, node))
-        nonce = "feedfacecafebeef0011223344556677"
-        api.request(
-            "PATCH",
-            f"{GPUNODES}/{node}",
-            {"spec": {"verificationNonce": nonce}},
-            content_type="application/merge-patch+json",
-        )
-        proof = wait_for("the proof", partial(_answered, api, node, nonce), timeout=30)
-        assert proof["result"] == "Passed"
-        assert proof["vramVerifiedMib"] > 4 * 30_000

@@ -113,7 +113,7 @@ def up(
     running = {p.name for p in mesh.load_record(state) if p.alive()}
     with _step("operator (on its ServiceAccount's token)"):
         if "operator" not in running:
-            env = {"KUBECONFIG": str(ids.operator_kubeconfig())}
+            env = {**mesh.DEV_OPERATOR_ENV, "KUBECONFIG": str(ids.operator_kubeconfig())}
             argv = mesh.operator_argv(free_port())
             mesh.record(state, [mesh.spawn("operator", argv, logs, env)[1]])
     if sample:

@@ -24,7 +24,6 @@ from gpumesh.api.nodes import (
     MESH_OPERATOR_LABELS,
     NODE_NAME_EXTRA,
     OPERATOR_MESH_FIELDS,
-    OPERATOR_SPEC_FIELDS,
     OPERATOR_STATUS_FIELDS,
     SUPPLIER_TAINT,
 )
@@ -125,28 +124,21 @@ def gpunode_policy() -> Doc:
         ),
         _rule(
             "request.operation != 'CREATE' || "
-            + " && ".join(f"!has(object.spec.{f})" for f in OPERATOR_SPEC_FIELDS),
-            f"spec.{', spec.'.join(OPERATOR_SPEC_FIELDS)}: the operator's challenge, never "
-            "set by an agent",
-        ),
-        _rule(
-            "request.operation != 'CREATE' || "
             "(!has(object.metadata.labels) && !has(object.metadata.annotations))",
             "metadata.labels and annotations of a GPUNode are the mesh operator's",
         ),
     ]
-    for field in (*FIXED_SPEC_FIELDS, *OPERATOR_SPEC_FIELDS):
-        what = f"spec.{field}" + (
-            " is the operator's challenge: an agent may not set it"
-            if field in OPERATOR_SPEC_FIELDS
-            else " is fixed when the GPUNode is created: only the mesh operator may change it"
+    for field in FIXED_SPEC_FIELDS:
+        what = (
+            f"spec.{field} is fixed when the GPUNode is created: only the mesh operator "
+            "may change it"
         )
         rules.append(_unchanged(f".spec.?{field}", what, main_update))
     for part in ("labels", "annotations", "ownerReferences", "finalizers"):
         what = f"metadata.{part} of a GPUNode are the mesh operator's: an agent may not change them"
         rules.append(_unchanged(f".metadata.?{part}", what, main_update))
     for field in OPERATOR_STATUS_FIELDS:
-        what = f"status.{field} is the operator's verdict: an agent may not write it"
+        what = f"status.{field} is the operator's: an agent may not write it"
         rules.append(_unchanged(f".?status.?{field}", what, status_update))
     for field in OPERATOR_MESH_FIELDS:
         what = f"status.mesh.{field} is assigned by the operator: an agent may not write it"

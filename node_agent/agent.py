@@ -2,7 +2,7 @@
 
 Threads, and why each exists: ``nvml`` runs sweeps (NVML calls block); ``xid-watcher``
 waits in ``nvmlEventSetWait``; ``kube`` runs the sync Kubernetes client; ``metrics-http``
-answers scrapes from the cache; ``verify`` runs a proof-of-GPU challenge when asked. The
+answers scrapes from the cache; ``proof`` answers the operator's proof-of-GPU challenge. The
 event loop only schedules them, so none can stall another: a hung driver does not stop
 scrapes or the heartbeat Lease, an API outage does not stop collection.
 """
@@ -16,15 +16,16 @@ import time
 from dataclasses import dataclass, field
 
 from gpumesh.node_agent.aio import wait_any
+from gpumesh.node_agent.cheats import hooks
 from gpumesh.node_agent.clock import Clock, SystemClock
 from gpumesh.node_agent.collector import Collector, XidInbox, XidWatcher
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.kube import KubeApi
 from gpumesh.node_agent.metrics import AgentVitals, MetricsCache, MetricsServer
 from gpumesh.node_agent.nvml.types import NvmlBackend, XidEvent
+from gpumesh.node_agent.prove import ProofRunner, select_prover
 from gpumesh.node_agent.report import ReportConfig, Reporter
 from gpumesh.node_agent.snapshot import NodeSnapshot
-from gpumesh.node_agent.verify import VerificationRunner, select_engine
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class AgentConfig:
 
 
 class Agent:
-    """Wires backend, collector, metrics, reporter and verifier together."""
+    """Wires backend, collector, metrics, reporter and prover together."""
 
     def __init__(
         self,
@@ -65,11 +66,18 @@ class Agent:
         self.collector.on_initialised = self._nvml_up
         self.watcher = XidWatcher(backend, self._on_xid, wait_s=config.xid_wait_s)
         self.metrics = MetricsCache(dcgm_names=config.dcgm_names)
-        self.verifier = VerificationRunner(select_engine(backend), self.clock)
+        cheat = hooks(getattr(backend, "cheat", None), api, config.node)
+        self.prover = ProofRunner(
+            select_prover(getattr(backend, "is_fake", False), cheat.tamper),
+            config.node,
+            self.clock,
+            delay_until=cheat.delay_until,
+            answer_for=cheat.answer_for,
+        )
         self.reporter: Reporter | None = None
         if api is not None:
             self.reporter = Reporter(
-                api, report or ReportConfig(node=config.node), self.clock, self.verifier
+                api, report or ReportConfig(node=config.node), self.clock, self.prover
             )
         self.server: MetricsServer | None = None
         self.latest: NodeSnapshot | None = None
@@ -97,8 +105,7 @@ class Agent:
     def vitals(self) -> AgentVitals:
         if self.reporter is not None:
             return self.reporter.vitals()
-        result = self.verifier.result()
-        return AgentVitals(verification=result.result if result else None)
+        return AgentVitals()
 
     def sweep_now(self) -> NodeSnapshot:
         """One sweep, then the metrics cache re-rendered from it."""

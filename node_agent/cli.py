@@ -10,12 +10,11 @@ import asyncio
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -72,9 +71,6 @@ FakeNvmlOption = Annotated[
     ),
 ]
 FakeNodeOption = Annotated[str | None, typer.Option(help="Fleet node to play (default: --node).")]
-FakeVerificationOption = Annotated[
-    str, typer.Option(help="Scripted proof-of-GPU outcome: pass or fail.")
-]
 LogLevelOption = Annotated[str, typer.Option(help="debug, info, warning or error.")]
 
 
@@ -95,7 +91,6 @@ def run(
     ] = None,
     fake_nvml: FakeNvmlOption = None,
     fake_node: FakeNodeOption = None,
-    fake_verification: FakeVerificationOption = "pass",
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between sweeps.")] = 5.0,
     metrics_host: Annotated[str, typer.Option(help="Address for /metrics.")] = "0.0.0.0",
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="0: any free port.")] = 9440,
@@ -189,7 +184,7 @@ def run(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    backend, script = _backend(fake_nvml, fake_node or node_name, fake_verification)
+    backend, script = _backend(fake_nvml, fake_node or node_name)
     if script is not None:
         supplier = supplier or script.supplier
         region = region or script.region
@@ -247,9 +242,7 @@ def run(
     asyncio.run(_serve(agent, mesh_agent))
 
 
-def _backend(
-    fake_nvml: Path | None, fake_node: str, fake_verification: str
-) -> tuple[NvmlBackend, FleetNodeScript | None]:
+def _backend(fake_nvml: Path | None, fake_node: str) -> tuple[NvmlBackend, FleetNodeScript | None]:
     """Real NVML, or the fake playing ``fake_node`` of a fleet file (and that node's script)."""
     if fake_nvml is None:
         from gpumesh.node_agent.nvml.real import PynvmlBackend
@@ -257,44 +250,36 @@ def _backend(
         return PynvmlBackend(), None
     from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
 
-    if fake_verification not in ("pass", "fail"):
-        raise typer.BadParameter("--fake-verification is pass or fail")
     try:
         script = load_fleet_node(fake_nvml, fake_node)
     except (KeyError, ValueError) as err:
         raise typer.BadParameter(str(err), param_hint="--fake-nvml") from None
-    outcome: Literal["pass", "fail"] = "fail" if fake_verification == "fail" else "pass"
     log.info("fake NVML: %d GPUs, %d scripted faults", len(script.gpus), len(script.faults))
-    return fake_from_fleet(script, verification=outcome), script
+    return fake_from_fleet(script), script
 
 
 @app.command()
 def probe(
     node: NodeOption = None,
     proof: Annotated[
-        bool, typer.Option("--proof/--no-proof", help="Also run the proof-of-GPU challenge.")
+        bool,
+        typer.Option("--proof/--no-proof", help="Also answer and check a proof-of-GPU challenge."),
     ] = False,
-    nonce: Annotated[
-        str | None,
-        typer.Option(help="Nonce for the proof (implies --proof; default: a fresh random one)."),
-    ] = None,
     fake_nvml: FakeNvmlOption = None,
     fake_node: FakeNodeOption = None,
-    fake_verification: FakeVerificationOption = "pass",
     log_level: LogLevelOption = "warning",
 ) -> None:
     """Print what the agent sees on this host as JSON, once: NVML, each GPU's identity,
-    readings and health, and the proof of GPU with --proof. Exits 1 unless the node is fit
-    to join (NVML answers, every GPU Healthy or Degraded, the proof Passed when asked for)."""
+    readings and health, and with --proof a challenge answered and checked here, as the
+    operator would. Exits 1 unless the node is fit to join (NVML answers, every GPU Healthy
+    or Degraded, the proof right when asked for)."""
     from gpumesh.node_agent.clock import SystemClock
     from gpumesh.node_agent.probe import probe as probe_node
 
     setup_logging(log_level)
     node_name = node or socket.gethostname()
-    backend, _script = _backend(fake_nvml, fake_node or node_name, fake_verification)
-    if proof and nonce is None:
-        nonce = secrets.token_hex(16)
-    report, fit = probe_node(backend, node_name, SystemClock(), nonce=nonce)
+    backend, _script = _backend(fake_nvml, fake_node or node_name)
+    report, fit = probe_node(backend, node_name, SystemClock(), proof=proof)
     typer.echo(json.dumps(report, indent=2, default=str))
     raise typer.Exit(0 if fit else 1)
 

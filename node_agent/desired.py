@@ -23,7 +23,7 @@ from gpumesh.api.gpunode import (
     GPUNode,
     GPUNodeSpec,
     GPUNodeStatus,
-    VerificationStatus,
+    Proof,
 )
 from gpumesh.api.nodes import (
     CONDITION_TYPE,
@@ -90,7 +90,7 @@ def desired_status(
     snapshot: NodeSnapshot,
     *,
     heartbeat: datetime,
-    proof: VerificationStatus | None = None,
+    proof: Proof | None = None,
     generation: int | None = None,
 ) -> GPUNodeStatus:
     """The agent's part of the GPUNode status for a snapshot."""
@@ -152,7 +152,7 @@ def status_patch(
     *,
     now: datetime,
     heartbeat_s: float,
-    proof: VerificationStatus | None = None,
+    proof: Proof | None = None,
 ) -> dict[str, Any] | None:
     """A merge patch for the GPUNode status subresource, or None when nothing changed.
 
@@ -163,7 +163,7 @@ def status_patch(
     generation = (obj.get("metadata") or {}).get("generation")
     status_now = _normalised(obj.get("status") or {})
     if proof is None and "proof" in status_now:
-        proof = VerificationStatus.model_validate(status_now["proof"])
+        proof = Proof.model_validate(status_now["proof"])
     wanted = desired_status(snapshot, heartbeat=now, proof=proof, generation=generation).to_api()
     have = _owned(status_now)
     beat = have.get("heartbeatTime")

@@ -11,12 +11,14 @@ import dataclasses
 from typing import Any
 
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
+from gpumesh.node_agent.cheats import tamper_for
 from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.nvml.types import NvmlBackend
+from gpumesh.node_agent.prove import select_prover
+from gpumesh.node_agent.selfcheck import self_check
 from gpumesh.node_agent.snapshot import GpuSnapshot
-from gpumesh.node_agent.verify import Claim, select_engine, verify
 
 
 def _gpu(g: GpuSnapshot) -> dict[str, Any]:
@@ -34,17 +36,17 @@ def probe(
     node: str,
     clock: Clock,
     *,
-    nonce: str | None = None,
+    proof: bool = False,
     policy: HealthPolicy | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """One sweep, and the proof of GPU when ``nonce`` is given.
+    """One sweep, and a proof-of-GPU challenge answered and checked here with ``proof``.
 
     Returns the report (JSON-ready) and whether the node is fit to join: NVML answers,
     every GPU may take work (Healthy, or Degraded, which placement ranks lower), and the
     proof, when asked for, Passed.
     """
     try:
-        return _probe(backend, node, clock, nonce, policy)
+        return _probe(backend, node, clock, proof, policy)
     finally:
         backend.shutdown()
 
@@ -53,7 +55,7 @@ def _probe(
     backend: NvmlBackend,
     node: str,
     clock: Clock,
-    nonce: str | None,
+    proof: bool,
     policy: HealthPolicy | None,
 ) -> tuple[dict[str, Any], bool]:
     snapshot = Collector(backend, node, clock, policy).sweep()
@@ -70,15 +72,15 @@ def _probe(
         "gpus": [_gpu(g) for g in snapshot.gpus],
     }
     fit = snapshot.nvml_ok and bool(snapshot.gpus) and snapshot.health in ACCEPTING_HEALTH
-    if nonce is not None:
-        engine = select_engine(backend)
-        result = verify(
-            snapshot.identities, Claim(count=len(snapshot.gpus)), nonce, engine, clock.now
-        )
-        report["verification"] = {
-            "engine": engine.name if engine else None,
-            **result.model_dump(mode="json", by_alias=True, exclude_none=True),
-        }
-        fit = fit and result.result == "Passed"
+    if proof:
+        fake = bool(getattr(backend, "is_fake", False))
+        prover = select_prover(fake, tamper_for(getattr(backend, "cheat", None)))
+        if prover is None:
+            report["proof"] = {"problem": "no CuPy: pip install 'gpumesh[gpu]'"}
+            fit = False
+        else:
+            check = self_check(prover, node, snapshot.identities)
+            report["proof"] = check
+            fit = fit and check["problem"] is None
     report["fit"] = fit
     return report, fit

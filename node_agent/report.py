@@ -21,7 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pydantic import ValidationError
+
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.api.gpunode import Challenge, Proof
 from gpumesh.api.nodes import lease_name
 from gpumesh.node_agent.aio import wait_any
 from gpumesh.node_agent.clock import Clock
@@ -34,13 +37,12 @@ from gpumesh.node_agent.desired import (
 )
 from gpumesh.node_agent.kube import MERGE_PATCH, STRATEGIC_MERGE_PATCH, KubeApi, KubeError
 from gpumesh.node_agent.metrics import AgentVitals
+from gpumesh.node_agent.prove import ProofRunner
 from gpumesh.node_agent.snapshot import NodeSnapshot
-from gpumesh.node_agent.verify import Claim, PriorGpu, VerificationRunner
 
 log = logging.getLogger(__name__)
 
 GPUNODES: Final = f"/apis/{GROUP}/{VERSION}/gpunodes"
-GPU_RESOURCE: Final = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,12 @@ class Reporter:
         api: KubeApi,
         config: ReportConfig,
         clock: Clock,
-        verifier: VerificationRunner | None = None,
+        prover: ProofRunner | None = None,
     ) -> None:
         self.api = api
         self.config = config
         self.clock = clock
-        self.verifier = verifier
+        self.prover = prover
         self._gpunode: _Cached | None = None
         self._node: _Cached | None = None
         self._lease: dict[str, Any] | None = None
@@ -96,8 +98,8 @@ class Reporter:
         self.writes = 0
         self.errors = 0
         self.api_up = False
-        if verifier is not None:
-            verifier.on_done = self._wake_threadsafe
+        if prover is not None:
+            prover.on_done = self._wake_threadsafe
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -133,13 +135,13 @@ class Reporter:
         return cached is not None and now - cached.read_at < self.config.resync_s
 
     def vitals(self) -> AgentVitals:
-        result = self.verifier.result() if self.verifier else None
+        result = self.prover.result() if self.prover else None
         return AgentVitals(
             api_enabled=True,
             api_up=self.api_up,
             api_writes=self.writes,
             api_errors=self.errors,
-            verification=result.result if result else None,
+            verification=_stage(result),
         )
 
     # --- one sync (worker thread) --------------------------------------------------------
@@ -227,8 +229,8 @@ class Reporter:
         obj = self._read_gpunode(now)
         if obj is None:
             return
-        self._maybe_verify(obj, snapshot)
-        proof = self.verifier.result() if self.verifier else None
+        self._maybe_prove(obj, snapshot)
+        proof = self.prover.result() if self.prover else None
         patch = status_patch(
             obj, snapshot, now=self.clock.now(), heartbeat_s=self.config.heartbeat_s, proof=proof
         )
@@ -242,38 +244,18 @@ class Reporter:
             raise
         self._gpunode = _Cached(updated, now)
 
-    def _maybe_verify(self, obj: Mapping[str, Any], snapshot: NodeSnapshot) -> None:
-        if self.verifier is None:
+    def _maybe_prove(self, obj: Mapping[str, Any], snapshot: NodeSnapshot) -> None:
+        if self.prover is None or not snapshot.nvml_ok:
             return
-        nonce = (obj.get("spec") or {}).get("verificationNonce")
-        answered = ((obj.get("status") or {}).get("proof") or {}).get("nonce")
-        if not nonce or nonce == answered or not snapshot.nvml_ok:
+        raw = (obj.get("status") or {}).get("challenge")
+        if not raw:
             return
-        identities = snapshot.identities
-        if len(identities) != len(snapshot.gpus):
-            return  # wait until every GPU has answered once
-        if self.verifier.request(nonce, identities, self._claim(obj)):
-            log.info("verification requested with nonce %s", nonce)
-
-    def _claim(self, gpunode: Mapping[str, Any]) -> Claim:
-        previous = {
-            int(g["index"]): PriorGpu(
-                uuid=str(g.get("uuid", "")),
-                pci_bus_id=g.get("pciBusId"),
-                memory_mib=int(g.get("memoryMib", 0)),
-            )
-            for g in ((gpunode.get("status") or {}).get("gpus") or [])
-            if "index" in g
-        }
-        count = None
-        node = self._node.obj if self._node else None
-        capacity = ((node or {}).get("status") or {}).get("capacity") or {}
-        if GPU_RESOURCE in capacity:
-            try:
-                count = int(capacity[GPU_RESOURCE])
-            except ValueError:
-                count = None
-        return Claim(count=count, previous=previous)
+        try:
+            challenge = Challenge.model_validate(raw)
+        except ValidationError as err:
+            self._once("challenge", "the operator's challenge is unreadable: %s", err)
+            return
+        self.prover.offer(challenge, {i.uuid: i.index for i in snapshot.identities})
 
     def _sync_node(self, snapshot: NodeSnapshot, now: float) -> None:
         if not self._fresh(self._node, now):
@@ -331,8 +313,11 @@ class Reporter:
         obj = event.get("object") or {}
         generation = (obj.get("metadata") or {}).get("generation")
         cached = self._gpunode
-        known = ((cached.obj or {}).get("metadata") or {}).get("generation") if cached else None
-        if event.get("type") == "DELETED" or generation != known:
+        seen = (cached.obj or {}) if cached else {}
+        known = (seen.get("metadata") or {}).get("generation")
+        challenge = (obj.get("status") or {}).get("challenge")
+        new_challenge = challenge != (seen.get("status") or {}).get("challenge")
+        if event.get("type") == "DELETED" or generation != known or new_challenge:
             self._spec_changed.set()
             self._wake_threadsafe()
 
@@ -397,3 +382,10 @@ class Reporter:
         self._lease = None
         self._lease_due = float("-inf")
         return backoff * random.uniform(0.8, 1.2)
+
+
+def _stage(proof: Proof | None) -> str | None:
+    """How far the agent's answer to the current challenge got (for its metrics)."""
+    if proof is None:
+        return None
+    return "opened" if proof.openings else "committed"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from gpumesh.api.gpunode import GPUNodeStatus, Track
+from gpumesh.api.gpunode import GPUNodeStatus, Track, Verdict
 from gpumesh.operator.settings import OperatorSettings
 
 DOWN_HEALTH: Final = frozenset({"Lost", "Unknown"})
@@ -47,13 +47,26 @@ class ReputationSettings:
 
 
 def account(
-    track: Track | None, health: str | None, now: datetime, settings: ReputationSettings
+    track: Track | None,
+    health: str | None,
+    now: datetime,
+    settings: ReputationSettings,
+    verdict: Verdict | None = None,
 ) -> Track:
     """The record brought up to ``now``: the time since it was last counted goes to up
-    or down as the node then was, everything decays, and a new fault is counted."""
+    or down as the node then was, everything decays, and a new fault or failed proof of
+    GPU is counted (each failed challenge once)."""
     up_now = health not in DOWN_HEALTH
+    failed = verdict is not None and verdict.result == "Failed" and verdict.challenge_id
+    judged = verdict.challenge_id if failed and verdict else None
     if track is None:
-        return Track(updated_time=now, up=up_now, health=health)
+        return Track(
+            updated_time=now,
+            up=up_now,
+            health=health,
+            failed_challenges=1.0 if judged else 0.0,
+            judged_challenge=judged,
+        )
     elapsed = max(0.0, (now - track.updated_time).total_seconds())
     keep = 0.5 ** (elapsed / settings.half_life.total_seconds())
     up, down = track.up_seconds * keep, track.down_seconds * keep
@@ -62,14 +75,16 @@ def account(
     else:
         down += elapsed
     fault = health in FAULT_HEALTH and track.health not in FAULT_HEALTH
+    new_failure = judged is not None and judged != track.judged_challenge
     return Track(
         updated_time=now,
         up=up_now,
         up_seconds=up,
         down_seconds=down,
         faults=track.faults * keep + (1.0 if fault else 0.0),
-        failed_challenges=track.failed_challenges * keep,
+        failed_challenges=track.failed_challenges * keep + (1.0 if new_failure else 0.0),
         health=health,
+        judged_challenge=judged or track.judged_challenge,
     )
 
 
@@ -91,13 +106,14 @@ def step(
     fault is counted, and otherwise at most every ``rewrite_after``.
     """
     before = status.track
-    track = account(before, status.health, now, settings)
+    track = account(before, status.health, now, settings, status.verification)
     reputation = score(track, settings)
     due = (
         before is None
         or reputation != status.reputation
         or track.up != before.up
         or track.faults > before.faults + 0.5
+        or track.judged_challenge != before.judged_challenge
         or now - before.updated_time >= settings.rewrite_after
     )
     if not due:

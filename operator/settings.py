@@ -39,6 +39,17 @@ class OperatorSettings:
     """A new node's benefit of the doubt (it starts at 0.5)."""
     reputation_rewrite_seconds: float = 600.0
     """Write a node's record at least this often while it changes."""
+    proof_side: int = 32768
+    """Rows and columns of each GPU's product in a proof of GPU (a power of two)."""
+    proof_vram_fill: float = 0.75
+    proof_scale: float = 1.0
+    """Shrinks every proof's product (the dev fleet's CPU engine: 1e-4)."""
+    proof_samples: int = 16
+    proof_allowance_seconds: float = 10.0
+    proof_slack: float = 2.0
+    proof_open_seconds: float = 30.0
+    proof_retry_seconds: float = 600.0
+    proof_recheck_mean_seconds: float = 86400.0
     mesh_node_selector: str = ""
     """Only GPUNodes with these labels join the mesh, as "k=v,k2=v2" (empty: all)."""
 
@@ -77,6 +88,21 @@ class OperatorSettings:
                 env.get("GPUMESH_MESH_FULL_RESYNC_SECONDS", cls.mesh_full_resync_seconds)
             ),
             mesh_node_selector=env.get("GPUMESH_MESH_NODE_SELECTOR", cls.mesh_node_selector),
+            proof_side=int(env.get("GPUMESH_PROOF_SIDE", cls.proof_side)),
+            proof_vram_fill=float(env.get("GPUMESH_PROOF_VRAM_FILL", cls.proof_vram_fill)),
+            proof_scale=float(env.get("GPUMESH_PROOF_SCALE", cls.proof_scale)),
+            proof_samples=int(env.get("GPUMESH_PROOF_SAMPLES", cls.proof_samples)),
+            proof_allowance_seconds=float(
+                env.get("GPUMESH_PROOF_ALLOWANCE_SECONDS", cls.proof_allowance_seconds)
+            ),
+            proof_slack=float(env.get("GPUMESH_PROOF_SLACK", cls.proof_slack)),
+            proof_open_seconds=float(env.get("GPUMESH_PROOF_OPEN_SECONDS", cls.proof_open_seconds)),
+            proof_retry_seconds=float(
+                env.get("GPUMESH_PROOF_RETRY_SECONDS", cls.proof_retry_seconds)
+            ),
+            proof_recheck_mean_seconds=float(
+                env.get("GPUMESH_PROOF_RECHECK_MEAN_SECONDS", cls.proof_recheck_mean_seconds)
+            ),
             reputation_half_life_seconds=float(
                 env.get("GPUMESH_REPUTATION_HALF_LIFE_SECONDS", cls.reputation_half_life_seconds)
             ),

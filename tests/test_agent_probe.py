@@ -39,6 +39,12 @@ FLEET = """suppliers:
         computeCapability: "9.0"
         faults:
           - {atSeconds: 0, gpuIndex: 1, kind: gpu_lost}
+      - name: liar-0
+        gpuModel: NVIDIA H100 80GB HBM3
+        gpuCount: 1
+        gpuMemoryMiB: 81559
+        computeCapability: "9.0"
+        cheat: WrongAnswer
 """
 
 
@@ -54,35 +60,29 @@ def probe(fleet: Path, node: str, *extra: str) -> tuple[int, Any]:
     return result.exit_code, json.loads(result.stdout)
 
 
-def test_a_healthy_node_with_a_passing_proof_is_fit(fleet: Path) -> None:
-    code, report = probe(fleet, "good-0", "--proof", "--nonce", "n-1")
+def test_a_healthy_node_whose_products_check_out_is_fit(fleet: Path) -> None:
+    code, report = probe(fleet, "good-0", "--proof")
     assert code == 0
     assert report["fit"] is True
     assert report["health"] == "Healthy"
     gpus = report["gpus"]
     assert [g["identity"]["name"] for g in gpus] == ["NVIDIA H100 80GB HBM3"] * 2
-    assert report["verification"] == {
-        "engine": "scripted",
-        "nonce": "n-1",
-        "result": "Passed",
-        "checkedTime": report["verification"]["checkedTime"],
-        "message": report["verification"]["message"],
-        "vramVerifiedMib": 2 * (81559 - 1536),
-        "matmulTflops": 710.0,
-    }
+    proof = report["proof"]
+    assert (proof["engine"], proof["gpus"], proof["checked"]) == ("numpy", 2, 32)
+    assert proof["problem"] is None
 
 
 def test_without_proof_no_challenge_runs(fleet: Path) -> None:
     code, report = probe(fleet, "good-0")
     assert code == 0
-    assert "verification" not in report
+    assert "proof" not in report
 
 
-def test_a_failed_proof_makes_the_node_unfit(fleet: Path) -> None:
-    code, report = probe(fleet, "good-0", "--proof", "--fake-verification", "fail")
+def test_wrong_products_make_the_node_unfit_and_say_which_entry(fleet: Path) -> None:
+    code, report = probe(fleet, "liar-0", "--proof")
     assert code == 1
     assert report["fit"] is False
-    assert report["verification"]["result"] == "Failed"
+    assert " is " in report["proof"]["problem"] and ", not " in report["proof"]["problem"]
 
 
 def test_a_lost_gpu_makes_the_node_unfit_and_says_which(fleet: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gpumesh.api.gpunode import GPUNodeStatus, VerificationStatus
+from gpumesh.api.gpunode import GPUNodeStatus, Proof
 from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY, agent_may_set
 from gpumesh.node_agent.desired import (
     condition_patch,
@@ -136,17 +136,17 @@ def test_fields_the_agent_no_longer_has_are_nulled_and_others_left_alone() -> No
 
 
 def test_the_proof_is_kept_across_restarts_and_written_when_new() -> None:
-    proof = VerificationStatus(nonce="ab" * 8, result="Passed", checked_time=NOW)
+    proof = Proof(challenge_id="ab" * 8, roots=["0" * 64], engine="numpy")
     first = status_patch(gpunode(), snap(), now=NOW, heartbeat_s=30, proof=proof)
     obj = applied(gpunode(), first)
-    assert obj["status"]["proof"]["result"] == "Passed"
+    assert obj["status"]["proof"]["roots"] == ["0" * 64]
     assert "verification" not in obj["status"]  # the operator's verdict, never the agent's
     # A restarted agent knows no result: the earlier proof stays, and nothing is written.
     assert status_patch(obj, snap(), now=NOW, heartbeat_s=30) is None
-    newer = proof.model_copy(update={"nonce": "cd" * 8, "result": "Failed"})
+    newer = proof.model_copy(update={"challenge_id": "cd" * 8})
     patch = status_patch(obj, snap(), now=NOW, heartbeat_s=30, proof=newer)
     assert patch is not None
-    assert patch["status"]["proof"]["nonce"] == "cd" * 8
+    assert patch["status"]["proof"]["challengeId"] == "cd" * 8
 
 
 def test_an_unreadable_status_counts_as_changed() -> None:

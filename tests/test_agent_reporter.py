@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,9 +15,9 @@ from gpumesh.node_agent.clock import ManualClock, SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.kube import KubeError
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml
+from gpumesh.node_agent.prove import ProofRunner, select_prover
 from gpumesh.node_agent.report import ReportConfig, Reporter
 from gpumesh.node_agent.snapshot import NodeSnapshot
-from gpumesh.node_agent.verify import VerificationRunner, select_engine
 
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/gpumesh-system/leases/gpumesh-agent-n1"
 
@@ -31,10 +32,10 @@ class Rig:
         self.collector = Collector(self.nvml, "n1", self.clock)
         self.kube = FakeKube()
         self.kube.add_node("n1", status={"capacity": {"nvidia.com/gpu": "2"}})
-        self.verifier = VerificationRunner(select_engine(self.nvml), self.clock)
+        self.prover = ProofRunner(select_prover(fake=True), "n1", self.clock)
         settings = {"supplier": "acme", "region": "eu-west", "price_per_gpu_hour": "2.10"}
         self.reporter = Reporter(
-            self.kube, ReportConfig(node="n1", **(settings | config)), self.clock, self.verifier
+            self.kube, ReportConfig(node="n1", **(settings | config)), self.clock, self.prover
         )
 
     def sweep(self, seconds: float = 0.0) -> NodeSnapshot:
@@ -194,28 +195,50 @@ def test_a_refused_part_does_not_block_the_others() -> None:
     assert rig.reporter.errors == 1
 
 
-@pytest.mark.parametrize(("outcome", "result"), [("pass", "Passed"), ("fail", "Failed")])
-def test_a_nonce_is_answered_with_a_scripted_proof(outcome: str, result: str) -> None:
-    rig = Rig()
-    rig.nvml.verification = "fail" if outcome == "fail" else "pass"
-    rig.kube.add_gpunode("n1", verificationNonce="0123456789abcdef")
-    rig.sync()
+def challenge(uuids: list[str], **extra: Any) -> dict[str, Any]:
+    """An operator's challenge for these GPUs, on the wire."""
+    gpus = [{"uuid": u, "rows": 32, "inner": 100, "cols": 32} for u in uuids]
+    return {
+        "id": "0123456789abcdef",
+        "seed": "ab" * 32,
+        "issuedTime": "2026-01-01T00:00:00Z",
+        "deadlineSeconds": 30,
+        "gpus": gpus,
+        **extra,
+    }
+
+
+def wait_for_proof(rig: Rig, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     deadline = time.monotonic() + 5
-    while rig.verifier.result() is None and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        rig.sync(1.0)
+        proof = rig.kube.gpunode("n1").get("status", {}).get("proof") or {}
+        if done(proof):
+            return proof
         time.sleep(0.01)
-    rig.sync(1.0)
-    status = rig.kube.gpunode("n1")["status"]
-    assert "verification" not in status  # the agent answers; the operator judges
-    proof = status["proof"]
-    assert (proof["nonce"], proof["result"]) == ("0123456789abcdef", result)
-    if result == "Passed":
-        assert proof["vramVerifiedMib"] == 2 * (81559 - 1536)
-        assert proof["matmulTflops"] > 300
-    else:
-        assert "scripted failure" in proof["message"]
-    assert rig.reporter.vitals().verification == result
-    rig.sync(1.0)
-    assert rig.verifier.busy_with is None  # answered once, not again
+    raise AssertionError("no proof")
+
+
+def test_a_challenge_is_answered_with_roots_then_the_named_entries_opened() -> None:
+    rig = Rig()
+    rig.kube.add_gpunode("n1")
+    rig.sync()
+    uuids = [g["uuid"] for g in rig.kube.gpunode("n1")["status"]["gpus"]]
+    rig.kube.gpunode("n1")["status"]["challenge"] = challenge(uuids)
+    rig.reporter._spec_changed.set()
+    proof = wait_for_proof(rig, lambda p: bool(p.get("roots")))
+    assert proof["challengeId"] == "0123456789abcdef"
+    assert len(proof["roots"]) == 2 and proof["engine"] == "numpy"
+    assert not proof.get("openings")  # nothing is opened before the operator names entries
+    assert "verification" not in rig.kube.gpunode("n1")["status"]  # the operator judges
+    samples = [{"gpu": 1, "row": 5, "col": 17}, {"gpu": 0, "row": 31, "col": 0}]
+    rig.kube.gpunode("n1")["status"]["challenge"] = challenge(
+        uuids, committedTime="2026-01-01T00:00:01Z", samples=samples
+    )
+    rig.reporter._spec_changed.set()
+    proof = wait_for_proof(rig, lambda p: bool(p.get("openings")))
+    assert [(o["gpu"], o["row"], o["col"]) for o in proof["openings"]] == [(1, 5, 17), (0, 31, 0)]
+    assert rig.reporter.vitals().verification == "opened"
 
 
 def test_the_loop_rides_out_an_outage_and_reports_on_return() -> None:
@@ -256,7 +279,7 @@ def test_the_loop_rides_out_an_outage_and_reports_on_return() -> None:
     asyncio.run(scenario())
 
 
-def test_a_new_nonce_is_seen_through_the_watch_not_at_the_next_resync() -> None:
+def test_a_new_challenge_is_seen_through_the_watch_not_at_the_next_resync() -> None:
     async def scenario() -> None:
         clock = SystemClock()
         nvml = FakeNvml([FakeGpu()], clock=clock, node_name="n1")
@@ -265,8 +288,8 @@ def test_a_new_nonce_is_seen_through_the_watch_not_at_the_next_resync() -> None:
         kube.add_node("n1")
         kube.add_gpunode("n1")
         config = ReportConfig(node="n1", resync_s=3600, heartbeat_s=3600)
-        verifier = VerificationRunner(select_engine(nvml), clock)
-        reporter = Reporter(kube, config, clock, verifier)
+        prover = ProofRunner(select_prover(fake=True), "n1", clock)
+        reporter = Reporter(kube, config, clock, prover)
         stop = asyncio.Event()
         task = asyncio.create_task(reporter.run(stop))
         reporter.offer(collector.sweep())
@@ -274,10 +297,12 @@ def test_a_new_nonce_is_seen_through_the_watch_not_at_the_next_resync() -> None:
             await asyncio.sleep(0.01)
             if "status" in kube.gpunode("n1"):
                 break
+        uuid = kube.gpunode("n1")["status"]["gpus"][0]["uuid"]
+        issued = challenge([uuid])
         kube.request(
             "PATCH",
-            f"{GPUNODES}/n1",
-            {"spec": {"verificationNonce": "ab" * 16}},
+            f"{GPUNODES}/n1/status",
+            {"status": {"challenge": issued}},
             content_type="application/merge-patch+json",
         )
         proof: dict[str, Any] = {}
@@ -288,6 +313,7 @@ def test_a_new_nonce_is_seen_through_the_watch_not_at_the_next_resync() -> None:
                 break
         stop.set()
         await asyncio.wait_for(task, 2)
-        assert (proof.get("nonce"), proof.get("result")) == ("ab" * 16, "Passed")
+        assert proof.get("challengeId") == "0123456789abcdef"
+        assert len(proof.get("roots", [])) == 1
 
     asyncio.run(scenario())

@@ -26,10 +26,11 @@ def spec(**fields: Any) -> GPUClusterSpec:
 
 
 def head(name: str = "head-0", **fields: Any) -> NodeOffer:
-    """A verified, head-capable CPU-only node."""
+    """A head-capable CPU-only node."""
     fields.setdefault("gpus_total", 0)
     fields.setdefault("gpu_model", "")
-    return make_offer(name, head_capable=True, **fields)
+    fields.setdefault("head_capable", True)
+    return make_offer(name, **fields)
 
 
 def gpus_by_node(decision: Decision) -> dict[str, int]:
@@ -261,14 +262,16 @@ def test_a_pair_neither_node_lists_is_at_least_as_far_as_the_smaller_floor() -> 
     assert set(gpus_by_node(loose)) == {"a", "b"}, "60 ms may be within 70: cheapest wins"
 
 
-def test_head_goes_to_a_verified_head_capable_node_never_an_unverified_one() -> None:
+def test_head_goes_to_a_head_capable_node_never_another() -> None:
+    """Renters' drivers run on the head: only hosts the mesh operator trusts (its
+    head-capable label). A CPU-only head has no GPUs to prove, so verified is not asked."""
     inventory = [
         make_offer("gpu", region="us-east"),
-        head("trusted", region="eu-west"),
-        head("untrusted", region="us-east", verified=False),
+        head("trusted", region="eu-west", verified=False),
+        head("untrusted", region="us-east", head_capable=False),
     ]
     assert place_cluster(spec(), inventory).head_node == "trusted"
-    alone = place_cluster(spec(), [make_offer("gpu"), head("untrusted", verified=False)])
+    alone = place_cluster(spec(), [make_offer("gpu"), head("untrusted", head_capable=False)])
     assert not alone.ok
     assert alone.reason == "NoHeadNode"
     assert "for the Ray head; the mesh has none" in alone.explanation

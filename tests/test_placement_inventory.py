@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from gpumesh.api.gpucluster import GPUSelector
+from gpumesh.api.proof import gpus_fingerprint
 from gpumesh.operator.placement import OfferCache, build_inventory
 from gpumesh.operator.placement.matching import model_matches, selector_accepts
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes, parse_quantity
@@ -167,28 +168,34 @@ def test_the_operators_trimmed_node_keeps_readiness_but_not_heartbeats() -> None
     assert trim_node(down("10:00")) == trim_node(down("10:05"))
 
 
+H100 = {"uuid": "GPU-00000000-0000-0000-0000-000000000001", "model": "NVIDIA H100 80GB HBM3"}
+PROVEN = gpus_fingerprint([(H100["uuid"], H100["model"], 81559)])
+
+
 @pytest.mark.parametrize(
-    ("verification", "nonce", "label", "verified"),
+    ("verification", "memory", "label", "verified"),
     [
-        ({"result": "Passed"}, None, None, True),
-        ({"result": "Failed"}, None, "true", False),
-        ({"result": "IdentityOnly"}, None, "true", False),
-        ({"result": "Pending"}, None, "true", True),
-        (None, None, "true", True),
-        (None, None, None, False),
-        ({"result": "Passed", "nonce": "a" * 16}, "b" * 16, None, False),
-        ({"result": "Passed", "nonce": "a" * 16}, "a" * 16, None, True),
+        ({"result": "Passed", "reason": "Verified", "gpus": PROVEN}, 81559, None, True),
+        ({"result": "Passed", "reason": "Verified", "gpus": PROVEN}, 40960, None, False),
+        ({"result": "Passed", "reason": "Verified"}, 81559, None, False),
+        ({"result": "Failed", "reason": "WrongAnswer", "gpus": PROVEN}, 81559, "true", False),
+        ({"result": "Pending", "reason": "Checking"}, 81559, "true", False),
+        (None, 81559, "true", False),
     ],
 )
-def test_verification_result_decides_and_the_label_fills_in(
-    verification: dict[str, str] | None, nonce: str | None, label: str | None, verified: bool
+def test_only_the_operators_passed_verdict_on_these_very_gpus_verifies(
+    verification: dict[str, str] | None, memory: int, label: str | None, verified: bool
 ) -> None:
-    status: dict[str, Any] = {"health": "Healthy", "gpuModel": "NVIDIA H100 80GB HBM3"}
+    """The old ``gpumesh.io/verified`` label counts for nothing, and a verdict about other
+    GPUs (here: the same UUID reporting other memory) neither."""
+    status: dict[str, Any] = {
+        "health": "Healthy",
+        "gpus": [{"index": 0, **H100, "memoryMib": memory}],
+    }
     if verification is not None:
         status["verification"] = verification
-    spec = {"verificationNonce": nonce} if nonce else {}
     labels = {"gpumesh.io/verified": label} if label else {}
-    [offer] = build_inventory([gpunode("n", status, **spec)], [node("n", labels=labels)], [])
+    [offer] = build_inventory([gpunode("n", status)], [node("n", labels=labels)], [])
     assert offer.verified is verified
 
 

@@ -212,7 +212,7 @@ def assert_hard_constraints(
                 assert rtt is None or rtt <= policy.max_latency_ms
     if decision.head_node is not None:
         head = by_name[decision.head_node]
-        assert head.head_capable and head.verified and head.accepts_work
+        assert head.head_capable and head.accepts_work
 
 
 def assert_within_capacity(

@@ -23,7 +23,10 @@ from gpumesh.api.base import (
 )
 
 ENDPOINT_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
-NONCE_PATTERN = r"^[0-9a-f]{16,128}$"
+HEX_ID_PATTERN = r"^[0-9a-f]{16,64}$"
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+MAX_SAMPLES = 4096
+"""Entries a challenge may open: at most 64 GPUs x 64 samples."""
 WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 
 NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
@@ -49,10 +52,6 @@ class GPUNodeSpec(ApiModel):
         default=False, description="May host Ray heads (trusted data-centre nodes)."
     )
     cordoned: bool = Field(default=False, description="Take no new work; running work stays.")
-    verification_nonce: Annotated[str, StringConstraints(pattern=NONCE_PATTERN)] | None = Field(
-        default=None,
-        description="Challenge seed set by the operator; the agent proves its GPUs with it.",
-    )
     public_endpoint: Endpoint | None = Field(
         default=None,
         description="host:port where the node's WireGuard listens publicly; unset behind NAT.",
@@ -142,18 +141,108 @@ class MeshStatus(StatusModel):
         }
 
 
-class VerificationStatus(StatusModel):
-    """Outcome of the last proof-of-GPU challenge."""
+HexId = Annotated[str, StringConstraints(pattern=HEX_ID_PATTERN)]
+Digest = Annotated[str, StringConstraints(pattern=DIGEST_PATTERN)]
 
-    nonce: str | None = Field(default=None, description="Nonce the result answers.")
-    result: Literal["Pending", "Passed", "Failed", "IdentityOnly"] = Field(
-        default="Pending",
-        description="Passed: compute and memory proven; IdentityOnly: no compute library.",
+
+class ChallengeGpu(StatusModel):
+    """One GPU's part of a challenge: the product it must compute."""
+
+    uuid: str = Field(description="The GPU, by the UUID its node reported.")
+    rows: int = Field(ge=1, le=1 << 20, description="Rows of A and of the product.")
+    inner: int = Field(ge=1, le=(1 << 22) - 1, description="Columns of A, rows of B.")
+    cols: int = Field(ge=16, le=1 << 20, description="Columns of B and of the product.")
+
+
+class Sample(StatusModel):
+    """An entry of one GPU's product the agent must open."""
+
+    gpu: int = Field(ge=0, le=63, description="Position in the challenge's gpus.")
+    row: int = Field(ge=0, description="Row of the product.")
+    col: int = Field(ge=0, description="Column of the product.")
+
+
+class Challenge(StatusModel):
+    """A proof-of-GPU challenge, by the operator (docs/security.md: what it proves)."""
+
+    id: HexId = Field(description="Names the challenge; an answer must name it.")
+    seed: Digest = Field(description="Fresh random seed the matrices derive from.")
+    issued_time: datetime = Field(description="When the operator issued it (its clock).")
+    deadline_seconds: float = Field(
+        gt=0, description="The roots must reach the operator this long after issuedTime."
     )
-    checked_time: datetime | None = Field(default=None, description="When it ran.")
+    gpus: Annotated[list[ChallengeGpu], Field(max_length=64)] = Field(
+        default_factory=list, description="Each GPU's product."
+    )
+    committed_time: datetime | None = Field(
+        default=None, description="When the operator saw the roots (its clock)."
+    )
+    samples: Annotated[list[Sample], Field(max_length=MAX_SAMPLES)] = Field(
+        default_factory=list,
+        description="Entries to open, drawn by the operator after it saw the roots.",
+    )
+
+
+class Opening(StatusModel):
+    """One sampled entry's leaf and the path from it to its GPU's root."""
+
+    gpu: int = Field(ge=0, le=63, description="Position in the challenge's gpus.")
+    row: int = Field(ge=0, description="Row of the product.")
+    col: int = Field(ge=0, description="Column of the product.")
+    leaf: Annotated[list[int], Field(max_length=16)] = Field(
+        description="The 16 entries of the leaf holding (row, col)."
+    )
+    path: Annotated[str, StringConstraints(max_length=2048)] = Field(
+        description="Sibling digests from the leaf up, base64."
+    )
+
+
+class Proof(StatusModel):
+    """The agent's answer to the current challenge: a claim the operator checks."""
+
+    challenge_id: str = Field(description="The challenge answered.")
+    roots: Annotated[list[Digest], Field(max_length=64)] = Field(
+        default_factory=list, description="Merkle root of each GPU's product, in challenge order."
+    )
+    openings: Annotated[list[Opening], Field(max_length=MAX_SAMPLES)] = Field(
+        default_factory=list, description="The sampled entries, once the operator named them."
+    )
+    seconds: float | None = Field(
+        default=None, description="The agent's own time to the roots (for people)."
+    )
+    engine: str | None = Field(default=None, description="What computed it: cupy or numpy.")
+
+
+VerdictReason = Literal[
+    "Verified",
+    "Checking",
+    "GPUsChanged",
+    "NoGPUs",
+    "UnknownGPU",
+    "WrongAnswer",
+    "Late",
+    "Unanswered",
+    "Replay",
+]
+
+
+class Verdict(StatusModel):
+    """The operator's verdict on a node's GPUs."""
+
+    result: Literal["Pending", "Passed", "Failed"] = Field(description="Passed counts.")
+    reason: VerdictReason = Field(description="Why, in one word.")
     message: str | None = Field(default=None, description="Details for people.")
-    vram_verified_mib: int | None = Field(default=None, description="Memory proven, MiB.")
-    matmul_tflops: float | None = Field(default=None, description="Measured throughput.")
+    challenge_id: str | None = Field(default=None, description="The challenge judged.")
+    checked_time: datetime | None = Field(default=None, description="When it was judged.")
+    gpus: str | None = Field(
+        default=None, description="Fingerprint of the GPUs proven (their UUIDs, models, memory)."
+    )
+    seconds: float | None = Field(
+        default=None, description="Issue to roots on the operator's clock."
+    )
+    roots: Annotated[list[Digest], Field(max_length=64)] = Field(
+        default_factory=list, description="The roots judged: a later answer with them is a replay."
+    )
 
 
 class Track(StatusModel):
@@ -169,6 +258,9 @@ class Track(StatusModel):
         default=0.0, ge=0, description="Decayed count of failed proofs of GPU."
     )
     health: str | None = Field(default=None, description="Health last seen.")
+    judged_challenge: str | None = Field(
+        default=None, description="The last failed challenge counted (each counts once)."
+    )
 
 
 class GPUNodeStatus(StatusModel):
@@ -184,14 +276,17 @@ class GPUNodeStatus(StatusModel):
     cuda_version: str | None = Field(default=None, description="CUDA driver API version.")
     heartbeat_time: datetime | None = Field(default=None, description="Last agent report.")
     mesh: MeshStatus | None = Field(default=None, description="WireGuard mesh membership.")
-    proof: VerificationStatus | None = Field(
+    challenge: Challenge | None = Field(
+        default=None, description="The proof-of-GPU challenge in progress, by the operator."
+    )
+    proof: Proof | None = Field(
         default=None,
         description=(
             "The agent's answer to the last challenge: a claim, checked by the operator "
             "before anything counts on it."
         ),
     )
-    verification: VerificationStatus | None = Field(
+    verification: Verdict | None = Field(
         default=None, description="The operator's verdict on the proof of GPU."
     )
     reputation: float | None = Field(

@@ -107,11 +107,10 @@ def agent_account(supplier: str) -> str:
     return f"{AGENT_ACCOUNT_PREFIX}{supplier}"
 
 
-OPERATOR_STATUS_FIELDS: Final = ("verification", "reputation", "track", "conditions")
-"""GPUNode status fields that are the operator's verdicts: no agent may write them."""
+OPERATOR_STATUS_FIELDS: Final = ("challenge", "verification", "reputation", "track", "conditions")
+"""GPUNode status fields that are the operator's (its challenge and its verdicts): no agent
+may write them."""
 OPERATOR_MESH_FIELDS: Final = ("overlayIp", "podCidr", "relay", "observedEndpoint")
 """GPUNode ``status.mesh`` fields the operator assigns."""
-OPERATOR_SPEC_FIELDS: Final = ("verificationNonce",)
-"""GPUNode spec fields only the operator writes (its challenge)."""
 FIXED_SPEC_FIELDS: Final = ("supplier", "region", "headCapable", "meshRelay")
 """GPUNode spec fields set when the GPUNode is created; only the mesh operator changes them."""

@@ -31,8 +31,8 @@ from gpumesh.api.nodes import (
     LABEL_HEAD_CAPABLE,
     LABEL_REGION,
     LABEL_SUPPLIER,
-    LABEL_VERIFIED,
 )
+from gpumesh.node_agent.cheats import Cheat
 
 KWOK_ANNOTATION: Final = "kwok.x-k8s.io/node"
 FLEET_LABEL: Final = LABEL_DEV_FLEET
@@ -87,6 +87,8 @@ class FleetNode(_Model):
     memory: str = Field(pattern=_QUANTITY)
     pods: int = Field(default=110, gt=0)
     faults: tuple[ScriptedFault, ...] = ()
+    cheat: Cheat | None = None
+    """How this node's agent lies in its proof of GPU (the operator must catch it)."""
 
     @field_validator("cpu", "memory", mode="before")
     @classmethod
@@ -104,6 +106,8 @@ class FleetNode(_Model):
             )
         if self.gpu_count == 0 and any(f is not None for f in gpu_fields):
             raise ValueError(f"node {self.name}: GPU fields given but gpuCount is 0")
+        if self.cheat is not None and self.gpu_count == 0:
+            raise ValueError(f"node {self.name}: cheat needs GPUs to lie about")
         for fault in self.faults:
             if fault.gpu_index >= self.gpu_count:
                 raise ValueError(
@@ -119,7 +123,6 @@ class Supplier(_Model):
     name: str = Field(pattern=_DNS_LABEL, max_length=63)
     region: str = Field(pattern=_DNS_LABEL, max_length=63)
     price_per_gpu_hour: Decimal = Field(alias="pricePerGpuHour", ge=0)
-    verified: bool
     head_capable: bool = Field(default=False, alias="headCapable")
     nodes: tuple[FleetNode, ...] = Field(min_length=1)
 
@@ -202,7 +205,6 @@ def node_labels(supplier: Supplier, node: FleetNode) -> dict[str, str]:
         LABEL_SUPPLIER: supplier.name,
         LABEL_REGION: supplier.region,
         "topology.kubernetes.io/region": supplier.region,
-        LABEL_VERIFIED: _bool(supplier.verified),
         LABEL_HEAD_CAPABLE: _bool(supplier.head_capable),
     }
     if node.gpu_count > 0:

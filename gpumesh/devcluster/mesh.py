@@ -19,7 +19,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -114,6 +114,17 @@ def spawn(
     return proc, MeshProcess(name, proc.pid, str(log_path), fingerprint)
 
 
+DEV_OPERATOR_ENV: Final = {
+    # The fleet's agents compute their proofs with NumPy: products of 64 x ~4000 x 64.
+    "GPUMESH_PROOF_SIDE": "64",
+    "GPUMESH_PROOF_SCALE": "0.0001",
+    "GPUMESH_PROOF_ALLOWANCE_SECONDS": "8",
+    "GPUMESH_PROOF_OPEN_SECONDS": "10",
+    "GPUMESH_PROOF_RETRY_SECONDS": "60",
+}
+"""What the dev operator runs with, besides its kubeconfig."""
+
+
 def operator_argv(liveness_port: int) -> list[str]:
     return _python(
         "operator", "run", "--text-logs", f"--liveness=http://127.0.0.1:{liveness_port}/healthz"
@@ -130,7 +141,6 @@ def agent_argv(
         f"--node={node.name}",
         f"--kubeconfig={kubeconfig}",
         f"--fake-nvml={fleet_file}",
-        f"--fake-verification={'pass' if supplier.verified else 'fail'}",
         f"--interval={interval}",
         "--metrics-host=127.0.0.1",
         "--metrics-port=0",

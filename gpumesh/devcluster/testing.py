@@ -21,7 +21,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.devcluster import install, mesh
-from gpumesh.devcluster.fleet import Fleet
+from gpumesh.devcluster.fleet import Fleet, load_fleet
 from gpumesh.devcluster.ports import free_port
 
 T = TypeVar("T")
@@ -95,7 +95,11 @@ class OperatedMesh:
             "operator",
             [*mesh.operator_argv(free_port()), *self.operator_args],
             self.logs,
-            {"KUBECONFIG": str(self.operator_kubeconfig or self.kubeconfig), **self.operator_env},
+            {
+                **mesh.DEV_OPERATOR_ENV,
+                "KUBECONFIG": str(self.operator_kubeconfig or self.kubeconfig),
+                **self.operator_env,
+            },
         )
 
     def kill_operator(self) -> None:
@@ -163,6 +167,20 @@ def steady_fleet(source: Path, target: Path) -> Path:
     return target
 
 
+def verified_gpunodes(api: ApiClient) -> set[str]:
+    """GPUNodes whose Verified condition the operator set True."""
+    custom: Any = client.CustomObjectsApi(api)
+    found: dict[str, Any] = custom.list_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes")
+    return {
+        i["metadata"]["name"]
+        for i in found["items"]
+        if any(
+            c.get("type") == "Verified" and c.get("status") == "True"
+            for c in (i.get("status") or {}).get("conditions") or []
+        )
+    }
+
+
 def healthy_gpunodes(api: ApiClient) -> set[str]:
     custom: Any = client.CustomObjectsApi(api)
     found: dict[str, Any] = custom.list_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes")
@@ -211,6 +229,8 @@ def operated_mesh(
         gpu_nodes = {n.name for _, n in kube.fleet.nodes() if n.gpu_count}
         wait_for("every GPU node reported Healthy", lambda: healthy_gpunodes(kube.api) >= gpu_nodes)
         world.start_operator()
+        honest = {n.name for _, n in load_fleet(fleet_file).nodes() if n.gpu_count and not n.cheat}
+        wait_for("every honest GPU node verified", lambda: verified_gpunodes(kube.api) >= honest)
         yield world
     finally:
         world.stop()

@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, cast, get_args
 
 import yaml
 
+from gpumesh.node_agent.cheats import Cheat
 from gpumesh.node_agent.clock import Clock, SystemClock
 from gpumesh.node_agent.nvml.types import (
     CLOCK_EVENT_GPU_IDLE,
@@ -172,6 +173,7 @@ class FleetNodeScript:
     price_per_gpu_hour: str | None
     gpus: tuple[FakeGpu, ...]
     faults: tuple[Fault, ...]
+    cheat: Cheat | None = None
 
 
 class FakeNvml:
@@ -186,7 +188,7 @@ class FakeNvml:
         node_name: str = "fake-node",
         driver_version: str = "550.90.07",
         cuda_version: str = "12.4",
-        verification: Literal["pass", "fail"] = "pass",
+        cheat: Cheat | None = None,
         call_latency_s: float = 0.0,
     ) -> None:
         self._clock = clock or SystemClock()
@@ -194,8 +196,10 @@ class FakeNvml:
         self._lock = threading.Lock()
         self._driver = driver_version
         self._cuda = cuda_version
-        self.verification: Literal["pass", "fail"] = verification
-        """Outcome the fake challenge engine reports (see verify.py)."""
+        self.is_fake = True
+        """The agent proves these GPUs with NumPy (no GPU to run CuPy on)."""
+        self.cheat = cheat
+        """How the agent lies in its proof of GPU, if it does (see cheats.py)."""
         self.call_latency_s = call_latency_s
         """Emulated cost of one device sample, to compare collectors under real latency."""
         self._initialised = False
@@ -402,6 +406,7 @@ def fleet_node(data: Mapping[str, Any], node_name: str) -> FleetNodeScript:
                 price_per_gpu_hour=None if price is None else str(price),
                 gpus=_gpus_from_node(node),
                 faults=tuple(Fault.from_dict(f) for f in node.get("faults", []) or []),
+                cheat=Cheat(node["cheat"]) if node.get("cheat") else None,
             )
     raise KeyError(f"node {node_name!r} is not in the fleet file (it has: {', '.join(names)})")
 
@@ -418,7 +423,6 @@ def fake_from_fleet(
     script: FleetNodeScript,
     *,
     clock: Clock | None = None,
-    verification: Literal["pass", "fail"] = "pass",
 ) -> FakeNvml:
     """A fake NVML playing one fleet node, faults included."""
     return FakeNvml(
@@ -426,7 +430,7 @@ def fake_from_fleet(
         script.faults,
         clock=clock,
         node_name=script.name,
-        verification=verification,
+        cheat=script.cheat,
     )
 
 

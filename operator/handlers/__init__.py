@@ -9,6 +9,7 @@ from gpumesh.operator.handlers import (
     lifecycle,
     liveness,
     mesh,
+    proof,
     reputation,
     supply,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "lifecycle",
     "liveness",
     "mesh",
+    "proof",
     "reputation",
     "supply",
 ]

@@ -32,7 +32,7 @@ _lock = threading.Lock()
 _latest: dict[str, dict[str, Any]] = {}
 """Of each GPUNode's status as last delivered, what reputation reads (a cache: the API
 holds the record)."""
-_READ: Final = ("health", "reputation", "track")
+_READ: Final = ("health", "reputation", "track", "verification")
 
 
 @kopf.on.event(GROUP, VERSION, "gpunodes")

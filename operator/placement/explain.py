@@ -172,7 +172,7 @@ def explain_head(cpu: str, memory: str, selector: dict[str, str], candidates: in
     labels = "".join(f", {k}={v}" for k, v in sorted(selector.items()))
     where = f"all {candidates} are busy" if candidates else "the mesh has none"
     return (
-        f"no verified, head-capable, healthy node{labels} has {cpu} CPU and {memory} memory "
+        f"no head-capable, healthy node{labels} has {cpu} CPU and {memory} memory "
         f"free for the Ray head; {where}"
     )
 

@@ -1,4 +1,4 @@
-"""Where the Ray head runs: a verified, head-capable node near the workers.
+"""Where the Ray head runs: a head-capable node (its host trusted) near the workers.
 
 The head holds the cluster's state (GCS), so it goes only to nodes the mesh trusts, and a
 running head stays put while its node is still trusted: moving it restarts the cluster.
@@ -31,7 +31,6 @@ def choose_head(
         if (
             offer is not None
             and offer.head_capable
-            and offer.verified
             and offer.health in ACCEPTING_HEALTH
             and wanted <= offer.labels
         ):

@@ -126,7 +126,7 @@ class InventoryIndex(Sequence[NodeOffer]):
             if offer.accepts_work and offer.gpus_free > 0 and offer.gpu_model:
                 bucket = self._open[kind_of(offer)].setdefault(offer.gpus_free, [])
                 bucket.append((-self.static[offer.name], offer.name, offer))
-            if offer.head_capable and offer.verified and offer.accepts_work:
+            if offer.head_capable and offer.accepts_work:
                 heads[offer.region].append(offer)
         # Classes: nodes of one kind that every policy check treats alike.
         self.classes: list[tuple[NodeOffer, ...]] = []

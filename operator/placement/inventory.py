@@ -22,10 +22,10 @@ from gpumesh.api.nodes import (
     LABEL_HEAD_CAPABLE,
     LABEL_MEMORY,
     LABEL_PRODUCT,
-    LABEL_VERIFIED,
     Admission,
 )
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
+from gpumesh.operator.proof import is_verified
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
@@ -243,7 +243,7 @@ def _offer(
         gpus_total=gpus_total,
         gpus_free=max(0, gpus_total - used.gpus),
         price_per_gpu_hour=spec.price_per_gpu_hour,
-        verified=_verified(spec, status, labels),
+        verified=is_verified(status),
         reputation=status.reputation if status.reputation is not None else 0.0,
         health=health,
         cordoned=cordoned or spec.cordoned,
@@ -284,21 +284,6 @@ def _closed(node_spec: Mapping[str, Any]) -> tuple[bool, bool]:
         elif key not in OUR_TAINT_KEYS and not key.startswith(OUR_TAINT_PREFIXES):
             tainted = True
     return cordoned, tainted
-
-
-def _verified(spec: GPUNodeSpec, status: GPUNodeStatus, labels: Mapping[str, str]) -> bool:
-    """A verification result answering the current nonce decides; the label only fills in.
-
-    A result for an old nonce (a new challenge is out) or a Pending one falls back to the
-    ``gpumesh.io/verified`` label, so a node stays usable while it is re-checked.
-    """
-    result = status.verification
-    current = result is not None and (
-        spec.verification_nonce is None or result.nonce == spec.verification_nonce
-    )
-    if result is not None and current and result.result != "Pending":
-        return result.result == "Passed"
-    return labels.get(LABEL_VERIFIED) == "true"
 
 
 def _gpu_model(status: GPUNodeStatus, labels: Mapping[str, str]) -> str:

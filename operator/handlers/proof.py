@@ -1,0 +1,108 @@
+"""kopf glue for proof of GPU: each GPUNode's challenge moved on by one step, and written.
+
+GPUNode events enqueue the node; a worker thread runs :func:`~gpumesh.operator.proof.decide`
+on the status as last delivered and writes what it says, then looks again when the step
+asks (a deadline, a retry). A passed node is re-checked at random, at exponentially
+distributed times; the next time is kept only here, which loses nothing on a restart: the
+exponential distribution has no memory, so drawing again gives the same schedule odds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+
+from gpumesh.api.base import GROUP, VERSION
+from gpumesh.operator import kube
+from gpumesh.operator.proof import ProofSettings, SystemEntropy, decide, is_verified, read_status
+from gpumesh.operator.settings import SETTINGS
+from gpumesh.operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+PROOF = ProofSettings.of(SETTINGS)
+_READ: Final = ("gpus", "challenge", "proof", "verification", "conditions")
+_ENTROPY = SystemEntropy()
+_RANDOM = random.SystemRandom()
+
+_lock = threading.Lock()
+_latest: dict[str, dict[str, Any]] = {}
+"""Of each GPUNode's status as last delivered or written, what the proof reads (a cache)."""
+_recheck_at: dict[str, datetime] = {}
+
+
+@kopf.on.event(GROUP, VERSION, "gpunodes")
+def proof_gpunode(type: str | None, name: str, status: kopf.Status, **_: Any) -> None:
+    with _lock:
+        if type == "DELETED":
+            _latest.pop(name, None)
+            _recheck_at.pop(name, None)
+            return
+        _latest[name] = {k: status[k] for k in _READ if k in status}
+    QUEUE.add(name)
+
+
+def _due_for_recheck(node: str, passed: bool, now: datetime) -> tuple[bool, float | None]:
+    """Whether a passed node's random re-check is due, and how long until it is."""
+    if not passed:
+        _recheck_at.pop(node, None)
+        return False, None
+    at = _recheck_at.get(node)
+    if at is None:
+        wait = _RANDOM.expovariate(1.0 / PROOF.recheck_mean.total_seconds())
+        at = _recheck_at[node] = datetime.fromtimestamp(now.timestamp() + wait, UTC)
+    if now >= at:
+        del _recheck_at[node]
+        return True, None
+    return False, (at - now).total_seconds()
+
+
+def _update(node: str) -> None:
+    with _lock:
+        raw = _latest.get(node)
+        others = {
+            str(s["challenge"]["id"]): n
+            for n, s in _latest.items()
+            if n != node and isinstance(s.get("challenge"), dict) and "id" in s["challenge"]
+        }
+    if raw is None:
+        return  # deleted meanwhile
+    status = read_status(raw)
+    if status is None:
+        log.warning("GPUNode %s: status unreadable, proof of GPU not moved on", node)
+        return
+    now = datetime.now(UTC)
+    with _lock:
+        recheck, recheck_in = _due_for_recheck(node, is_verified(status), now)
+    step = decide(node, status, now, PROOF, _ENTROPY, recheck=recheck, others=others)
+    if step.patch is not None:
+        if not kube.shared().patch_cluster_status(GROUP, VERSION, "gpunodes", node, step.patch):
+            return  # the GPUNode is gone
+        with _lock:
+            if node in _latest:
+                _latest[node] = {**_latest[node], **step.patch["status"]}
+        verdict = step.patch["status"].get("verification")
+        if verdict is not None and verdict.get("result") != "Pending":
+            log.info("GPUNode %s: %s (%s)", node, verdict["reason"], verdict.get("message"))
+    after = step.after.total_seconds() if step.after is not None else None
+    waits = [w for w in (after, recheck_in) if w is not None]
+    if waits:  # just past a deadline, so the next look finds it passed
+        QUEUE.add(node, after=min(waits) + 0.05)
+
+
+QUEUE: WorkQueue[str] = WorkQueue(_update, workers=2, name="proof")
+
+
+@kopf.on.startup()
+def start_proof(**_: Any) -> None:
+    QUEUE.start()
+
+
+@kopf.on.cleanup()
+def stop_proof(**_: Any) -> None:
+    QUEUE.stop()
