@@ -216,7 +216,7 @@ ATTEMPTS: tuple[Attempt, ...] = (
         f"{ME_GN}/status",
         status(reputation=1.0),
         MERGE,
-        says="status.reputation is the operator's verdict",
+        says="status.reputation is the operator's",
     ),
     Attempt(
         "pick my own overlay address",
@@ -240,7 +240,7 @@ ATTEMPTS: tuple[Attempt, ...] = (
         f"{ME_GN}/status",
         status(conditions=[{"type": "Verified", "status": "True"}]),
         MERGE,
-        says="status.conditions is the operator's verdict",
+        says="status.conditions is the operator's",
     ),
     # --- GPUNodes: another supplier's -------------------------------------------------------
     Attempt(
