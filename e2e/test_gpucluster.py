@@ -550,14 +550,18 @@ def test_workers_leave_a_node_whose_agent_died(running_mesh: OperatedMesh) -> No
         running_mesh.kill_agent(quiet)
 
         wait_for(f"{quiet} Lost", lambda: gpunode_health(api, quiet) == "Lost", timeout=60)
-        down = wait_for(
-            "the reputation to fall while the node is down",
+        # Lost counts as a fault at once; the downtime itself from the next rewrite on.
+        wait_for(
+            "the reputation to fall while the node is down, downtime counted",
             lambda: (
-                found if (found := reputation(api, quiet, up=False)) and found[0] < up[0] else None
+                found
+                if (found := reputation(api, quiet, up=False))
+                and found[0] < up[0]
+                and found[1].down_seconds > 0
+                else None
             ),
             timeout=60,
         )
-        assert down[1].down_seconds > 0
         events = core.list_event_for_all_namespaces(
             field_selector=f"involvedObject.name={quiet},reason=AgentLost"
         ).items

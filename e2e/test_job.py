@@ -327,6 +327,7 @@ def test_a_template_job_queues_is_admitted_and_runs_on_the_placed_nodes(
     )
     assert status["rayClusterName"] == clusters[0]["metadata"]["name"]
     assert status["dashboardUrl"].startswith("http://")
+    assert status.get("gpuSeconds", 0) == 0  # placed and starting, not running: not paid yet
 
     drive(api, "second", "Running", "RUNNING", jobId="raysubmit_e2e")
     status = wait_for("second Running", lambda: phase_is(api, "second", "Running"), timeout=30)

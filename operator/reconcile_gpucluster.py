@@ -313,8 +313,13 @@ class Reconciler:
 
         ray_view = None
         if existing is not None:
-            # Only pods tell KubeRay's ready workers apart by group.
-            pods = self.world.pods(key) if len(spec.worker_groups()) > 1 else None
+            # Only pods tell KubeRay's ready workers apart by group and node: read them
+            # for several groups, and while some but not all workers are ready (metering
+            # counts ready workers' GPUs, node by node).
+            ray_ready = int((existing.get("status") or {}).get("readyWorkerReplicas") or 0)
+            desired = sum(g.replicas for _, g in spec.worker_groups())
+            partly = 0 < ray_ready < desired
+            pods = self.world.pods(key) if len(spec.worker_groups()) > 1 or partly else None
             ray_view = RayClusterView.from_objects(existing, pods)
         status = compute_status(
             Observation(

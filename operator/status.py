@@ -36,6 +36,8 @@ class RayClusterView:
     head_node: str | None
     head_service: str | None
     ready_by_group: Mapping[str, int]
+    ready_on: Mapping[tuple[str, str], int] | None = None
+    """Ready workers by (group, node), when the pods were read."""
 
     @classmethod
     def from_objects(
@@ -51,12 +53,15 @@ class RayClusterView:
         conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         ready = int(status.get("readyWorkerReplicas") or 0)
         ready_by_group: dict[str, int] = {PRIMARY_GROUP: ready}
+        ready_on: dict[tuple[str, str], int] | None = None
         if pods is not None:
-            ready_by_group = {}
+            ready_by_group, ready_on = {}, {}
             for pod in pods:
                 group = pod.get("metadata", {}).get("labels", {}).get(names.GROUP)
                 if group and group != "head" and _pod_ready(pod):
                     ready_by_group[group] = ready_by_group.get(group, 0) + 1
+                    where = (group, str((pod.get("spec") or {}).get("nodeName") or ""))
+                    ready_on[where] = ready_on.get(where, 0) + 1
         head = status.get("head") or {}
         return cls(
             name=raycluster["metadata"]["name"],
@@ -65,6 +70,7 @@ class RayClusterView:
             head_node=(raycluster.get("spec") or {}).get("headNode"),
             head_service=head.get("serviceName"),
             ready_by_group=ready_by_group,
+            ready_on=ready_on,
         )
 
 
@@ -144,7 +150,7 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
             "ray_cluster_name": (
                 ray.name if ray else obs.raycluster_name or obs.previous.ray_cluster_name
             ),
-            "placements": list(obs.placements),
+            "placements": ready_placements(obs.placements, ray),
             "desired_workers": desired,
             "ready_workers": ready,
             # Ready pods of the main group, never ahead of KubeRay's own count: both
@@ -159,6 +165,25 @@ def compute_status(obs: Observation) -> GPUClusterStatus:
             "queue_position": obs.waiting.position if obs.waiting else None,
         }
     )
+
+
+def ready_placements(
+    placements: Sequence[WorkerPlacement], ray: RayClusterView | None
+) -> list[WorkerPlacement]:
+    """``placements`` with how many of their workers are ready, which is what metering
+    counts: from the pods when they were read, else all or none of a group (the
+    reconciler reads the pods whenever a group is partly ready)."""
+    out = []
+    for p in placements:
+        if ray is None:
+            ready = 0
+        elif ray.ready_on is not None:
+            ready = min(p.workers, ray.ready_on.get((p.group, p.node), 0))
+        else:
+            placed = sum(q.workers for q in placements if q.group == p.group)
+            ready = p.workers if ray.ready_by_group.get(p.group, 0) >= placed else 0
+        out.append(p if p.ready == ready else p.model_copy(update={"ready": ready}))
+    return out
 
 
 def _phase(obs: Observation, placed: bool, all_ready: bool) -> GPUClusterPhase:

@@ -432,7 +432,11 @@ def test_gpu_time_is_metered_into_status_and_counters() -> None:
     )
     api.create("train", template(2, replicas=2))
     run(api, reconciler, inventory, "train", T0)
-    run(api, reconciler, inventory, "train", at(3600))
+    run(api, reconciler, inventory, "train", at(600))
+    assert status(api, "train").get("gpuSeconds", 0) == 0  # placed, not yet running
+    api.kuberay("train", "Running", "RUNNING")
+    run(api, reconciler, inventory, "train", at(600))
+    run(api, reconciler, inventory, "train", at(4200))
     s = status(api, "train")
     assert s["gpuSeconds"] == 4 * 3600 and s["cost"] == "5.16"
     labels = {"namespace": NS, "kind": "Job", "name": "train", "node": "node-a"}
@@ -440,7 +444,7 @@ def test_gpu_time_is_metered_into_status_and_counters() -> None:
         "gpumesh_gpu_seconds_total", labels | {"supplier": "nordic"}
     ) == (4 * 3600)
     api.kuberay("train", "Complete", "SUCCEEDED")
-    run(api, reconciler, inventory, "train", at(3630))
+    run(api, reconciler, inventory, "train", at(4230))
     s = status(api, "train")
     assert s["gpuSeconds"] == 4 * 3630 and s["cost"] == "5.203"
     assert s["phase"] == "Succeeded" and s.get("gpus", 0) == 0

@@ -31,6 +31,7 @@ def placement(node: str, gpus: int, price: str, supplier: str = "acme") -> Worke
         workers=gpus,
         gpus=gpus,
         price_per_gpu_hour=Decimal(price),
+        ready=gpus,
     )
 
 
@@ -50,6 +51,21 @@ def test_holdings_add_up_groups_on_one_node() -> None:
     other_group = A.model_copy(update={"group": "extra", "gpus": 1, "workers": 1})
     held = holdings([A, B, other_group])
     assert [(h.node, h.gpus) for h in held] == [("node-a", 3), ("node-b", 1)]
+
+
+def test_only_ready_workers_are_paid_for() -> None:
+    """Placed is not paid: two 4-GPU workers on one node, none ready, then one, then both."""
+    placed = A.model_copy(update={"workers": 2, "gpus": 8, "ready": 0})
+    assert holdings([placed]) == ()
+    one = holdings([placed.model_copy(update={"ready": 1})])
+    assert [(h.node, h.gpus) for h in one] == [("node-a", 4)]
+    previous = metered(JobStatus(placements=[placed]), at(0))
+    current = previous.model_copy(update={"placements": [placed.model_copy(update={"ready": 2})]})
+    after, flush = meter(previous, current, at(600), flush_after=60)
+    assert after.gpu_seconds == 0 and flush is None  # the 600 s before they were ready
+    later, flush = meter(after, after, at(1200), flush_after=60)
+    assert later.gpu_seconds == 8 * 600
+    assert flush is not None and flush.holdings[0].gpus == 8
 
 
 def test_metering_starts_when_gpus_are_first_held() -> None:

@@ -171,3 +171,33 @@ def test_the_view_reads_the_pinned_head_node_and_counts_groups_only_from_pods() 
     pods = [pod("head", True), pod("workers", True), pod("eval", True), pod("eval", False)]
     grouped = RayClusterView.from_objects(raycluster, pods)
     assert grouped.ready_by_group == {"workers": 1, "eval": 1}
+
+
+def ready_counts(status: GPUClusterStatus) -> dict[str, int]:
+    return {p.node: p.ready for p in status.placements}
+
+
+def test_placements_say_how_many_of_their_workers_are_ready_for_metering() -> None:
+    assert ready_counts(observe(None)) == {"n0": 0, "n1": 0}
+    assert ready_counts(observe(ray(2))) == {"n0": 1, "n1": 1}
+    # Partly ready without pods: none of the group counts (the reconciler reads pods then).
+    assert ready_counts(observe(ray(1))) == {"n0": 0, "n1": 0}
+    by_node = RayClusterView("c", 1, True, "dc-0", None, {"workers": 1}, {("workers", "n1"): 1})
+    assert ready_counts(observe(by_node)) == {"n0": 0, "n1": 1}
+
+
+def test_the_view_counts_ready_workers_by_group_and_node_from_pods() -> None:
+    raycluster = {"metadata": {"name": "c"}, "status": {"readyWorkerReplicas": 2}}
+
+    def pod(node: str, ready: bool) -> dict[str, object]:
+        return {
+            "metadata": {"labels": {"gpumesh.io/group": "workers"}},
+            "spec": {"nodeName": node},
+            "status": {"conditions": [{"type": "Ready", "status": str(ready)}]},
+        }
+
+    view = RayClusterView.from_objects(
+        raycluster, [pod("a", True), pod("a", True), pod("b", False)]
+    )
+    assert view.ready_on == {("workers", "a"): 2}
+    assert RayClusterView.from_objects(raycluster).ready_on is None

@@ -280,6 +280,11 @@ class WorkerPlacement(StatusModel):
     workers: int = Field(ge=0, description="Workers of the group on this node.")
     gpus: int = Field(ge=0, description="GPUs held on this node.")
     price_per_gpu_hour: Price = Field(description="Node's price per GPU-hour.")
+    ready: int = Field(
+        default=0,
+        ge=0,
+        description="Of those workers, how many are ready: metering counts only their GPUs.",
+    )
 
 
 EXACT_DECIMAL_PATTERN = r"^[0-9]{1,24}(\.[0-9]{1,12})?$"

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 from gpumesh.api.conditions import READY, RECONCILING, STALLED, set_condition
 from gpumesh.api.gpucluster import WorkerPlacement
 from gpumesh.api.job import JobPhase, JobSpec, JobStatus
+from gpumesh.operator.jobs.metering import all_ready
 from gpumesh.operator.jobs.naming import rayjob_name
 from gpumesh.operator.jobs.observe import (
     COMPLETE,
@@ -507,7 +508,8 @@ def _run(d: _Draft, view: RayJobView | None, world: World) -> None:
         if world.trouble is not None:
             _migrate(d, world.trouble)
             return
-        d.set(phase=_running_phase(view))
+        phase = _running_phase(view)
+        d.set(phase=phase, placements=all_ready(d.status.placements, phase == "Running"))
         return
     cluster = world.cluster
     name = d.spec.cluster_ref.name if d.spec.cluster_ref else ""

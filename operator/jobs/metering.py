@@ -1,11 +1,13 @@
 """GPU-time metering: GPU-seconds and cost from placements and timestamps (pure).
 
-What a workload holds is its ``status.placements`` (GPUs per supplier node at that node's
-price). ``status.metering.meteredUntil`` marks how far that is already counted in
-``gpuSeconds`` and ``cost``, so each reconcile adds only the time since, and a reconcile
-that repeats (or an operator restart) counts nothing twice. Time is counted in whole
-seconds; the fraction waits for the next flush. ``cost`` is rounded to 1/100 cent for
-people, while ``metering.priceSeconds`` keeps the sum exact so rounding never adds up.
+What a workload is paid for is the ready part of its ``status.placements`` (GPUs per
+supplier node at that node's price, and how many of the workers there are ready): a
+worker counts from when it is ready until it leaves, not from when it was placed.
+``status.metering.meteredUntil`` marks how far that is already counted in ``gpuSeconds``
+and ``cost``, so each reconcile adds only the time since, and a reconcile that repeats
+(or an operator restart) counts nothing twice. Time is counted in whole seconds; the
+fraction waits for the next flush. ``cost`` is rounded to 1/100 cent for people, while
+``metering.priceSeconds`` keeps the sum exact so rounding never adds up.
 
 To keep status writes rare, time accumulates unwritten until ``flush_after`` seconds have
 passed or the status changes anyway (placements change, phase moves).
@@ -60,13 +62,21 @@ class Flush:
 
 
 def holdings(placements: Sequence[WorkerPlacement]) -> tuple[NodeHolding, ...]:
-    """Per supplier node, the GPUs held and their price (groups on one node add up)."""
+    """Per supplier node, the GPUs of ready workers and their price (groups on one node add
+    up): a worker is paid for from when it is ready until it leaves."""
     per_node: dict[str, NodeHolding] = {}
     for p in placements:
         seen = per_node.get(p.node)
-        gpus = p.gpus + (seen.gpus if seen else 0)
+        ready_gpus = p.gpus * min(p.ready, p.workers) // p.workers if p.workers else 0
+        gpus = ready_gpus + (seen.gpus if seen else 0)
         per_node[p.node] = NodeHolding(p.node, p.supplier, gpus, p.price_per_gpu_hour)
     return tuple(h for _, h in sorted(per_node.items()) if h.gpus > 0)
+
+
+def all_ready(placements: Sequence[WorkerPlacement], ready: bool) -> list[WorkerPlacement]:
+    """``placements`` with every worker ready, or none (a Job's own cluster: its workers
+    count from when the Ray job runs)."""
+    return [p.model_copy(update={"ready": p.workers if ready else 0}) for p in placements]
 
 
 def rounded_cost(price_seconds: Decimal) -> Decimal:
