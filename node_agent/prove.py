@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 BLOCK_ROWS: Final = 4096
 """Rows of A multiplied at once (bounds the temporary float32 product)."""
-CHILD_TIMEOUT_S: Final = 900.0
+OPEN_WAIT_S: Final = 120.0
+"""How long the products are kept for the operator to name entries: after that the child
+(and the GPU memory it holds) goes, and a late request computes them again."""
 
 Tamper = Callable[[Any, Any], Any]
 """What a cheating prover does to a product (array module, product) before committing."""
@@ -166,6 +168,10 @@ def select_prover(fake: bool, tamper: Tamper | None = None) -> Prover | None:
         return ArrayProver(numpy, "numpy", tamper)
     if importlib.util.find_spec("cupy") is not None:
         return ChildProver()
+    log.warning(
+        "CuPy is not installed: this node cannot answer the operator's proof of GPU and "
+        "stays unverified (pip install 'gpumesh[gpu]')"
+    )
     return None
 
 
@@ -222,6 +228,8 @@ class ProofRunner:
         self._proof: Proof | None = None
         self._working_on: tuple[str, str] | None = None
         self._committed: str | None = None
+        self._dropped: str | None = None
+        """A committed challenge whose products were let go (computed again if opened)."""
 
     def result(self) -> Proof | None:
         with self._lock:
@@ -264,6 +272,25 @@ class ProofRunner:
         if proof is not None and self.on_done is not None:
             self.on_done()
 
+    def _expire(self, challenge_id: str) -> None:
+        """Let the products go when the operator never named entries to open."""
+        with self._lock:
+            proof = self._proof
+            if self._working_on is not None or self._committed != challenge_id:
+                return
+            if self._dropped == challenge_id:
+                return
+            if proof is not None and proof.challenge_id == challenge_id and proof.openings:
+                return
+            self._dropped = challenge_id
+            if self.prover is not None:
+                self.prover.close()
+        log.info(
+            "challenge %s: no entries named within %.0f s; products dropped",
+            challenge_id,
+            OPEN_WAIT_S,
+        )
+
     def _step(self, step: str, challenge: Challenge, devices: dict[str, int]) -> Proof | None:
         if step == "answer":
             assert self._answer_for is not None
@@ -281,9 +308,16 @@ class ProofRunner:
             with self._lock:
                 self._committed = challenge.id
             log.info("challenge %s: roots after %.2f s", challenge.id, seconds)
+            expiry = threading.Timer(OPEN_WAIT_S, self._expire, args=(challenge.id,))
+            expiry.daemon = True
+            expiry.start()
             return Proof(
                 challenge_id=challenge.id, roots=roots, seconds=seconds, engine=self.prover.name
             )
+        with self._lock:
+            dropped, self._dropped = self._dropped == challenge.id, None
+        if dropped:
+            self.prover.commit(challenge, self.node, devices)
         openings = self.prover.open(challenge.samples)
         self.prover.close()
         with self._lock:

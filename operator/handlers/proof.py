@@ -34,17 +34,33 @@ _lock = threading.Lock()
 _latest: dict[str, dict[str, Any]] = {}
 """Of each GPUNode's status as last delivered or written, what the proof reads (a cache)."""
 _recheck_at: dict[str, datetime] = {}
+_owner: dict[str, str] = {}
+"""Which node each current challenge was issued to (an answer naming another's is a replay)."""
 
 
 @kopf.on.event(GROUP, VERSION, "gpunodes")
 def proof_gpunode(type: str | None, name: str, status: kopf.Status, **_: Any) -> None:
     with _lock:
+        _forget_challenge(name)
         if type == "DELETED":
             _latest.pop(name, None)
             _recheck_at.pop(name, None)
             return
         _latest[name] = {k: status[k] for k in _READ if k in status}
+        _note_challenge(name)
     QUEUE.add(name)
+
+
+def _forget_challenge(node: str) -> None:
+    challenge = (_latest.get(node) or {}).get("challenge")
+    if isinstance(challenge, dict) and _owner.get(str(challenge.get("id"))) == node:
+        del _owner[str(challenge.get("id"))]
+
+
+def _note_challenge(node: str) -> None:
+    challenge = (_latest.get(node) or {}).get("challenge")
+    if isinstance(challenge, dict) and challenge.get("id"):
+        _owner[str(challenge["id"])] = node
 
 
 def _due_for_recheck(node: str, passed: bool, now: datetime) -> tuple[bool, float | None]:
@@ -62,14 +78,17 @@ def _due_for_recheck(node: str, passed: bool, now: datetime) -> tuple[bool, floa
     return False, (at - now).total_seconds()
 
 
+def _needs_owners(raw: dict[str, Any] | None) -> bool:
+    """Only an answer to some other challenge needs the owners (copied once, rarely)."""
+    proof = (raw or {}).get("proof") or {}
+    challenge = (raw or {}).get("challenge") or {}
+    return bool(proof) and proof.get("challengeId") != challenge.get("id")
+
+
 def _update(node: str) -> None:
     with _lock:
         raw = _latest.get(node)
-        others = {
-            str(s["challenge"]["id"]): n
-            for n, s in _latest.items()
-            if n != node and isinstance(s.get("challenge"), dict) and "id" in s["challenge"]
-        }
+        others = {c: n for c, n in _owner.items() if n != node} if _needs_owners(raw) else {}
     if raw is None:
         return  # deleted meanwhile
     status = read_status(raw)
@@ -85,7 +104,9 @@ def _update(node: str) -> None:
             return  # the GPUNode is gone
         with _lock:
             if node in _latest:
+                _forget_challenge(node)
                 _latest[node] = {**_latest[node], **step.patch["status"]}
+                _note_challenge(node)
         verdict = step.patch["status"].get("verification")
         if verdict is not None and verdict.get("result") != "Pending":
             log.info("GPUNode %s: %s (%s)", node, verdict["reason"], verdict.get("message"))
