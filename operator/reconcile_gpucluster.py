@@ -40,6 +40,7 @@ from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStat
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
 from gpumesh.api.gpuquota import GPUQuota, GPUQuotaStatus
 from gpumesh.api.manifests import spec_problems
+from gpumesh.api.patch import merge_patch
 from gpumesh.operator.jobs.admission import (
     STALLED_REASONS,
     assignments,
@@ -93,7 +94,6 @@ from gpumesh.operator.world import (
     Writer,
     created_at,
     groups_on_nodes,
-    merge_patch,
     parse_gpuquotas,
     unaccounted,
 )

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from gpumesh.api.job import JobSpec, JobStatus
 from gpumesh.api.manifests import spec_problems
+from gpumesh.api.patch import merge_patch
 from gpumesh.operator.jobs.admission import (
     STALLED_REASONS,
     JobEntry,
@@ -77,7 +78,6 @@ from gpumesh.operator.world import (
     SpecCache,
     StatusMemory,
     created_at,
-    merge_patch,
     parse_gpuquotas,
     unaccounted,
 )

@@ -141,14 +141,6 @@ class StatusMemory(Generic[StatusT]):
         self._written.pop(key, None)
 
 
-def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch that turns ``old`` into ``new``: top-level keys gone are nulled."""
-    patch = dict(new)
-    for gone in old.keys() - new.keys():
-        patch[gone] = None
-    return patch
-
-
 def created_at(body: Obj) -> datetime:
     """When the object was created (its age orders the admission queue)."""
     stamp = (body.get("metadata") or {}).get("creationTimestamp")

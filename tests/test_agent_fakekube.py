@@ -17,23 +17,11 @@ from typing import Any
 
 import pytest
 
+from gpumesh.api.patch import apply_merge_patch
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, STRATEGIC_MERGE_PATCH, KubeError
 
 GPUNODES = "/apis/gpumesh.io/v1alpha1/gpunodes"
 LEASES = re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/([^/]+)/leases(?:/([^/]+))?$")
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 class FakeKube:
@@ -52,7 +40,7 @@ class FakeKube:
 
     def add_node(self, name: str, **extra: Any) -> dict[str, Any]:
         node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {}}}
-        node = merge_patch(node, extra)
+        node = apply_merge_patch(node, extra)
         return self._store(f"/api/v1/nodes/{name}", node)
 
     def add_gpunode(self, name: str, **spec: Any) -> dict[str, Any]:
@@ -161,10 +149,10 @@ class FakeKube:
             else:
                 assert content_type == MERGE_PATCH
                 updated = copy.deepcopy(current)
-                updated["status"] = merge_patch(current.get("status"), body["status"])
+                updated["status"] = apply_merge_patch(current.get("status"), body["status"])
         else:
             assert content_type == MERGE_PATCH
-            updated = merge_patch(current, body)
+            updated = apply_merge_patch(current, body)
         return self._store(base, updated)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from gpumesh.api.gpunode import GPUNodeStatus, Proof
 from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY, agent_may_set
+from gpumesh.api.patch import apply_merge_patch
 from gpumesh.node_agent.desired import (
     condition_patch,
     desired_labels,
@@ -58,10 +59,8 @@ def snap(*gpus: GpuSnapshot, health: Any = None) -> NodeSnapshot:
 
 
 def applied(obj: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
-    from test_agent_fakekube import merge_patch
-
     assert patch is not None
-    result: dict[str, Any] = merge_patch(obj, patch)
+    result: dict[str, Any] = apply_merge_patch(obj, patch)
     return result
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
+from gpumesh.api.patch import apply_merge_patch
 from gpumesh.operator.jobs.metrics import UsageCounters
 from gpumesh.operator.placement import InventoryIndex, NodeOffer
 from gpumesh.operator.placement.synthetic import make_offer
@@ -89,8 +90,7 @@ class FakeApi:
         status: Mapping[str, Any],
     ) -> str | None:
         target = self.quotas if plural == "gpuquotas" else self.clusters
-        merged = {**target[name].get("status", {}), **status}
-        target[name]["status"] = {k: v for k, v in merged.items() if v is not None}
+        target[name]["status"] = apply_merge_patch(target[name].get("status", {}), status)
         if plural == "gpuclusters":
             self.status_patches.append(name)
         return f"v-{len(self.status_patches)}"

@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from gpumesh.api.gpucluster import GPUClusterSpec
+from gpumesh.api.patch import apply_merge_patch
 from gpumesh.operator.jobs.metrics import UsageCounters
 from gpumesh.operator.jobs.settings import JobSettings
 from gpumesh.operator.placement import Assignment, NodeOffer, Preemption, Request, Running
@@ -68,8 +69,7 @@ class FakeApi:
         name: str,
         status: Mapping[str, Any],
     ) -> None:
-        merged = {**self.jobs[name].get("status", {}), **status}
-        self.jobs[name]["status"] = {k: v for k, v in merged.items() if v is not None}
+        self.jobs[name]["status"] = apply_merge_patch(self.jobs[name].get("status", {}), status)
         self.patches.append(name)
 
     def delete_custom(

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from gpumesh.api.gpunode import Challenge, GPUNodeStatus, Proof
+from gpumesh.api.patch import apply_merge_patch
 from gpumesh.node_agent.prove import ArrayProver, Tamper
 from gpumesh.operator.proof import (
     VERIFIED,
@@ -47,19 +48,6 @@ def gpu(index: int, model: str = "NVIDIA H100 80GB HBM3", memory: int = 81559) -
     }
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the API server applies the operator's status patches."""
-    if not isinstance(patch, dict):
-        return patch
-    merged = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = merge_patch(merged.get(key), value)
-    return merged
-
-
 class Seeded:
     """Entropy from a seeded generator, so each test draws the same seeds and samples."""
 
@@ -88,7 +76,7 @@ class World:
     def step(self, **kwargs: Any) -> Step:
         step = decide(NODE, self.typed(), self.now, SETTINGS, self.entropy, **kwargs)
         if step.patch is not None:
-            self.status = merge_patch(self.status, step.patch["status"])
+            self.status = apply_merge_patch(self.status, step.patch["status"])
         return step
 
     def later(self, seconds: float) -> None:

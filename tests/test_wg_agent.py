@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
+from gpumesh.api.patch import apply_merge_patch
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig, RttSource
 from gpumesh.node_agent.wg.diff import ObservedDevice, ObservedPeer, PeerChanges
@@ -105,19 +106,6 @@ class FakeLinks:
         return ["ip_forward=1"] if changed else []
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the API server applies a merge patch (null deletes a key)."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merge_patch(out.get(k), v)
-    return out
-
-
 class FakeApi:
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
@@ -133,7 +121,7 @@ class FakeApi:
         if method == "PATCH" and path.endswith("/status"):
             assert content_type == MERGE_PATCH
             obj: dict[str, Any] = self.objects[path.removesuffix("/status")]
-            obj["status"] = merge_patch(obj.get("status"), body["status"])
+            obj["status"] = apply_merge_patch(obj.get("status"), body["status"])
             return obj
         if method in ("POST", "PUT"):
             stored: dict[str, Any] = dict(body)
