@@ -289,17 +289,29 @@ def test_a_full_resync_repairs_missed_events() -> None:
     assert sorted(name for name, _ in writes.statuses) == ["c", "n"]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "edited"])
-def test_a_full_resync_rewrites_a_deleted_or_edited_catalogue(damage: str) -> None:
+@pytest.mark.parametrize(("damage", "theirs"), [("deleted", 0), ("edited", 1), ("restored", 40)])
+def test_a_full_resync_rewrites_a_damaged_catalogue_under_a_newer_generation(
+    damage: str, theirs: int
+) -> None:
+    """Generations only grow, even past one someone else wrote: agents that saw the
+    outside write must take ours as newer."""
     state, nodes, configmap = settled()
+    ours = catalogue(state, configmap)
     found: dict[str, Any] | None = None
-    if damage == "edited":
+    if damage != "deleted":
         found = json.loads(json.dumps(configmap))
-        found["data"]["catalogue.json"] = '{"version":1,"generation":1,"nodes":[]}'
+        found["data"]["catalogue.json"] = json.dumps(
+            {"version": 1, "generation": theirs, "nodes": []}
+        )
     state.resync(nodes, leases_of(nodes), admitted(nodes), found, NOW)
     writes = state.take_writes()
     assert not writes.statuses
-    assert writes.configmap == configmap  # ours again, same generation
+    assert writes.configmap is not None
+    again = catalogue(state, writes.configmap)
+    assert again.entries == ours.entries
+    assert again.generation == max(ours.generation, theirs) + 1
+    state.resync(nodes, leases_of(nodes), admitted(nodes), writes.configmap, NOW)
+    assert state.take_writes().configmap is None  # ours again: nothing more to write
 
 
 class ListingKube:

@@ -33,6 +33,7 @@ from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.nodes import lease_name, node_of_lease
 from gpumesh.operator import kube
 from gpumesh.operator.mesh import MeshConfig, MeshConfigError
+from gpumesh.operator.mesh.publish import GENERATION_ANNOTATION
 from gpumesh.operator.mesh.state import MeshState, Writes, trim_gpunode
 from gpumesh.operator.settings import SETTINGS, OperatorSettings
 
@@ -272,7 +273,7 @@ def _write(state: MeshState, writes: Writes) -> bool:
             k.apply_configmap(writes.configmap)
             log.info(
                 "mesh: published catalogue generation %s (%d members)",
-                writes.configmap["metadata"]["annotations"]["gpumesh.io/mesh-generation"],
+                writes.configmap["metadata"]["annotations"][GENERATION_ANNOTATION],
                 len(state.planner.entries),
             )
         except ApiException as err:

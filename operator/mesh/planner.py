@@ -187,6 +187,12 @@ class MeshPlanner:
         self._catalogue = None
         return self.generation
 
+    def outrank(self, generation: int) -> int:
+        """A generation above both ours and ``generation`` (one written by someone else)."""
+        self.generation = max(self.generation, generation) + 1
+        self._catalogue = None
+        return self.generation
+
     def adopt_generation(self, generation: int) -> None:
         """Number the current plan ``generation`` (a restarted operator whose plan equals
         the published one keeps its number, so nothing is written again)."""

@@ -19,6 +19,7 @@ from gpumesh.operator.mesh.planner import Assignment, Ledger
 
 CATALOGUE_NAME: Final = "gpumesh-mesh"
 CATALOGUE_KEY: Final = "catalogue.json"
+GENERATION_ANNOTATION: Final = "gpumesh.io/mesh-generation"
 LEDGER_KEY: Final = "ledger.json"
 
 
@@ -124,7 +125,7 @@ def catalogue_configmap(
         "name": name,
         "namespace": namespace,
         "labels": {"app.kubernetes.io/name": "gpumesh", "app.kubernetes.io/component": "mesh"},
-        "annotations": {"gpumesh.io/mesh-generation": str(catalogue.generation)},
+        "annotations": {GENERATION_ANNOTATION: str(catalogue.generation)},
     }
     if resource_version is not None:
         metadata["resourceVersion"] = resource_version

@@ -16,7 +16,9 @@ drive this class; neither holds mesh logic of its own. Not thread-safe: callers 
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,7 +28,9 @@ from gpumesh.operator.mesh.config import MeshConfig
 from gpumesh.operator.mesh.model import Catalogue, CatalogueError, valid_endpoint
 from gpumesh.operator.mesh.planner import Delta, Ledger, MeshPlanner
 from gpumesh.operator.mesh.publish import (
+    CATALOGUE_KEY,
     CATALOGUE_NAME,
+    GENERATION_ANNOTATION,
     admitted,
     catalogue_configmap,
     catalogue_from_configmap,
@@ -162,7 +166,9 @@ class MeshState:
         now: datetime,
     ) -> None:
         """A periodic full resync: hold exactly what the API lists now, and publish the
-        catalogue again if the ConfigMap is not what we last wrote (deleted, edited).
+        catalogue again if the ConfigMap is not what we last wrote (deleted, edited,
+        restored from a backup), under a generation above both ours and the one found:
+        agents that saw the outside write must see ours as newer.
 
         Repairs whatever a missed watch event left behind; :meth:`take_writes` still
         writes only where something differs. Events that arrived while the lists were
@@ -172,6 +178,7 @@ class MeshState:
         data = (configmap or {}).get("data")
         if not isinstance(data, Mapping) or dict(data) != self._data:
             self._data = None
+            self.planner.outrank(_generation_of(configmap))
 
     def gpunode(self, body: Mapping[str, Any], now: datetime) -> None:
         """A GPUNode was added or changed."""
@@ -354,3 +361,18 @@ class MeshState:
             self._pending.add(assignment.name)
         for name, reason in delta.errors:
             self.errors.append(f"{name}: {reason}")
+
+
+def _generation_of(configmap: Mapping[str, Any] | None) -> int:
+    """The highest generation a ConfigMap claims, in its catalogue or its annotation, read
+    leniently: even a catalogue agents would refuse must not outrank ours."""
+    found = [0]
+    annotations = ((configmap or {}).get("metadata") or {}).get("annotations") or {}
+    with suppress(ValueError, TypeError):
+        found.append(int(annotations.get(GENERATION_ANNOTATION, 0)))
+    text = ((configmap or {}).get("data") or {}).get(CATALOGUE_KEY)
+    with suppress(ValueError, TypeError, AttributeError):
+        generation = json.loads(str(text)).get("generation")
+        if isinstance(generation, int):
+            found.append(generation)
+    return max(found)
