@@ -184,14 +184,6 @@ class Kube:
             _content_type=APPLY,
         )
 
-    def force_delete_pod(self, namespace: str, name: str) -> None:
-        """Grace 0: a pod stuck Terminating on a dead node otherwise blocks replacement."""
-        try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
-        except ApiException as err:
-            if err.status != 404:
-                raise
-
 
 _lock = threading.Lock()
 _shared: Kube | None = None
