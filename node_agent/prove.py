@@ -11,6 +11,7 @@ at the small sizes the dev operator asks for.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -101,12 +102,16 @@ class _NoDevice:
         return None
 
 
+CHILD_MODULE_ENV: Final = "GPUMESH_PROOF_MODULE"
+"""The array module the child computes with: cupy (NumPy only where tests run the child's
+plumbing on a machine without a GPU)."""
+
+
 class ChildProver:
     """CuPy in a child process, kept for one challenge: roots, then openings, then exit."""
 
-    name = "cupy"
-
-    def __init__(self) -> None:
+    def __init__(self, module: str = "cupy") -> None:
+        self.name = module
         self._child: subprocess.Popen[str] | None = None
 
     def _ask(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +137,12 @@ class ChildProver:
             text=True,
             # CUDA numbers GPUs fastest first unless told otherwise; NVML, whose index the
             # devices map holds, numbers them by PCI bus.
-            env={**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUPY_TF32": "1"},
+            env={
+                **os.environ,
+                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                "CUPY_TF32": "1",
+                CHILD_MODULE_ENV: self.name,
+            },
         )
         reply = self._ask(
             {
@@ -157,6 +167,8 @@ class ChildProver:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(10)
+            if child.stdout is not None:
+                child.stdout.close()
 
 
 def select_prover(fake: bool, tamper: Tamper | None = None) -> Prover | None:
@@ -180,9 +192,8 @@ def _child_main() -> int:
     request and reply per line (whatever CUDA prints goes to stderr)."""
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    import cupy  # type: ignore[import-not-found]
-
-    prover = ArrayProver(cupy, "cupy")
+    module = os.environ.get(CHILD_MODULE_ENV, "cupy")
+    prover = ArrayProver(importlib.import_module(module), module)
     for line in sys.stdin:
         request = json.loads(line)
         try:

@@ -82,3 +82,18 @@ def test_products_are_dropped_when_no_entries_are_named_and_computed_again_if_th
     assert opened is not None and [(o.row, o.col) for o in opened.openings] == [(3, 5)]
     assert opened.roots == proof.roots
     assert prover.calls[-4:] == ["commit", "close", "open", "close"]
+
+
+def test_the_child_process_answers_as_the_agent_would_and_exits_when_closed() -> None:
+    """The child's plumbing (requests and replies over stdin and stdout, the products kept
+    between them), run on NumPy: on a GPU node the same child runs CuPy."""
+    samples = [Sample(gpu=0, row=0, col=0), Sample(gpu=0, row=15, col=9)]
+    child = prove.ChildProver("numpy")
+    roots = child.commit(challenge(), "n1", {"GPU-1": 0})
+    openings = child.open(samples)
+    process = child._child
+    child.close()
+    assert process is not None and process.returncode == 0
+    here = ArrayProver(np, "numpy")
+    assert roots == here.commit(challenge(), "n1", {"GPU-1": 0})
+    assert openings == here.open(samples)
