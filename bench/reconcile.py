@@ -77,6 +77,7 @@ from bench.harness import (
     untyped,
     wait_until,
 )
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec
 from gpumesh.api.gpunode import GPUNodeStatus
 from gpumesh.devcluster import mesh
@@ -87,7 +88,6 @@ from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
 
 COMMAND = "python -m bench reconcile"
 ROOT = Path(__file__).resolve().parent.parent
-GROUP, VERSION = "gpumesh.io", "v1alpha1"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 MERGE = "application/merge-patch+json"
 PHASE_LABEL = "bench.gpumesh.io/phase"

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpumesh import devcluster
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.devcluster import install, mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster
 from gpumesh.devcluster.fleet import FleetError
@@ -148,7 +149,7 @@ def status(state_dir: StateDir = None) -> None:
         raise typer.Exit(code=1)
     api = new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
     listed: Any = client.CustomObjectsApi(api).list_cluster_custom_object(
-        "gpumesh.io", "v1alpha1", "gpuclusters"
+        GROUP, VERSION, "gpuclusters"
     )
     items = listed["items"]
     clusters = Table("namespace", "name", "phase", "ready", "GPUs", "USD/h", title="GPUClusters")
@@ -207,7 +208,7 @@ def _apply_sample(api: client.ApiClient, path: Path) -> None:
             obj: Any
             try:
                 obj = custom.get_namespaced_custom_object(
-                    "gpumesh.io", "v1alpha1", namespace, "gpuclusters", meta["name"]
+                    GROUP, VERSION, namespace, "gpuclusters", meta["name"]
                 )
             except ApiException:
                 obj = {}

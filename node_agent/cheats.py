@@ -16,10 +16,9 @@ from typing import Any
 from gpumesh.api.gpunode import Challenge, Proof
 from gpumesh.node_agent.kube import MERGE_PATCH, KubeApi, KubeError
 from gpumesh.node_agent.prove import Tamper
+from gpumesh.node_agent.report import GPUNODES
 
 log = logging.getLogger(__name__)
-
-GPUNODES = "/apis/gpumesh.io/v1alpha1/gpunodes"
 
 
 class Cheat(StrEnum):

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.conditions import STALLED, set_condition
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec, GPUClusterStatus
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
@@ -101,7 +102,7 @@ from gpumesh.operator.world import (
 log = logging.getLogger(__name__)
 _ZERO = Decimal(0)
 
-GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "gpuclusters"
+PLURAL = "gpuclusters"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 
 QUEUED = "Queued"

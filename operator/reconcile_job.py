@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.job import JobSpec, JobStatus
 from gpumesh.api.manifests import spec_problems
 from gpumesh.api.patch import merge_patch
@@ -84,7 +85,7 @@ from gpumesh.operator.world import (
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "gpumesh.io", "v1alpha1", "jobs"
+PLURAL = "jobs"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 RAYJOB_REJECTED = "RayJobRejected"
 #: How soon a Job whose victim could not be preempted right away looks again.

@@ -20,6 +20,7 @@ from kubernetes import client
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.devcluster import install, mesh
 from gpumesh.devcluster.fleet import Fleet, load_fleet
 from gpumesh.devcluster.ports import free_port
@@ -170,7 +171,7 @@ def steady_fleet(source: Path, target: Path) -> Path:
 def verified_gpunodes(api: ApiClient) -> set[str]:
     """GPUNodes whose Verified condition the operator set True."""
     custom: Any = client.CustomObjectsApi(api)
-    found: dict[str, Any] = custom.list_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes")
+    found: dict[str, Any] = custom.list_cluster_custom_object(GROUP, VERSION, "gpunodes")
     return {
         i["metadata"]["name"]
         for i in found["items"]
@@ -183,7 +184,7 @@ def verified_gpunodes(api: ApiClient) -> set[str]:
 
 def healthy_gpunodes(api: ApiClient) -> set[str]:
     custom: Any = client.CustomObjectsApi(api)
-    found: dict[str, Any] = custom.list_cluster_custom_object("gpumesh.io", "v1alpha1", "gpunodes")
+    found: dict[str, Any] = custom.list_cluster_custom_object(GROUP, VERSION, "gpunodes")
     items: list[dict[str, Any]] = found["items"]
     return {i["metadata"]["name"] for i in items if i.get("status", {}).get("health") == "Healthy"}
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import kopf
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator.handlers import gpucluster, job
 from gpumesh.operator.handlers.runtime import RUNTIME
-from gpumesh.operator.reconcile_gpucluster import GROUP, PLURAL, VERSION
+from gpumesh.operator.reconcile_gpucluster import PLURAL
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

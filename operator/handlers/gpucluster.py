@@ -21,14 +21,13 @@ from typing import Any, cast
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator import kube
 from gpumesh.operator.handlers.indexes import INVENTORY_VERSION
 from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
 from gpumesh.operator.placement import InventoryIndex, OfferCache
 from gpumesh.operator.progress import ProgressLine
 from gpumesh.operator.reconcile_gpucluster import (
-    GROUP,
-    VERSION,
     Reconciler,
 )
 from gpumesh.operator.render import labels as names

@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.world import (
     JOB_LABEL,
@@ -63,7 +64,7 @@ async def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {name: trimmed}
 
 
-@kopf.index("gpumesh.io", "v1alpha1", "gpunodes")
+@kopf.index(GROUP, VERSION, "gpunodes")
 async def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     status = dict(body.status)
     meta = {"name": name, "uid": body.metadata.uid}  # the uid: events about the node
@@ -103,14 +104,14 @@ async def foreign_raycluster_index(
     return {(namespace or "", name): True}
 
 
-@kopf.index("gpumesh.io", "v1alpha1", "gpuclusters")
+@kopf.index(GROUP, VERSION, "gpuclusters")
 async def gpucluster_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
     return {ClusterKey(namespace or "", name): dict(body)}
 
 
-@kopf.index("gpumesh.io", "v1alpha1", "jobs")
+@kopf.index(GROUP, VERSION, "jobs")
 async def job_index(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[ClusterKey, Any]:
@@ -126,7 +127,7 @@ async def job_index(
     return {ClusterKey(namespace or "", name, "Job"): trimmed}
 
 
-@kopf.index("gpumesh.io", "v1alpha1", "jobs")
+@kopf.index(GROUP, VERSION, "jobs")
 async def jobs_by_cluster_index(
     namespace: str | None, name: str, spec: kopf.Spec, **_: Any
 ) -> dict[tuple[str, str], str]:
@@ -148,6 +149,6 @@ async def rayjob_index(
     return {ClusterKey(namespace or "", labels[JOB_LABEL], "Job"): trim_rayjob(body)}
 
 
-@kopf.index("gpumesh.io", "v1alpha1", "gpuquotas")
+@kopf.index(GROUP, VERSION, "gpuquotas")
 async def gpuquota_index(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {namespace or "": dict(body)}

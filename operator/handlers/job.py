@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import kopf
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator import kube
 from gpumesh.operator.handlers import gpucluster
 from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
@@ -27,9 +28,7 @@ from gpumesh.operator.jobs.naming import JOB
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
 from gpumesh.operator.placement import Preemption, Request, Running
 from gpumesh.operator.reconcile_job import (
-    GROUP,
     PLURAL,
-    VERSION,
     JobReconciler,
     JobSnapshot,
     Outcome,

@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 
+from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator.handlers import gpucluster, job
 from gpumesh.operator.handlers.runtime import RUNTIME
 from gpumesh.operator.world import trim_node
@@ -18,7 +19,7 @@ from gpumesh.operator.world import trim_node
 _fingerprints: dict[str, str] = {}
 
 
-@kopf.on.event("gpumesh.io", "v1alpha1", "gpunodes")
+@kopf.on.event(GROUP, VERSION, "gpunodes")
 @kopf.on.event("", "v1", "nodes")
 async def supply_changed(
     type: str | None, name: str, body: kopf.Body, resource: kopf.Resource, **indexes: Any
