@@ -87,6 +87,7 @@ from gpumesh.api.nodes import (
     LABEL_REGION,
     LABEL_SUPPLIER,
     LABEL_VERIFIED,
+    TAINT_KEY,
 )
 from gpumesh.devcluster import mesh, toolchain
 from gpumesh.devcluster.cluster import LocalCluster, _die_with
@@ -119,7 +120,7 @@ LABEL_HEALTH = "gpumesh.io/health"
 LABEL_REPUTATION = "gpumesh.io/reputation-percent"
 LABEL_PRICE = "gpumesh.io/price-cents-per-gpu-hour"
 ROUND_LABEL = "bench.gpumesh.io/round"
-UNHEALTHY_TAINT = "gpumesh.io/gpu-unhealthy"  # what the node agent sets (Unhealthy, Lost)
+UNHEALTHY_TAINT = TAINT_KEY  # what the node agent sets (Unhealthy, Lost)
 FOREIGN_TAINT = "bench.gpumesh.io/foreign"  # stands in for a taint nobody tolerates
 TAINTED_HEALTH = frozenset({"Unhealthy", "Lost"})
 

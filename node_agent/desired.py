@@ -31,6 +31,7 @@ from gpumesh.api.nodes import (
     LABEL_COMPUTE_MINOR,
     LABEL_COUNT,
     LABEL_MEMORY,
+    LABEL_NODE,
     LABEL_PRODUCT,
     TAINT_KEY,
     lease_name,
@@ -319,7 +320,7 @@ def lease_body(
     meta: dict[str, Any] = {
         "name": lease_name(node),
         "namespace": namespace,
-        "labels": {"app.kubernetes.io/name": "gpumesh-agent", "gpumesh.io/node": node},
+        "labels": {"app.kubernetes.io/name": "gpumesh-agent", LABEL_NODE: node},
     }
     spec_now = (current or {}).get("spec") or {}
     acquired = spec_now.get("acquireTime") if spec_now.get("holderIdentity") == holder else None

@@ -74,6 +74,8 @@ TAINT_KEY: Final = "gpumesh.io/gpu-unhealthy"
 CONDITION_TYPE: Final = "GPUHealthy"
 """The one Node condition an agent writes."""
 LEASE_PREFIX: Final = "gpumesh-agent-"
+LABEL_NODE: Final = "gpumesh.io/node"
+"""The node an object is about: an agent's heartbeat Lease, a worker pod's node."""
 
 
 def lease_name(node: str) -> str:

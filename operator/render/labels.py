@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import hashlib
 
+from gpumesh.api.nodes import LABEL_HEAD_CAPABLE, LABEL_NODE, SUPPLIER_TAINT
+
 CLUSTER = "gpumesh.io/cluster"
 GROUP = "gpumesh.io/group"
-NODE = "gpumesh.io/node"
+NODE = LABEL_NODE
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "gpumesh-operator"
 FIELD_MANAGER = "gpumesh-operator"
 
 HOSTNAME = "kubernetes.io/hostname"
-HEAD_CAPABLE = "gpumesh.io/head-capable"
+HEAD_CAPABLE = LABEL_HEAD_CAPABLE
 GPU_RESOURCE = "nvidia.com/gpu"
 
 #: Taints gpumesh workers tolerate: suppliers reserve their nodes for the mesh with these.
-TOLERATED_TAINTS = ("nvidia.com/gpu", "gpumesh.io/supplier")
+TOLERATED_TAINTS = (GPU_RESOURCE, SUPPLIER_TAINT)
 
 
 def worker_group_name(group: str, node: str) -> str:
