@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from gpumesh.backoff import Backoff
 from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.health import (
     GpuHealthState,
@@ -80,7 +81,7 @@ class Collector:
         self._initialised = False
         self._init_error: str | None = None
         self._next_init_at = 0.0
-        self._init_backoff = INIT_BACKOFF_MIN_S
+        self._init_backoff = Backoff(INIT_BACKOFF_MIN_S, INIT_BACKOFF_MAX_S)
         self._driver: str | None = None
         self._cuda: str | None = None
         self._identities: dict[int, DeviceIdentity] = {}
@@ -104,13 +105,13 @@ class Collector:
             self._cuda = self.backend.cuda_version()
         except NvmlError as err:
             self._init_error = str(err)
-            self._next_init_at = now + self._init_backoff
-            log.warning("NVML unavailable (%s); retrying in %.0f s", err, self._init_backoff)
-            self._init_backoff = min(self._init_backoff * 2, INIT_BACKOFF_MAX_S)
+            wait = self._init_backoff.failed()
+            self._next_init_at = now + wait
+            log.warning("NVML unavailable (%s); retrying in %.0f s", err, wait)
             return False
         self._initialised = True
         self._init_error = None
-        self._init_backoff = INIT_BACKOFF_MIN_S
+        self._init_backoff.succeeded()
         # After a driver reload the GPUs may enumerate differently: read identities again,
         # keeping the old ones for GPUs that do not answer (reports still name them).
         self._reread = set(self._identities)
@@ -126,7 +127,7 @@ class Collector:
         log.warning("NVML failed (%s); re-initialising", err)
         self._initialised = False
         self._init_error = str(err)
-        self._next_init_at = now + self._init_backoff
+        self._next_init_at = now + self._init_backoff.current
         self.backend.shutdown()
 
     # --- one sweep -----------------------------------------------------------------------
@@ -268,7 +269,7 @@ class XidWatcher:
 
     def _run(self) -> None:
         armed = False
-        backoff = 1.0
+        backoff = Backoff(1.0, self._max_backoff_s)
         while not self._stop.is_set():
             if self._rearm.is_set():
                 self._rearm.clear()
@@ -277,17 +278,17 @@ class XidWatcher:
                 if not armed:
                     self._backend.watch_xids()
                     armed = True
-                    backoff = 1.0
+                    backoff.succeeded()
                 event = self._backend.wait_xid(self._wait_s)
             except NvmlError as err:
                 armed = False
-                log.debug("XID wait failed (%s); again in %.0f s", err, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._max_backoff_s)
+                wait = backoff.failed()
+                log.debug("XID wait failed (%s); again in %.0f s", err, wait)
+                self._stop.wait(wait)
                 continue
             except Exception:
                 log.exception("XID watcher error")
-                self._stop.wait(backoff)
+                self._stop.wait(backoff.failed())
                 continue
             if event is not None:
                 self.events += 1

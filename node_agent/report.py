@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.gpunode import Challenge, Proof
 from gpumesh.api.nodes import lease_name
+from gpumesh.backoff import Backoff
 from gpumesh.node_agent.aio import wait_any
 from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.desired import (
@@ -291,7 +292,7 @@ class Reporter:
         stale when its spec changes, so a new nonce or region is acted on within a second
         rather than at the next resync. Status writes (ours) do not bump the generation
         and are ignored."""
-        backoff = self.config.backoff_min_s
+        backoff = Backoff(self.config.backoff_min_s, self.config.backoff_max_s)
         selector = f"metadata.name={self.config.node}"
         while not stop.is_set():
             try:
@@ -299,15 +300,14 @@ class Reporter:
                     if stop.is_set():
                         return
                     self._on_gpunode_event(event)
-                backoff = self.config.backoff_min_s
+                backoff.succeeded()
             except KubeError as err:
-                log.debug("GPUNode watch ended (%s); again in %.0f s", err, backoff)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.backoff_max_s)
+                wait = backoff.failed()
+                log.debug("GPUNode watch ended (%s); again in %.0f s", err, wait)
+                stop.wait(wait)
             except Exception:
                 log.exception("GPUNode watch failed")
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.backoff_max_s)
+                stop.wait(backoff.failed())
 
     def _on_gpunode_event(self, event: Mapping[str, Any]) -> None:
         obj = event.get("object") or {}
@@ -339,7 +339,7 @@ class Reporter:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kube")
-        backoff = self.config.backoff_min_s
+        backoff = Backoff(self.config.backoff_min_s, self.config.backoff_max_s)
         watch_stop = threading.Event()
         watcher = threading.Thread(
             target=self.watch_spec, args=(watch_stop,), name="gpunode-watch", daemon=True
@@ -355,14 +355,13 @@ class Reporter:
                     try:
                         await self._loop.run_in_executor(pool, self.sync, snapshot)
                     except Exception as err:
-                        delay = self._on_failure(err, backoff)
-                        backoff = min(backoff * 2, self.config.backoff_max_s)
+                        delay = self._on_failure(err, backoff.failed())
                         backing_off = True
                     else:
                         if not self.api_up:
                             log.info("Kubernetes API reachable; reports are up to date")
                         self.api_up = True
-                        backoff = self.config.backoff_min_s
+                        backoff.succeeded()
                 # New snapshots wake the loop, except while backing off from an outage.
                 await wait_any(stop, None if backing_off else self._wake, seconds=delay)
         finally:

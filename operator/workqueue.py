@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from gpumesh.backoff import backoff_delay
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
@@ -159,7 +161,7 @@ class WorkQueue(Generic[K]):
             if failed:
                 count = self._failures.get(key, 0) + 1
                 self._failures[key] = count
-                delay = min(self._max_backoff, self._backoff * 2 ** (count - 1))
+                delay = backoff_delay(count, self._backoff, self._max_backoff)
                 self._add_later(key, self._clock() + delay)
             else:
                 self._failures.pop(key, None)

@@ -32,6 +32,7 @@ from typing import Any, Final, Protocol
 
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.nodes import lease_name
+from gpumesh.backoff import Backoff, backoff_delay
 from gpumesh.node_agent.desired import lease_body
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.device import DeviceError
@@ -194,7 +195,7 @@ class MeshAgent:
     def watch_catalogue(self, stop: threading.Event) -> None:
         cfg = self.config
         path = f"/api/v1/namespaces/{cfg.namespace}/configmaps"
-        backoff = cfg.backoff_min_s
+        backoff = Backoff(cfg.backoff_min_s, cfg.backoff_max_s)
         while not stop.is_set():
             try:
                 for event in self.api.watch(
@@ -202,15 +203,14 @@ class MeshAgent:
                     field_selector=f"metadata.name={cfg.catalogue}",
                     timeout_s=cfg.watch_timeout_s,
                 ):
-                    backoff = cfg.backoff_min_s
+                    backoff.succeeded()
                     if event.get("type") in ("ADDED", "MODIFIED"):
                         self.offer(event.get("object") or {})
                     if stop.is_set():
                         return
             except KubeError as err:
                 self._once("watch", "catalogue watch failed (retrying): %s", err)
-                stop.wait(backoff)
-                backoff = min(backoff * 2, cfg.backoff_max_s)
+                stop.wait(backoff.failed())
 
     def step(self) -> float:
         """One pass; returns the seconds until something is due."""
@@ -262,8 +262,10 @@ class MeshAgent:
         except KubeError as err:
             failures = self._due.get(f"{what}-failures", 0.0) + 1
             self._due[f"{what}-failures"] = failures
-            backoff = min(self.config.backoff_min_s * 2**failures, self.config.backoff_max_s)
-            self._due[what] = now + backoff
+            cfg = self.config
+            self._due[what] = now + backoff_delay(
+                int(failures), cfg.backoff_min_s, cfg.backoff_max_s
+            )
             self._once(f"{what}:{err.status}", "%s failed (retrying): %s", what, err)
             return
         self._due.pop(f"{what}-failures", None)

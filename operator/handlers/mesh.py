@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.nodes import lease_name, node_of_lease
+from gpumesh.backoff import Backoff
 from gpumesh.operator import kube
 from gpumesh.operator.mesh import MeshConfig, MeshConfigError
 from gpumesh.operator.mesh.publish import GENERATION_ANNOTATION
@@ -231,7 +232,7 @@ def full_resync(state: MeshState, k: MeshKube) -> bool:
 
 
 def _publish_loop() -> None:
-    backoff = 0.0
+    failing = Backoff(0.5, BACKOFF_MAX_S)
     next_resync = time.monotonic() + FULL_RESYNC_S
     while not _stop.is_set():
         state = _state
@@ -248,7 +249,9 @@ def _publish_loop() -> None:
         for error in errors:
             log.warning("mesh: %s", error)
         ok = _write(state, writes)
-        backoff = 0.0 if ok else min(max(backoff * 2, 0.5), BACKOFF_MAX_S)
+        if ok:
+            failing.succeeded()
+        backoff = 0.0 if ok else failing.failed()
         wait = IDLE_S if upcoming is None else upcoming - time.time() + 0.01
         wait = max(backoff, min(max(wait, 0.0), IDLE_S))
         if _wake.wait(wait) and not _stop.is_set():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from gpumesh.backoff import backoff_delay
 from gpumesh.operator.jobs.observe import (
     COMPLETE,
     JOB_STOPPED,
@@ -41,9 +42,7 @@ class Failure:
 
 def backoff_seconds(base: int, failures: int) -> int:
     """Wait before the attempt after ``failures`` program failures: base, 2x, 4x ... capped."""
-    if failures <= 0:
-        return 0
-    return int(min(base * 2 ** min(failures - 1, 32), max(MAX_BACKOFF_SECONDS, base)))
+    return int(backoff_delay(failures, base, max(MAX_BACKOFF_SECONDS, base)))
 
 
 def classify(view: RayJobView, infrastructure_trouble: str | None) -> Failure:
