@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator import kube
@@ -34,19 +35,28 @@ _lock = threading.Lock()
 _latest: dict[str, dict[str, Any]] = {}
 """Of each GPUNode's status as last delivered or written, what the proof reads (a cache)."""
 _recheck_at: dict[str, datetime] = {}
+_versions: dict[str, str] = {}
+"""The resourceVersion each cached status was read at: every write is made on it, so a
+step decided on a view the API has moved past is refused (409) and decided again when
+the newer event arrives, never written over it (it would draw a challenge's samples
+twice)."""
 _owner: dict[str, str] = {}
 """Which node each current challenge was issued to (an answer naming another's is a replay)."""
 
 
 @kopf.on.event(GROUP, VERSION, "gpunodes")
-def proof_gpunode(type: str | None, name: str, status: kopf.Status, **_: Any) -> None:
+def proof_gpunode(
+    type: str | None, name: str, status: kopf.Status, meta: kopf.Meta, **_: Any
+) -> None:
     with _lock:
         _forget_challenge(name)
         if type == "DELETED":
             _latest.pop(name, None)
+            _versions.pop(name, None)
             _recheck_at.pop(name, None)
             return
         _latest[name] = {k: status[k] for k in _READ if k in status}
+        _versions[name] = str(meta.get("resourceVersion") or "")
         _note_challenge(name)
     QUEUE.add(name)
 
@@ -88,6 +98,7 @@ def _needs_owners(raw: dict[str, Any] | None) -> bool:
 def _update(node: str) -> None:
     with _lock:
         raw = _latest.get(node)
+        version = _versions.get(node)
         others = {c: n for c, n in _owner.items() if n != node} if _needs_owners(raw) else {}
     if raw is None:
         return  # deleted meanwhile
@@ -100,20 +111,40 @@ def _update(node: str) -> None:
         recheck, recheck_in = _due_for_recheck(node, is_verified(status), now)
     step = decide(node, status, now, PROOF, _ENTROPY, recheck=recheck, others=others)
     if step.patch is not None:
-        if not kube.shared().patch_cluster_status(GROUP, VERSION, "gpunodes", node, step.patch):
-            return  # the GPUNode is gone
+        patch = {**step.patch, "metadata": {"resourceVersion": version}} if version else step.patch
+        try:
+            if not kube.shared().patch_cluster_status(GROUP, VERSION, "gpunodes", node, patch):
+                return  # the GPUNode is gone
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            log.debug("GPUNode %s changed since it was read; deciding again on its news", node)
+            return
         with _lock:
             if node in _latest:
                 _forget_challenge(node)
                 _latest[node] = {**_latest[node], **step.patch["status"]}
                 _note_challenge(node)
-        verdict = step.patch["status"].get("verification")
-        if verdict is not None and verdict.get("result") != "Pending":
-            log.info("GPUNode %s: %s (%s)", node, verdict["reason"], verdict.get("message"))
+        _say(node, step.patch["status"])
     after = step.after.total_seconds() if step.after is not None else None
     waits = [w for w in (after, recheck_in) if w is not None]
     if waits:  # just past a deadline, so the next look finds it passed
         QUEUE.add(node, after=min(waits) + 0.05)
+
+
+def _say(node: str, written: dict[str, Any]) -> None:
+    challenge, verdict = written.get("challenge"), written.get("verification")
+    if challenge is not None and challenge.get("samples"):
+        log.info(
+            "GPUNode %s: roots of challenge %s in; %d entries to open",
+            node,
+            challenge["id"],
+            len(challenge["samples"]),
+        )
+    elif challenge is not None:
+        log.info("GPUNode %s: challenge %s issued", node, challenge["id"])
+    if verdict is not None and verdict.get("result") != "Pending":
+        log.info("GPUNode %s: %s (%s)", node, verdict["reason"], verdict.get("message"))
 
 
 QUEUE: WorkQueue[str] = WorkQueue(_update, workers=2, name="proof")
