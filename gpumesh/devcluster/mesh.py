@@ -115,10 +115,11 @@ def spawn(
 
 
 DEV_OPERATOR_ENV: Final = {
-    # The fleet's agents compute their proofs with NumPy: products of 64 x ~4000 x 64.
+    # The fleet's agents compute their proofs with NumPy: products of 64 x ~4000 x 64, a
+    # few seconds for an 8-GPU node while a dozen agents share two cores.
     "GPUMESH_PROOF_SIDE": "64",
     "GPUMESH_PROOF_SCALE": "0.0001",
-    "GPUMESH_PROOF_ALLOWANCE_SECONDS": "8",
+    "GPUMESH_PROOF_ALLOWANCE_SECONDS": "20",
     "GPUMESH_PROOF_OPEN_SECONDS": "10",
     "GPUMESH_PROOF_RETRY_SECONDS": "60",
 }
