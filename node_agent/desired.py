@@ -25,6 +25,7 @@ from gpumesh.api.gpunode import (
     GPUNodeStatus,
     Proof,
 )
+from gpumesh.api.lease import lease_body
 from gpumesh.api.nodes import (
     CONDITION_TYPE,
     LABEL_COMPUTE_MAJOR,
@@ -302,12 +303,7 @@ def condition_patch(
 # --- Lease -----------------------------------------------------------------------------------
 
 
-def micro_time(t: datetime) -> str:
-    """Kubernetes MicroTime: RFC 3339 with microseconds, UTC."""
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def lease_body(
+def agent_lease_body(
     node: str,
     namespace: str,
     *,
@@ -316,24 +312,13 @@ def lease_body(
     now: datetime,
     current: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The heartbeat Lease, renewed; carries the resourceVersion of ``current`` if any."""
-    meta: dict[str, Any] = {
-        "name": lease_name(node),
-        "namespace": namespace,
-        "labels": {"app.kubernetes.io/name": "gpumesh-agent", LABEL_NODE: node},
-    }
-    spec_now = (current or {}).get("spec") or {}
-    acquired = spec_now.get("acquireTime") if spec_now.get("holderIdentity") == holder else None
-    if current is not None:
-        meta["resourceVersion"] = (current.get("metadata") or {}).get("resourceVersion")
-    return {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": meta,
-        "spec": {
-            "holderIdentity": holder,
-            "leaseDurationSeconds": duration_s,
-            "acquireTime": acquired or micro_time(now),
-            "renewTime": micro_time(now),
-        },
-    }
+    """``node``'s agent heartbeat Lease, renewed at ``now``."""
+    return lease_body(
+        lease_name(node),
+        namespace,
+        holder=holder,
+        duration_s=duration_s,
+        now=now,
+        labels={"app.kubernetes.io/name": "gpumesh-agent", LABEL_NODE: node},
+        current=current,
+    )

@@ -30,8 +30,8 @@ from gpumesh.backoff import Backoff
 from gpumesh.node_agent.aio import wait_any
 from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.desired import (
+    agent_lease_body,
     condition_patch,
-    lease_body,
     new_gpunode,
     node_patch,
     status_patch,
@@ -167,7 +167,7 @@ class Reporter:
         name = lease_name(cfg.node)
         if self._lease is None:
             self._lease = self.api.get(f"{self.lease_path}/{name}")
-        body = lease_body(
+        body = agent_lease_body(
             cfg.node,
             cfg.namespace,
             holder=cfg.node,

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from gpumesh.api.lease import lease_terms
+
 LOST: Final = "Lost"
 MASS_SILENCE_MIN: Final = 3
 """A silence of this many agents or more, and at least half of them, is held as ours."""
@@ -49,16 +51,6 @@ class Verdict:
     """Silent, but so are most agents: not marked (see the module docstring)."""
 
 
-def lease_renewal(lease: Mapping[str, Any]) -> tuple[str | None, float] | None:
-    """(renewTime, leaseDurationSeconds) of a Lease, or None if its duration is unreadable."""
-    spec = lease.get("spec") or {}
-    duration = spec.get("leaseDurationSeconds")
-    if not isinstance(duration, int) or isinstance(duration, bool) or duration <= 0:
-        return None
-    renew = spec.get("renewTime")
-    return (str(renew) if renew is not None else None), float(duration)
-
-
 class AgentLiveness:
     """The agents' heartbeats as this operator saw them, and which ones went quiet."""
 
@@ -70,7 +62,7 @@ class AgentLiveness:
 
         Returns the deadline, or None when the Lease is unreadable (nothing is watched).
         """
-        renewal = lease_renewal(lease)
+        renewal = lease_terms(lease)
         if renewal is None:
             return None
         renew_time, duration = renewal

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 
 from gpumesh.api.gpunode import GPUNodeStatus, Proof
+from gpumesh.api.lease import lease_body, lease_expiry, lease_terms
 from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY, agent_may_set
 from gpumesh.api.patch import apply_merge_patch
 from gpumesh.node_agent.desired import (
+    agent_lease_body,
     condition_patch,
     desired_labels,
     gfd_product,
-    lease_body,
     new_gpunode,
     node_patch,
     status_patch,
@@ -298,14 +299,23 @@ def test_condition_when_nvml_never_came_up() -> None:
 
 
 def test_lease_renewal_keeps_acquire_time_for_the_same_holder() -> None:
-    first = lease_body("n1", "gpumesh-system", holder="n1", duration_s=40, now=NOW)
+    first = agent_lease_body("n1", "gpumesh-system", holder="n1", duration_s=40, now=NOW)
     assert first["metadata"]["name"] == "gpumesh-agent-n1"
     assert first["spec"]["renewTime"] == "2026-05-01T12:00:00.000000Z"
     first["metadata"]["resourceVersion"] = "5"
     later = NOW + timedelta(seconds=10)
-    renewed = lease_body(
+    renewed = agent_lease_body(
         "n1", "gpumesh-system", holder="n1", duration_s=40, now=later, current=first
     )
     assert renewed["spec"]["acquireTime"] == first["spec"]["acquireTime"]
     assert renewed["spec"]["renewTime"] == "2026-05-01T12:00:10.000000Z"
     assert renewed["metadata"]["resourceVersion"] == "5"
+
+
+def test_a_lease_without_a_read_keeps_the_acquire_time_it_is_given() -> None:
+    started = NOW - timedelta(hours=1)
+    body = lease_body("op", "ns", holder="op", duration_s=90, now=NOW, acquired=started)
+    assert body["spec"]["acquireTime"] == started.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert "resourceVersion" not in body["metadata"]
+    assert lease_terms(body) == (body["spec"]["renewTime"], 90)
+    assert lease_expiry(body) == NOW + timedelta(seconds=90)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpumesh.operator.liveness import AgentLiveness, lease_renewal
+from gpumesh.api.lease import lease_terms
+from gpumesh.operator.liveness import AgentLiveness
 
 T = 1_000_000.0
 LOST = {"status": {"health": "Lost"}}
@@ -85,6 +86,6 @@ def test_when_most_agents_fall_silent_at_once_none_is_marked() -> None:
 
 
 def test_an_unreadable_lease_is_not_watched() -> None:
-    assert lease_renewal(lease(duration=None)) is None
-    assert lease_renewal(lease(duration=0)) is None
+    assert lease_terms(lease(duration=None)) is None
+    assert lease_terms(lease(duration=0)) is None
     assert AgentLiveness().observe("n1", lease(duration="40"), T) is None

@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.nodes import lease_name
 from gpumesh.backoff import Backoff, backoff_delay
-from gpumesh.node_agent.desired import lease_body
+from gpumesh.node_agent.desired import agent_lease_body
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.device import DeviceError
 from gpumesh.node_agent.wg.diff import ObservedDevice, PeerChanges, apply_changes
@@ -427,7 +427,7 @@ class MeshAgent:
         name = lease_name(cfg.node)
         if self._lease is None:
             self._lease = self.api.get(f"{base}/{name}")
-        body = lease_body(
+        body = agent_lease_body(
             cfg.node,
             cfg.namespace,
             holder=cfg.node,

@@ -19,6 +19,7 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from gpumesh.api.lease import lease_body
 from gpumesh.operator import heap, kube
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.settings import SETTINGS
@@ -26,6 +27,8 @@ from gpumesh.operator.settings import SETTINGS
 log = logging.getLogger(__name__)
 
 HEARTBEAT_LEASE = "gpumesh-operator"
+_STARTED = datetime.now(UTC)
+"""When this operator took its heartbeat Lease (its acquireTime)."""
 
 
 class JobsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -128,17 +131,14 @@ def _renew_heartbeat() -> None:
 
 
 def _put_lease(coordination: Any) -> None:
-    now = datetime.now(UTC)
-    body = {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {"name": HEARTBEAT_LEASE, "namespace": SETTINGS.namespace},
-        "spec": {
-            "holderIdentity": "gpumesh-operator",
-            "leaseDurationSeconds": int(SETTINGS.liveness_stale_seconds),
-            "renewTime": now.isoformat(timespec="microseconds"),
-        },
-    }
+    body = lease_body(
+        HEARTBEAT_LEASE,
+        SETTINGS.namespace,
+        holder="gpumesh-operator",
+        duration_s=int(SETTINGS.liveness_stale_seconds),
+        now=datetime.now(UTC),
+        acquired=_STARTED,
+    )
     coordination.patch_namespaced_lease(
         HEARTBEAT_LEASE,
         SETTINGS.namespace,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
+from gpumesh.api.lease import lease_expiry
 from gpumesh.api.nodes import Admission, node_of_lease
 from gpumesh.operator.mesh.model import Catalogue, MeshNode, valid_endpoint, valid_public_key
 from gpumesh.operator.mesh.planner import Assignment, Ledger
@@ -21,19 +22,6 @@ CATALOGUE_NAME: Final = "gpumesh-mesh"
 CATALOGUE_KEY: Final = "catalogue.json"
 GENERATION_ANNOTATION: Final = "gpumesh.io/mesh-generation"
 LEDGER_KEY: Final = "ledger.json"
-
-
-def lease_expiry(lease: Mapping[str, Any]) -> datetime | None:
-    """When the Lease lapses (renewTime + leaseDurationSeconds), or None if unreadable."""
-    spec = lease.get("spec") or {}
-    renew, duration = spec.get("renewTime"), spec.get("leaseDurationSeconds")
-    if not isinstance(renew, str) or not isinstance(duration, int):
-        return None
-    try:
-        renewed = datetime.fromisoformat(renew.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return renewed + timedelta(seconds=duration)
 
 
 def lease_node(lease: Mapping[str, Any]) -> str | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from gpumesh.api.lease import lease_expiry
 from gpumesh.api.nodes import OPERATOR_MESH_FIELDS, Admission
 from gpumesh.operator.mesh.config import MeshConfig
 from gpumesh.operator.mesh.model import Catalogue, CatalogueError, valid_endpoint
@@ -34,7 +35,6 @@ from gpumesh.operator.mesh.publish import (
     admitted,
     catalogue_configmap,
     catalogue_from_configmap,
-    lease_expiry,
     lease_node,
     leases_by_node,
     ledger_from_configmap,
