@@ -13,8 +13,16 @@ from datetime import UTC, datetime
 import numpy as np
 
 from bench.harness import Report, Row, sample
-from gpumesh.api.gpunode import Challenge, ChallengeGpu, GPUInfo, Sample
-from gpumesh.api.proof import Keys, Shape, decode_path, entry, root_of_opening, sha256_64
+from gpumesh.api.gpunode import Challenge, ChallengeGpu, GPUInfo
+from gpumesh.api.proof import (
+    Keys,
+    Shape,
+    draw_samples,
+    entry,
+    opening_problem,
+    root_of_opening,
+    sha256_64,
+)
 from gpumesh.node_agent.prove import ArrayProver
 from gpumesh.operator.proof import ProofSettings, shape_for
 from gpumesh.operator.settings import OperatorSettings
@@ -48,11 +56,7 @@ def run() -> Report:
     # The agent's answer on the fake engine, against the operator's check of it.
     challenge, shape = _dev_challenge(8)
     prover = ArrayProver(np, "numpy")
-    samples = [
-        Sample(gpu=g, row=rng.randrange(shape.rows), col=rng.randrange(shape.cols))
-        for g in range(8)
-        for _ in range(16)
-    ]
+    samples = draw_samples(challenge, 16, rng.randrange)
 
     def answer() -> None:
         prover.commit(challenge, "bench-node", {})
@@ -64,10 +68,7 @@ def run() -> Report:
 
     def check() -> None:
         for o in openings:
-            keys = Keys.of(challenge.seed, "bench-node", challenge.gpus[o.gpu].uuid)
-            root_of_opening(shape, o.row, o.col, o.leaf, decode_path(o.path))
-            entry(keys, shape, o.row, o.col)
-        assert roots
+            assert opening_problem(challenge, "bench-node", roots[o.gpu], o) is None
 
     checked = sample(check, repeat=20, warmup=2)
     report.rows.append(

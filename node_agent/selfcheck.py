@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from gpumesh.api.gpunode import Challenge, ChallengeGpu, Sample
-from gpumesh.api.proof import Keys, Shape, check_opening, decode_path
+from gpumesh.api.gpunode import Challenge, ChallengeGpu
+from gpumesh.api.proof import Shape, draw_samples, opening_problem
 from gpumesh.node_agent.nvml.types import DeviceIdentity
 from gpumesh.node_agent.prove import Prover
 
@@ -40,29 +40,11 @@ def self_check(
     started = time.perf_counter()
     roots = prover.commit(challenge, node, devices)
     committed = time.perf_counter()
-    samples = [
-        Sample(gpu=g, row=secrets.randbelow(shape.rows), col=secrets.randbelow(shape.cols))
-        for g in range(len(identities))
-        for _ in range(SAMPLES)
-    ]
-    openings = prover.open(samples)
+    openings = prover.open(draw_samples(challenge, SAMPLES, secrets.randbelow))
     opened = time.perf_counter()
     prover.close()
-    problem = None
-    for o in openings:
-        uuid = challenge.gpus[o.gpu].uuid
-        found = check_opening(
-            Keys.of(challenge.seed, node, uuid),
-            shape,
-            roots[o.gpu],
-            o.row,
-            o.col,
-            o.leaf,
-            decode_path(o.path),
-        )
-        if found is not None:
-            problem = f"GPU {uuid}: {found}"
-            break
+    problems = (opening_problem(challenge, node, roots[o.gpu], o) for o in openings)
+    problem = next((p for p in problems if p is not None), None)
     checked = time.perf_counter()
     return {
         "engine": prover.name,

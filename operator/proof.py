@@ -35,17 +35,15 @@ from gpumesh.api.gpunode import (
     GPUInfo,
     GPUNodeStatus,
     Proof,
-    Sample,
     Verdict,
     VerdictReason,
 )
 from gpumesh.api.proof import (
     MAX_INNER,
-    Keys,
     Shape,
-    check_opening,
-    decode_path,
+    draw_samples,
     gpus_fingerprint,
+    opening_problem,
 )
 from gpumesh.operator.settings import OperatorSettings
 
@@ -277,9 +275,7 @@ def _await_roots(
             message += f"; the last answer is to challenge {proof.challenge_id}"
         return _judge(status, challenge, "Failed", "Unanswered", message, now, gpus)
     if now > deadline:
-        message = (
-            f"roots came after {taken:.1f} s; the deadline was {challenge.deadline_seconds:g} s"
-        )
+        message = _late(challenge, taken)
         return _judge(status, challenge, "Failed", "Late", message, now, gpus, seconds=taken)
     if len(proof.roots) != len(challenge.gpus):
         message = f"{len(proof.roots)} roots for {len(challenge.gpus)} GPUs"
@@ -289,11 +285,7 @@ def _await_roots(
     if replayed and verdict is not None:
         message = f"the roots are those of challenge {verdict.challenge_id}"
         return _judge(status, challenge, "Failed", "Replay", message, now, gpus)
-    samples = [
-        Sample(gpu=i, row=entropy.randbelow(g.rows), col=entropy.randbelow(g.cols))
-        for i, g in enumerate(challenge.gpus)
-        for _ in range(settings.samples)
-    ]
+    samples = draw_samples(challenge, settings.samples, entropy.randbelow)
     drawn = challenge.model_copy(update={"committed_time": now, "samples": samples})
     return Step({"status": {"challenge": _dump(drawn)}}, settings.open_within)
 
@@ -309,13 +301,18 @@ def _late_roots(
     if not proof.roots:
         return None
     taken = (now - challenge.issued_time).total_seconds()
-    message = f"roots came after {taken:.1f} s; the deadline was {challenge.deadline_seconds:g} s"
-    late = verdict.model_copy(update={"reason": "Late", "message": message, "seconds": taken})
+    late = verdict.model_copy(
+        update={"reason": "Late", "message": _late(challenge, taken), "seconds": taken}
+    )
     patch = {
         "verification": _dump(late),
         "conditions": _conditions(status.conditions, late, verdict.checked_time or now),
     }
     return Step({"status": patch}, None)
+
+
+def _late(challenge: Challenge, taken: float) -> str:
+    return f"roots came after {taken:.1f} s; the deadline was {challenge.deadline_seconds:g} s"
 
 
 def _await_openings(
@@ -347,24 +344,10 @@ def _await_openings(
         return _judge(status, challenge, "Failed", "Late", message, now, gpus, seconds=taken)
     assert proof is not None
     for sample in challenge.samples:
-        gpu = challenge.gpus[sample.gpu]
         opening = opened[(sample.gpu, sample.row, sample.col)]
-        try:
-            path = decode_path(opening.path)
-            problem = check_opening(
-                Keys.of(challenge.seed, node, gpu.uuid),
-                Shape(gpu.rows, gpu.inner, gpu.cols),
-                proof.roots[sample.gpu],
-                sample.row,
-                sample.col,
-                opening.leaf,
-                path,
-            )
-        except ValueError as err:
-            problem = str(err)
+        problem = opening_problem(challenge, node, proof.roots[sample.gpu], opening)
         if problem is not None:
-            message = f"GPU {gpu.uuid}: {problem}"
-            return _judge(status, challenge, "Failed", "WrongAnswer", message, now, gpus, taken)
+            return _judge(status, challenge, "Failed", "WrongAnswer", problem, now, gpus, taken)
     message = (
         f"{len(challenge.samples)} sampled entries of {len(gpus)} GPUs' products right; "
         f"roots after {taken:.1f} s of {challenge.deadline_seconds:g} s"

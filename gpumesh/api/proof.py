@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+
+from gpumesh.api.gpunode import Challenge, Opening, Sample
 
 LEAF_ENTRIES: Final = 16
 """Entries per Merkle leaf: 16 big-endian int32, one SHA-256 block."""
@@ -281,6 +283,36 @@ def decode_path(text: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except ValueError:
         raise ValueError("the path is not base64") from None
+
+
+def draw_samples(
+    challenge: Challenge, per_gpu: int, randbelow: Callable[[int], int]
+) -> list[Sample]:
+    """``per_gpu`` uniform entries of each GPU's product (drawn after the roots are in)."""
+    return [
+        Sample(gpu=i, row=randbelow(g.rows), col=randbelow(g.cols))
+        for i, g in enumerate(challenge.gpus)
+        for _ in range(per_gpu)
+    ]
+
+
+def opening_problem(challenge: Challenge, node: str, root: str, opening: Opening) -> str | None:
+    """Why an opened entry is not right for its GPU of ``challenge`` on ``node``, naming the
+    GPU (None when it is)."""
+    gpu = challenge.gpus[opening.gpu]
+    try:
+        problem = check_opening(
+            Keys.of(challenge.seed, node, gpu.uuid),
+            Shape(gpu.rows, gpu.inner, gpu.cols),
+            root,
+            opening.row,
+            opening.col,
+            opening.leaf,
+            decode_path(opening.path),
+        )
+    except ValueError as err:
+        problem = str(err)
+    return None if problem is None else f"GPU {gpu.uuid}: {problem}"
 
 
 def gpus_fingerprint(gpus: Sequence[tuple[str, str, int]]) -> str:
