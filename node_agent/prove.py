@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 BLOCK_ROWS: Final = 4096
 """Rows of A multiplied at once (bounds the temporary float32 product)."""
+CHILD_TIMEOUT_S: Final = 900.0
+"""The longest one request to the child may take (an 80 GiB product and its hashes take
+seconds): past it the child is killed and the step fails."""
 OPEN_WAIT_S: Final = 120.0
 """How long the products are kept for the operator to name entries: after that the child
 (and the GPU memory it holds) goes, and a late request computes them again."""
@@ -119,7 +122,14 @@ class ChildProver:
         assert child is not None and child.stdin is not None and child.stdout is not None
         child.stdin.write(json.dumps(request) + "\n")
         child.stdin.flush()
-        line = child.stdout.readline()
+        # A hung driver must not hold the prover (and every later challenge) for good.
+        watchdog = threading.Timer(CHILD_TIMEOUT_S, child.kill)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            line = child.stdout.readline()
+        finally:
+            watchdog.cancel()
         if not line:
             raise RuntimeError(f"the proof process exited ({child.wait(10)}) without an answer")
         reply: dict[str, Any] = json.loads(line)

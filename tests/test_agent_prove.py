@@ -3,6 +3,7 @@ operator may still name entries to open."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -97,3 +98,16 @@ def test_the_child_process_answers_as_the_agent_would_and_exits_when_closed() ->
     here = ArrayProver(np, "numpy")
     assert roots == here.commit(challenge(), "n1", {"GPU-1": 0})
     assert openings == here.open(samples)
+
+
+def test_a_child_that_hangs_is_killed_and_the_step_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prove, "CHILD_TIMEOUT_S", 0.5)
+    child = prove.ChildProver("numpy")
+    child._child = subprocess.Popen(  # a child that never answers
+        ["sleep", "30"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="without an answer"):
+        child._ask({"samples": []})
+    assert time.monotonic() - started < 5
+    child.close()
