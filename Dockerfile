@@ -2,10 +2,10 @@
 FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY gpumesh gpumesh
+COPY src src
 COPY operator operator
 COPY node_agent node_agent
-# setuptools follows the gpumesh/operator and gpumesh/node_agent links into the wheel.
+# pyproject.toml maps operator/ and node_agent/ to gpumesh.operator and gpumesh.node_agent.
 # EXTRAS=mesh,gpu adds CuPy for the agent's proof of GPU (large; the operator needs none).
 ARG EXTRAS=mesh
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[${EXTRAS}]"

@@ -13,10 +13,15 @@ PYTEST_ARGS ?=
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# A strict editable install: build/ holds a tree of links to the package's files, mapped as
+# pyproject.toml says (operator/ -> gpumesh/operator). It names files, so it is rebuilt when
+# a file is added or removed in one of the three trees (their folders' times change).
+PACKAGE_DIRS := $(shell find src/gpumesh operator node_agent -type d -not -name __pycache__)
+
+$(STAMP): pyproject.toml $(PACKAGE_DIRS)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,mesh]'
+	$(PY) -m pip install --quiet -e '.[dev,mesh]' --config-settings editable_mode=strict
 	touch $@
 
 install: $(STAMP) ## Create .venv with gpumesh and its tools
@@ -24,17 +29,22 @@ install: $(STAMP) ## Create .venv with gpumesh and its tools
 system-packages: ## Install the system tools up and test need (wireguard-go, wg, nft, ...), or say how
 	@.ci/system-packages
 
-lint: $(STAMP) ## ruff (lint and format check)
+lint: $(STAMP) ## ruff (lint and format check) and the import contracts (lint-imports)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
-typecheck: $(STAMP) ## mypy --strict over the package, tests, e2e and benchmarks
-	$(VENV)/bin/mypy gpumesh bench
+# mypy reads gpumesh through the editable install's link tree; sed names the real files.
+typecheck: $(STAMP) ## mypy --strict over the package, the test bed, tests, e2e and benchmarks
+	$(VENV)/bin/mypy -p gpumesh | sed -E \
+	  -e 's#^build/__editable__[^/]*/gpumesh/(operator|node_agent)/#\1/#' \
+	  -e 's#^build/__editable__[^/]*/gpumesh/#src/gpumesh/#'
+	$(VENV)/bin/mypy testbed bench
 	$(VENV)/bin/mypy tests
 	$(VENV)/bin/mypy e2e
 
 toolchain: $(STAMP) system-packages ## Build the pinned Kubernetes components from Go modules (cached)
-	$(PY) -m gpumesh.devcluster.toolchain
+	$(PY) -m testbed.toolchain
 
 crds: $(STAMP) ## Regenerate crds/ and the agent admission policy from the API models
 	$(VENV)/bin/gpumesh crds --out crds
@@ -52,10 +62,10 @@ test-gpu: $(STAMP) ## The agent on a real NVIDIA GPU (real NVML, proof of GPU); 
 	$(PY) -m pytest -m gpu tests/test_gpu_real.py -v -W default $(PYTEST_ARGS)
 
 up: $(STAMP) system-packages ## Start the local mesh: control plane, simulated suppliers, sample GPUCluster
-	$(VENV)/bin/gpumesh dev up --fleet $(FLEET)
+	$(PY) -m testbed up --fleet $(FLEET)
 
 down: $(STAMP) ## Stop the local mesh
-	$(VENV)/bin/gpumesh dev down
+	$(PY) -m testbed down
 
 bench: $(STAMP) ## Run the benchmarks in bench/ and write docs/BENCHMARKS.md
 	$(PY) -m bench

@@ -32,8 +32,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bench.harness import Report, Row, Stats, sample
-from gpumesh.devcluster.ports import free_port
 from gpumesh.node_agent.nvml.types import NvmlBackend
+from testbed.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GPUS = 8

@@ -25,13 +25,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.harness import Report, Row, Stats, sample
+from gpumesh.api.mesh import Catalogue
 from gpumesh.node_agent.wg.device import UapiBackend
 from gpumesh.node_agent.wg.diff import ObservedDevice, PeerChanges, diff_device
 from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
 from gpumesh.node_agent.wg.peers import DesiredPeer, derive_peers
 from gpumesh.node_agent.wg.sync import MeshSyncer
 from gpumesh.node_agent.wg.uapi import UapiClient, build_set
-from gpumesh.operator.mesh import Catalogue, MeshConfig, MeshNode, MeshPlanner, plan
+from gpumesh.operator.mesh import MeshConfig, MeshNode, MeshPlanner, plan
 
 COMMAND = "python -m bench mesh"
 CONFIG = MeshConfig(

@@ -80,11 +80,11 @@ from bench.harness import (
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec
 from gpumesh.api.gpunode import GPUNodeStatus
-from gpumesh.devcluster import mesh
-from gpumesh.devcluster.cluster import LocalCluster
-from gpumesh.devcluster.fleet import FleetNode, Supplier, node_manifest
-from gpumesh.devcluster.ports import free_port
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
+from testbed import mesh
+from testbed.cluster import LocalCluster
+from testbed.fleet import FleetNode, Supplier, node_manifest
+from testbed.ports import free_port
 
 COMMAND = "python -m bench reconcile"
 ROOT = Path(__file__).resolve().parent.parent

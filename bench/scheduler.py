@@ -11,7 +11,7 @@ inventory in one run:
    places are kept until they make about 1,000 pods (workers plus heads). Requests it
    cannot place are left out on both sides: a pod nobody can bind measures nothing.
 2. Engine: that sequence timed in memory, per decision, on one core.
-3. kube-scheduler: an ephemeral local control plane (gpumesh.devcluster.cluster), one kwok
+3. kube-scheduler: an ephemeral local control plane (testbed.cluster), one kwok
    Node per offer (free GPUs as allocatable ``nvidia.com/gpu``, free CPU and memory as
    allocatable; labels for GPU product, region, supplier, verification, reputation, price
    and health; cordons and taints as Kubernetes has them), and one pod per worker and head
@@ -89,15 +89,15 @@ from gpumesh.api.nodes import (
     LABEL_VERIFIED,
     TAINT_KEY,
 )
-from gpumesh.devcluster import mesh, toolchain
-from gpumesh.devcluster.cluster import LocalCluster, _die_with
-from gpumesh.devcluster.fleet import FleetNode, Supplier, gfd_product_label, node_manifest
-from gpumesh.devcluster.ports import free_port
 from gpumesh.operator.placement import Decision, InventoryIndex, Ledger, NodeOffer, plan_cluster
 from gpumesh.operator.placement.matching import GroupConstraints, group_constraints
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes
 from gpumesh.operator.placement.synthetic import synthetic_inventory
 from gpumesh.operator.render import labels as names
+from testbed import mesh, toolchain
+from testbed.cluster import LocalCluster, _die_with
+from testbed.fleet import FleetNode, Supplier, gfd_product_label, node_manifest
+from testbed.ports import free_port
 
 COMMAND = "python -m bench scheduler"
 NODES = int(os.environ.get("BENCH_SCHEDULER_NODES", 1000))

@@ -3,7 +3,7 @@
 Which cluster, in order:
 1. ``GPUMESH_E2E_KUBECONFIG`` names one (e.g. a kind cluster): used as is, never changed
    beyond what tests create.
-2. With ``GPUMESH_E2E_REUSE_DEV=1``, a healthy dev cluster (``gpumesh dev up``) in the
+2. With ``GPUMESH_E2E_REUSE_DEV=1``, a healthy dev cluster (``python -m testbed up``) in the
    default state dir: reused, and the example fleet's nodes are applied to it (nothing
    else is pruned). Opt-in because `make up` also runs an operator and agents there,
    which would compete with the ones the tests start.
@@ -27,11 +27,11 @@ from types import FrameType
 import pytest
 from kubernetes.config import new_client_from_config
 
-from gpumesh.devcluster import default_state_dir
-from gpumesh.devcluster.cluster import LocalCluster, tail
-from gpumesh.devcluster.fleet import load_fleet
-from gpumesh.devcluster.testing import KubeTarget
-from gpumesh.devcluster.toolchain import GoMissingError
+from testbed import default_state_dir
+from testbed.cluster import LocalCluster, tail
+from testbed.fleet import load_fleet
+from testbed.testing import KubeTarget
+from testbed.toolchain import GoMissingError
 
 KUBECONFIG_ENV = "GPUMESH_E2E_KUBECONFIG"
 REUSE_DEV_ENV = "GPUMESH_E2E_REUSE_DEV"

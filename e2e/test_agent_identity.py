@@ -23,9 +23,9 @@ from kubernetes import client
 from kubernetes.config import new_client_from_config
 
 from gpumesh.api.nodes import SUPPLIER_TAINT, agent_account, lease_name
-from gpumesh.devcluster import identity, install, mesh
-from gpumesh.devcluster.testing import KubeTarget
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
+from testbed import identity, install, mesh
+from testbed.testing import KubeTarget
 
 pytestmark = pytest.mark.e2e
 

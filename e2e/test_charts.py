@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gpumesh.devcluster import mesh, toolchain
-from gpumesh.devcluster.testing import KubeTarget
+from testbed import mesh, toolchain
+from testbed.testing import KubeTarget
 
 pytestmark = pytest.mark.e2e
 

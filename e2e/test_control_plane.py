@@ -16,8 +16,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster.fleet import node_labels
-from gpumesh.devcluster.testing import KubeTarget, wait_for
+from testbed.fleet import node_labels
+from testbed.testing import KubeTarget, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ from kubernetes.client.exceptions import ApiException
 
 from corpus import InvalidCase, load_examples, load_invalid_cases
 from gpumesh.api.kinds import kind_info
-from gpumesh.devcluster import mesh
-from gpumesh.devcluster.testing import KubeTarget
+from testbed import mesh
+from testbed.testing import KubeTarget
 
 pytestmark = pytest.mark.e2e
 

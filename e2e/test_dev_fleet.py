@@ -1,4 +1,4 @@
-"""`gpumesh dev up` with a changed fleet converges on a running mesh.
+"""`python -m testbed up` with a changed fleet converges on a running mesh.
 
 A newcomer edits the fleet file and runs `make up` again: nodes that left lose their agent,
 Node and GPUNode; new nodes get all three; nodes that stayed keep their running agent.
@@ -20,8 +20,8 @@ import yaml
 from kubernetes import client
 from kubernetes.config import new_client_from_config
 
-from gpumesh.devcluster import mesh
-from gpumesh.devcluster.testing import wait_for
+from testbed import mesh
+from testbed.testing import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def fleet(*suppliers: tuple[str, list[str]]) -> dict[str, Any]:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
     if os.environ.get("GPUMESH_E2E_KUBECONFIG"):
-        pytest.skip("external cluster: `gpumesh dev` runs only the local control plane")
+        pytest.skip("external cluster: `python -m testbed` runs only the local control plane")
     state = tmp_path / "dev"
     try:
         yield state
@@ -64,7 +64,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def dev(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gpumesh", "dev", *args]
+    return [sys.executable, "-m", "testbed", *args]
 
 
 def up(state: Path, fleet_file: Path) -> None:

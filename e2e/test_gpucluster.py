@@ -1,7 +1,7 @@
 """GPUCluster on the real control plane: from a renter's request to Ray pods on kwok GPUs.
 
 The operator and one node agent per fleet node run as the shipped programs
-(:func:`~gpumesh.devcluster.testing.operated_mesh`). kwok pods do not run Ray,
+(:func:`~testbed.testing.operated_mesh`). kwok pods do not run Ray,
 but KubeRay, the scheduler and kwok's pod-ready stage make them Running and Ready.
 """
 
@@ -20,7 +20,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.gpunode import Track
-from gpumesh.devcluster.testing import (
+from gpumesh.operator.reputation import ReputationSettings, score
+from testbed.testing import (
     KubeTarget,
     OperatedMesh,
     find_custom,
@@ -28,7 +29,6 @@ from gpumesh.devcluster.testing import (
     steady_fleet,
     wait_for,
 )
-from gpumesh.operator.reputation import ReputationSettings, score
 
 pytestmark = pytest.mark.e2e
 

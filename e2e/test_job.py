@@ -1,7 +1,7 @@
 """Job on the real control plane: queue, admission, RayJob and RayCluster on kwok GPUs.
 
 The operator and one node agent per fleet node run as the shipped programs
-(:func:`~gpumesh.devcluster.testing.operated_mesh`).
+(:func:`~testbed.testing.operated_mesh`).
 
 kwok pods do not run Ray, and KubeRay learns a Ray job's fate from the Ray dashboard,
 which fake pods do not serve. So:
@@ -32,8 +32,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster.ports import free_port
-from gpumesh.devcluster.testing import (
+from testbed.ports import free_port
+from testbed.testing import (
     KubeTarget,
     OperatedMesh,
     find_custom,

@@ -31,15 +31,15 @@ import yaml
 from kubernetes.client import ApiClient
 from netns import GPUNODES_PATH, Host, Lab, missing_prerequisites
 
+from gpumesh.api.mesh import CATALOGUE_KEY, CATALOGUE_NAME
 from gpumesh.api.nodes import LABEL_MESH_RELAY
-from gpumesh.devcluster import install
-from gpumesh.devcluster import mesh as devmesh
-from gpumesh.devcluster.fleet import Supplier, node_manifest
-from gpumesh.devcluster.ports import free_port
-from gpumesh.devcluster.testing import KubeTarget, wait_for
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
-from gpumesh.operator.mesh import CATALOGUE_NAME, MeshConfig
-from gpumesh.operator.mesh.publish import CATALOGUE_KEY
+from gpumesh.operator.mesh import MeshConfig
+from testbed import install
+from testbed import mesh as devmesh
+from testbed.fleet import Supplier, node_manifest
+from testbed.ports import free_port
+from testbed.testing import KubeTarget, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 

@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from gpumesh.api.nodes import CONDITION_TYPE, TAINT_KEY
-from gpumesh.devcluster import install
-from gpumesh.devcluster.testing import KubeTarget, wait_for
 from gpumesh.node_agent.desired import gfd_product
 from gpumesh.node_agent.kube import KubeError, RestKubeApi
+from testbed import install
+from testbed.testing import KubeTarget, wait_for
 
 pytestmark = pytest.mark.e2e
 

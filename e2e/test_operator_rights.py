@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
-from gpumesh.devcluster import install, toolchain
-from gpumesh.devcluster.testing import KubeTarget
+from testbed import install, toolchain
+from testbed.testing import KubeTarget
 
 pytestmark = [pytest.mark.e2e, pytest.mark.after_all]
 

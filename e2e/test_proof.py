@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.proof import gpus_fingerprint
-from gpumesh.devcluster.testing import (
+from testbed.testing import (
     KubeTarget,
     OperatedMesh,
     operated_mesh,

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from gpumesh.devcluster.testing import (
+from testbed.testing import (
     KubeTarget,
     OperatedMesh,
     find_custom,

@@ -10,28 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from gpumesh.api.gpunode import Challenge, Proof
 from gpumesh.node_agent.kube import MERGE_PATCH, KubeApi, KubeError
+from gpumesh.node_agent.nvml.fake import Cheat
 from gpumesh.node_agent.prove import Tamper
 from gpumesh.node_agent.report import GPUNODES
 
 log = logging.getLogger(__name__)
-
-
-class Cheat(StrEnum):
-    WRONG_ANSWER = "WrongAnswer"
-    """Commits to a product it did not compute (every entry off by one)."""
-    TOO_SLOW = "TooSlow"
-    """Computes honestly but answers after the deadline, as a slower GPU would."""
-    REPLAY = "Replay"
-    """Answers with another node's proof, word for word."""
-    SMALL_VRAM = "SmallVram"
-    """Computes only the half of each product that fits its memory; guesses zeros for the rest."""
-    SELF_GRADED = "SelfGraded"
-    """Answers nothing and writes a Passed verdict for itself."""
 
 
 @dataclass(frozen=True)

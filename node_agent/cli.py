@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from gpumesh.api.mesh import valid_endpoint
 from gpumesh.node_agent.agent import Agent, AgentConfig
 from gpumesh.node_agent.health import DEFAULT_APP_XIDS, DEFAULT_RESET_XIDS, HealthPolicy
 from gpumesh.node_agent.nvml.types import NvmlBackend
 from gpumesh.node_agent.wg import cli as mesh_cli
 from gpumesh.node_agent.wg.agent import MeshAgent
-from gpumesh.operator.mesh.model import valid_endpoint
 
 if TYPE_CHECKING:
     from gpumesh.node_agent.nvml.fake import FleetNodeScript

@@ -1,4 +1,4 @@
-"""`gpumesh dev up` on a running mesh: the agents become the fleet file's, and no more."""
+"""`python -m testbed up` on a running mesh: the agents become the fleet file's, and no more."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from corpus import ROOT
-from gpumesh.devcluster.fleet import load_fleet
-from gpumesh.devcluster.mesh import (
+from testbed.fleet import load_fleet
+from testbed.mesh import (
     MeshProcess,
     agent_fingerprint,
     agent_name,

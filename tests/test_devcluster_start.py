@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from gpumesh.devcluster import cluster as cluster_mod
-from gpumesh.devcluster import toolchain
-from gpumesh.devcluster.cluster import STEP_TIMEOUT_S, ClusterError, ComponentRecord, LocalCluster
+from testbed import cluster as cluster_mod
+from testbed import toolchain
+from testbed.cluster import STEP_TIMEOUT_S, ClusterError, ComponentRecord, LocalCluster
 
 COLD_BUILD_S = 900.0
 READY_AFTER_POLLS = 25  # 5 s of 0.2 s polls

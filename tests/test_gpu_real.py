@@ -20,7 +20,6 @@ import pytest
 
 from gpumesh.api.catalogue import UUID_RE, sku_for
 from gpumesh.api.gpunode import GPUInfo
-from gpumesh.devcluster.ports import free_port
 from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.metrics import MetricsCache
@@ -30,6 +29,7 @@ from gpumesh.node_agent.prove import ChildProver, select_prover
 from gpumesh.node_agent.selfcheck import self_check
 from gpumesh.operator.proof import identity_problems
 from loopback import http_get
+from testbed.ports import free_port
 
 pytestmark = pytest.mark.gpu
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from gpumesh.api.mesh import Catalogue, catalogue_from_configmap
 from gpumesh.operator.handlers import mesh as mesh_handler
 from gpumesh.operator.handlers.mesh import parse_selector, selected
-from gpumesh.operator.mesh import Catalogue, MeshConfig, catalogue_from_configmap
+from gpumesh.operator.mesh import MeshConfig
 from gpumesh.operator.mesh.publish import lease_node
 from gpumesh.operator.mesh.state import MeshState
 

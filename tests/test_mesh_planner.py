@@ -14,16 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpumesh.operator.mesh import (
-    Catalogue,
-    CatalogueError,
-    Ledger,
-    MeshConfig,
-    MeshConfigError,
-    MeshNode,
-    MeshPlanner,
-    plan,
-)
+from gpumesh.api.mesh import Catalogue, CatalogueError
+from gpumesh.operator.mesh import Ledger, MeshConfig, MeshConfigError, MeshNode, MeshPlanner, plan
 from gpumesh.operator.mesh.alloc import IndexPool, PoolExhaustedError
 
 CONFIG = MeshConfig(

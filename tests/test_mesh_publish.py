@@ -8,13 +8,12 @@ from decimal import Decimal
 from typing import Any
 
 from gpumesh.api.gpunode import GPUNode, GPUNodeSpec, GPUNodeStatus, MeshStatus
+from gpumesh.api.mesh import Catalogue, catalogue_from_configmap
 from gpumesh.operator.mesh import (
-    Catalogue,
     MeshConfig,
     MeshNode,
     MeshPlanner,
     catalogue_configmap,
-    catalogue_from_configmap,
     leases_by_node,
     ledger_from_configmap,
     mesh_node,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from gpumesh.devcluster.ports import ephemeral_range, free_port
+from testbed.ports import ephemeral_range, free_port
 
 
 def test_a_port_is_never_one_an_outgoing_connection_could_take() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
+from gpumesh.api.mesh import Catalogue
 from gpumesh.api.patch import apply_merge_patch
 from gpumesh.node_agent.kube import JSON, MERGE_PATCH, KubeError
 from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig, RttSource
@@ -28,14 +29,7 @@ from gpumesh.node_agent.wg.links import RouteChanges
 from gpumesh.node_agent.wg.metrics import MeshCollector, registry_with
 from gpumesh.node_agent.wg.rtt import RttPolicy
 from gpumesh.node_agent.wg.sync import CachingResolver, MeshSyncer
-from gpumesh.operator.mesh import (
-    Catalogue,
-    Ledger,
-    MeshConfig,
-    MeshNode,
-    catalogue_configmap,
-    plan,
-)
+from gpumesh.operator.mesh import Ledger, MeshConfig, MeshNode, catalogue_configmap, plan
 
 CONFIG = MeshConfig(overlay_cidr="198.19.0.0/24", pod_cidr="198.19.128.0/17", pod_prefix=24)
 

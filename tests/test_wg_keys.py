@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gpumesh.api.mesh import valid_public_key
 from gpumesh.node_agent.wg.keys import KeyFileError, KeyStore, PrivateKey, public_key_of_hex
-from gpumesh.operator.mesh import valid_public_key
 
 
 def mode(path: Path) -> int:

@@ -7,9 +7,9 @@ import hashlib
 from collections import Counter
 from dataclasses import replace
 
+from gpumesh.api.mesh import Catalogue, CatalogueEntry
 from gpumesh.node_agent.wg.peers import derive_peers
-from gpumesh.operator.mesh import Catalogue, MeshConfig, MeshNode, plan
-from gpumesh.operator.mesh.model import CatalogueEntry
+from gpumesh.operator.mesh import MeshConfig, MeshNode, plan
 
 CONFIG = MeshConfig(overlay_cidr="198.19.0.0/24", pod_cidr="198.19.128.0/17", pod_prefix=24)
 

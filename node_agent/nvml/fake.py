@@ -1,7 +1,7 @@
 """A fake NVML: scriptable GPUs (model, memory, temperature, power and load curves) and
 timed faults, behind the same :class:`NvmlBackend` protocol as the real library.
 
-Faults are plain dicts as written in the fleet file of ``gpumesh dev up``::
+Faults are plain dicts as written in the fleet file of ``python -m testbed up``::
 
     {atSeconds: 120, gpuIndex: 3, kind: xid, xidCode: 79, durationSeconds: 30}
 
@@ -22,12 +22,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
 import yaml
 
-from gpumesh.node_agent.cheats import Cheat
 from gpumesh.node_agent.clock import Clock, SystemClock
 from gpumesh.node_agent.nvml.types import (
     CLOCK_EVENT_GPU_IDLE,
@@ -72,6 +72,22 @@ _POWER_LIMITS: Final = (
     ("3090", 350.0),
 )
 THERMAL_TEMPERATURE_C: Final = 93
+
+
+class Cheat(StrEnum):
+    """How a fake node's agent lies in its proof of GPU (a fleet node's ``cheat``; the
+    lies themselves are in node_agent/cheats.py)."""
+
+    WRONG_ANSWER = "WrongAnswer"
+    """Commits to a product it did not compute (every entry off by one)."""
+    TOO_SLOW = "TooSlow"
+    """Computes honestly but answers after the deadline, as a slower GPU would."""
+    REPLAY = "Replay"
+    """Answers with another node's proof, word for word."""
+    SMALL_VRAM = "SmallVram"
+    """Computes only the half of each product that fits its memory; guesses zeros for the rest."""
+    SELF_GRADED = "SelfGraded"
+    """Answers nothing and writes a Passed verdict for itself."""
 
 
 def power_limit_for(model: str) -> float:

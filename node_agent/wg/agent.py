@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.api.mesh import CATALOGUE_NAME, Catalogue, CatalogueError, catalogue_from_configmap
 from gpumesh.api.nodes import lease_name
 from gpumesh.backoff import Backoff, backoff_delay
 from gpumesh.node_agent.desired import agent_lease_body
@@ -49,8 +50,6 @@ from gpumesh.node_agent.wg.report import (
 )
 from gpumesh.node_agent.wg.rtt import RttPolicy, probe_targets
 from gpumesh.node_agent.wg.sync import MeshSyncer, SyncResult
-from gpumesh.operator.mesh.model import Catalogue, CatalogueError
-from gpumesh.operator.mesh.publish import CATALOGUE_NAME, catalogue_from_configmap
 
 log = logging.getLogger(__name__)
 

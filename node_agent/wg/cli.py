@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import typer
 
 from gpumesh.api.gpunode import MAX_RTT_PEERS
+from gpumesh.api.mesh import CATALOGUE_NAME, valid_endpoint
 from gpumesh.node_agent.kube import RestKubeApi
 from gpumesh.node_agent.wg.agent import MeshAgent, MeshAgentConfig
 from gpumesh.node_agent.wg.device import NetlinkBackend, UapiBackend, WgBackend
@@ -26,8 +27,6 @@ from gpumesh.node_agent.wg.metrics import MeshCollector, registry_with
 from gpumesh.node_agent.wg.peers import DEFAULT_KEEPALIVE_S
 from gpumesh.node_agent.wg.rtt import DEFAULT_RTT_PORT, RttPolicy
 from gpumesh.node_agent.wg.sync import DEFAULT_LISTEN_PORT, DEFAULT_MTU, MeshSyncer
-from gpumesh.operator.mesh.model import valid_endpoint
-from gpumesh.operator.mesh.publish import CATALOGUE_NAME
 
 app = typer.Typer(
     name="mesh",

@@ -21,7 +21,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
 
-from gpumesh.operator.mesh.model import Catalogue, CatalogueEntry
+from gpumesh.api.mesh import Catalogue, CatalogueEntry
 
 DEFAULT_KEEPALIVE_S = 25
 

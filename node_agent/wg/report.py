@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from gpumesh.api.mesh import valid_endpoint
 from gpumesh.node_agent.wg.diff import ObservedDevice
 from gpumesh.node_agent.wg.peers import DesiredMesh
-from gpumesh.operator.mesh.model import valid_endpoint
 
 MAX_ENDPOINTS: Final = 16
 MAX_PEER_ENDPOINTS: Final = 5000

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gpumesh.api.mesh import Catalogue, valid_endpoint
 from gpumesh.node_agent.wg.device import WgBackend
 from gpumesh.node_agent.wg.diff import (
     ObservedDevice,
@@ -25,7 +26,6 @@ from gpumesh.node_agent.wg.diff import (
 from gpumesh.node_agent.wg.keys import KeyStore, PrivateKey
 from gpumesh.node_agent.wg.links import Links, RouteChanges
 from gpumesh.node_agent.wg.peers import DEFAULT_KEEPALIVE_S, DesiredMesh, derive_peers
-from gpumesh.operator.mesh.model import Catalogue, valid_endpoint
 
 log = logging.getLogger(__name__)
 

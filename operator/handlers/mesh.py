@@ -30,11 +30,11 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.api.mesh import GENERATION_ANNOTATION
 from gpumesh.api.nodes import lease_name, node_of_lease
 from gpumesh.backoff import Backoff
 from gpumesh.operator import kube
 from gpumesh.operator.mesh import MeshConfig, MeshConfigError
-from gpumesh.operator.mesh.publish import GENERATION_ANNOTATION
 from gpumesh.operator.mesh.state import MeshState, Writes, trim_gpunode
 from gpumesh.operator.settings import SETTINGS, OperatorSettings
 

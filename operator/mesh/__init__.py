@@ -7,20 +7,20 @@ event at a time, and writes what each :class:`Delta` names: the catalogue Config
 (:func:`status_patch`). Agents derive their own WireGuard peers from the catalogue.
 """
 
-from gpumesh.operator.mesh.config import MeshConfig, MeshConfigError
-from gpumesh.operator.mesh.model import (
+from gpumesh.api.mesh import (
+    CATALOGUE_NAME,
     Catalogue,
     CatalogueEntry,
     CatalogueError,
-    MeshNode,
+    catalogue_from_configmap,
     valid_endpoint,
     valid_public_key,
 )
+from gpumesh.operator.mesh.config import MeshConfig, MeshConfigError
+from gpumesh.operator.mesh.model import MeshNode
 from gpumesh.operator.mesh.planner import Assignment, Delta, Ledger, MeshPlanner, plan
 from gpumesh.operator.mesh.publish import (
-    CATALOGUE_NAME,
     catalogue_configmap,
-    catalogue_from_configmap,
     leases_by_node,
     ledger_from_configmap,
     mesh_node,

@@ -22,9 +22,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpumesh.api.mesh import Catalogue, CatalogueEntry, catalogue_of
 from gpumesh.operator.mesh.alloc import AddressMap, IndexPool, PoolExhaustedError
 from gpumesh.operator.mesh.config import MeshConfig
-from gpumesh.operator.mesh.model import Catalogue, CatalogueEntry, MeshNode, catalogue_of
+from gpumesh.operator.mesh.model import MeshNode
 from gpumesh.operator.mesh.relays import RelayBalancer
 
 

@@ -14,13 +14,18 @@ from datetime import datetime
 from typing import Any, Final
 
 from gpumesh.api.lease import lease_expiry
+from gpumesh.api.mesh import (
+    CATALOGUE_KEY,
+    CATALOGUE_NAME,
+    GENERATION_ANNOTATION,
+    Catalogue,
+    valid_endpoint,
+    valid_public_key,
+)
 from gpumesh.api.nodes import Admission, node_of_lease
-from gpumesh.operator.mesh.model import Catalogue, MeshNode, valid_endpoint, valid_public_key
+from gpumesh.operator.mesh.model import MeshNode
 from gpumesh.operator.mesh.planner import Assignment, Ledger
 
-CATALOGUE_NAME: Final = "gpumesh-mesh"
-CATALOGUE_KEY: Final = "catalogue.json"
-GENERATION_ANNOTATION: Final = "gpumesh.io/mesh-generation"
 LEDGER_KEY: Final = "ledger.json"
 
 
@@ -123,12 +128,6 @@ def catalogue_configmap(
         "metadata": metadata,
         "data": {CATALOGUE_KEY: catalogue.encode(), LEDGER_KEY: ledger.to_json()},
     }
-
-
-def catalogue_from_configmap(configmap: Mapping[str, Any]) -> Catalogue | None:
-    """The catalogue in a ConfigMap, or None when it has none yet. Raises CatalogueError."""
-    text = (configmap.get("data") or {}).get(CATALOGUE_KEY)
-    return Catalogue.decode(text) if isinstance(text, str) else None
 
 
 def ledger_from_configmap(configmap: Mapping[str, Any] | None) -> Ledger | None:

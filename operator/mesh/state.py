@@ -24,17 +24,21 @@ from datetime import datetime
 from typing import Any
 
 from gpumesh.api.lease import lease_expiry
-from gpumesh.api.nodes import OPERATOR_MESH_FIELDS, Admission
-from gpumesh.operator.mesh.config import MeshConfig
-from gpumesh.operator.mesh.model import Catalogue, CatalogueError, valid_endpoint
-from gpumesh.operator.mesh.planner import Delta, Ledger, MeshPlanner
-from gpumesh.operator.mesh.publish import (
+from gpumesh.api.mesh import (
     CATALOGUE_KEY,
     CATALOGUE_NAME,
     GENERATION_ANNOTATION,
+    Catalogue,
+    CatalogueError,
+    catalogue_from_configmap,
+    valid_endpoint,
+)
+from gpumesh.api.nodes import OPERATOR_MESH_FIELDS, Admission
+from gpumesh.operator.mesh.config import MeshConfig
+from gpumesh.operator.mesh.planner import Delta, Ledger, MeshPlanner
+from gpumesh.operator.mesh.publish import (
     admitted,
     catalogue_configmap,
-    catalogue_from_configmap,
     lease_node,
     leases_by_node,
     ledger_from_configmap,

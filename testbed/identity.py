@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from gpumesh.devcluster.cluster import write_private
+from testbed.cluster import write_private
 
 TOKEN_SECONDS = 7 * 24 * 3600
 """Long enough for a week-long dev session (`make up` again issues new ones); a kubelet

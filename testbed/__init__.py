@@ -1,6 +1,6 @@
 """The local development and test cluster: a real control plane on 127.0.0.1.
 
-Plain functions for the CLI (``gpumesh dev up|down|status|kubeconfig``) and for tests.
+Plain functions for the CLI (``python -m testbed up|down|status|kubeconfig``) and for tests.
 State (PKI, etcd data, logs, PIDs) lives in one directory, by default
 ``${GPUMESH_STATE:-~/.local/state/gpumesh}/dev``, so any process can find and stop a
 cluster another process started.
@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gpumesh.devcluster.cluster import (
+    from testbed.cluster import (
         ClusterError,
         ClusterStatus,
         ComponentStatus,
         FleetApplied,
         LocalCluster,
     )
-    from gpumesh.devcluster.fleet import Fleet, load_fleet
-    from gpumesh.devcluster.toolchain import GoMissingError, ToolchainError
+    from testbed.fleet import Fleet, load_fleet
+    from testbed.toolchain import GoMissingError, ToolchainError
 
-# Imported on first use: `python -m gpumesh.devcluster.toolchain` must not find its own
+# Imported on first use: `python -m testbed.toolchain` must not find its own
 # module already imported by this package (runpy warns about that).
 _LAZY = {
     "ClusterError": "cluster",
@@ -81,8 +81,8 @@ def up(fleet_path: Path | str | None = None, state_dir: Path | str | None = None
 
     Without ``fleet_path`` the cluster has no nodes (fleet Nodes already there are kept).
     """
-    from gpumesh.devcluster.cluster import LocalCluster
-    from gpumesh.devcluster.fleet import load_fleet
+    from testbed.cluster import LocalCluster
+    from testbed.fleet import load_fleet
 
     fleet = load_fleet(fleet_path) if fleet_path is not None else None  # fail before starting
     cluster = LocalCluster(_dir(state_dir))
@@ -94,22 +94,22 @@ def up(fleet_path: Path | str | None = None, state_dir: Path | str | None = None
 
 def apply_fleet(fleet_path: Path | str, state_dir: Path | str | None = None) -> FleetApplied:
     """Make the running cluster's fleet Nodes the file's: apply them, prune the rest."""
-    from gpumesh.devcluster.cluster import LocalCluster
-    from gpumesh.devcluster.fleet import load_fleet
+    from testbed.cluster import LocalCluster
+    from testbed.fleet import load_fleet
 
     return LocalCluster(_dir(state_dir)).apply_fleet(load_fleet(fleet_path))
 
 
 def down(state_dir: Path | str | None = None, *, purge: bool = False) -> None:
     """Stop every process of the cluster; ``purge`` also deletes its state directory."""
-    from gpumesh.devcluster.cluster import LocalCluster
+    from testbed.cluster import LocalCluster
 
     LocalCluster(_dir(state_dir)).down(purge=purge)
 
 
 def status(state_dir: Path | str | None = None) -> ClusterStatus:
     """Which components run and answer their health checks."""
-    from gpumesh.devcluster.cluster import LocalCluster
+    from testbed.cluster import LocalCluster
 
     return LocalCluster(_dir(state_dir)).status()
 

@@ -1,4 +1,4 @@
-"""`gpumesh dev ...`: the local mesh a newcomer plays with (`make up`, `make down`).
+"""`python -m testbed ...`: the local mesh a newcomer plays with (`make up`, `make down`).
 
 `up` brings the real control plane up (built from Go modules on first use), adds the
 fleet's simulated supplier nodes, installs gpumesh's CRDs, starts the operator and one
@@ -22,12 +22,12 @@ from kubernetes.config import new_client_from_config
 from rich.console import Console
 from rich.table import Table
 
-from gpumesh import devcluster
+import testbed
 from gpumesh.api.base import GROUP, VERSION
-from gpumesh.devcluster import install, mesh, toolchain
-from gpumesh.devcluster.cluster import LocalCluster
-from gpumesh.devcluster.fleet import FleetError
-from gpumesh.devcluster.ports import free_port
+from testbed import install, mesh, toolchain
+from testbed.cluster import LocalCluster
+from testbed.fleet import FleetError
+from testbed.ports import free_port
 
 app = typer.Typer(help="The local mesh: control plane, simulated suppliers, operator, agents.")
 console = Console(stderr=True)
@@ -57,16 +57,16 @@ def up(
     mesh, a changed fleet converges: agents of removed nodes stop and their Nodes,
     GPUNodes and releases go, re-scripted nodes' agents restart, new nodes get agents.
     """
-    state = state_dir or devcluster.default_state_dir()
+    state = state_dir or testbed.default_state_dir()
     try:
-        fleet_model = devcluster.load_fleet(fleet)  # a bad file fails before anything starts
+        fleet_model = testbed.load_fleet(fleet)  # a bad file fails before anything starts
     except FleetError as err:
         raise typer.BadParameter(str(err), param_hint="--fleet") from None
     if sample and not Path(sample).is_file():
         raise typer.BadParameter(f"{sample} is not a file", param_hint="--sample")
     toolchain.ensure([*toolchain.CLUSTER_BINARIES, "kubectl", "helm"], console=console)
-    devcluster.up(None, state)
-    kubeconfig = devcluster.kubeconfig_path(state)
+    testbed.up(None, state)
+    kubeconfig = testbed.kubeconfig_path(state)
     api = new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     with _step("gpumesh CRDs and namespaces"):
         mesh.apply_crds(api)
@@ -76,7 +76,7 @@ def up(
     if leaving:
         with _step(f"agents of nodes that left the fleet stopped ({len(leaving)})"):
             mesh.stop(leaving)
-    applied = devcluster.apply_fleet(fleet, state)
+    applied = testbed.apply_fleet(fleet, state)
     gone = sorted({*applied.removed, *(p.name.removeprefix(mesh.AGENT_PREFIX) for p in leaving)})
     if gone:
         with _step(f"GPUNodes of removed nodes deleted ({', '.join(gone)})"):
@@ -128,16 +128,16 @@ def down(
     purge: Annotated[bool, typer.Option(help="Also delete the state directory.")] = False,
 ) -> None:
     """Stop the operator, the agents and the control plane."""
-    state = state_dir or devcluster.default_state_dir()
+    state = state_dir or testbed.default_state_dir()
     with _step("operator and agents stopped"):
         mesh.stop_recorded(state)
-    devcluster.down(state, purge=purge)
+    testbed.down(state, purge=purge)
 
 
 @app.command()
 def status(state_dir: StateDir = None) -> None:
     """Show what runs: control-plane components, gpumesh processes, GPUClusters."""
-    state = state_dir or devcluster.default_state_dir()
+    state = state_dir or testbed.default_state_dir()
     cluster = LocalCluster(state).status()
     table = Table("component", "pid", "running", "healthy", title=f"dev cluster ({state})")
     for c in cluster.components:
@@ -169,7 +169,7 @@ def status(state_dir: StateDir = None) -> None:
 @app.command()
 def kubeconfig(state_dir: StateDir = None) -> None:
     """Print the path of the dev cluster's admin kubeconfig."""
-    typer.echo(devcluster.kubeconfig_path(state_dir or devcluster.default_state_dir()))
+    typer.echo(testbed.kubeconfig_path(state_dir or testbed.default_state_dir()))
 
 
 @app.command(
@@ -181,7 +181,7 @@ def kubectl(ctx: typer.Context, state_dir: StateDir = None) -> None:
     path = toolchain.binary_path("kubectl")
     if not path.exists():
         toolchain.ensure(["kubectl"], assets=False)
-    config = devcluster.kubeconfig_path(state_dir or devcluster.default_state_dir())
+    config = testbed.kubeconfig_path(state_dir or testbed.default_state_dir())
     os.execv(str(path), [str(path), f"--kubeconfig={config}", *ctx.args])
 
 
@@ -225,7 +225,9 @@ def _apply_sample(api: client.ApiClient, path: Path) -> None:
                 )
                 return
             time.sleep(1)
-    console.print("[yellow]the sample GPUCluster is not Ready yet; see `gpumesh dev status`[/]")
+    console.print(
+        "[yellow]the sample GPUCluster is not Ready yet; see `python -m testbed status`[/]"
+    )
 
 
 def _print_next_steps(kubeconfig: Path, state: Path) -> None:
@@ -233,7 +235,7 @@ def _print_next_steps(kubeconfig: Path, state: Path) -> None:
     which = (
         f"with your kubectl, or the pinned one:\n  alias kubectl={pinned}"
         if pinned.exists()
-        else "with your kubectl, or `.venv/bin/gpumesh dev kubectl` for each `kubectl`"
+        else "with your kubectl, or `.venv/bin/python -m testbed kubectl` for each `kubectl`"
     )
     console.print(
         f"\n[bold]The local mesh is up.[/] Try ({which}):\n"
@@ -243,7 +245,7 @@ def _print_next_steps(kubeconfig: Path, state: Path) -> None:
         "  kubectl describe gpucluster sample     # placements, conditions, events\n"
         "  kubectl scale gpucluster sample --replicas 4\n"
         "  kubectl apply -f examples/gpucluster-h100.yaml\n"
-        "  .venv/bin/gpumesh dev status\n"
+        "  .venv/bin/python -m testbed status\n"
         f"Logs: {state / 'logs'}   Stop: make down\n",
         soft_wrap=True,
     )

@@ -1,4 +1,7 @@
-"""The `gpumesh` command line: one entry point for renters, suppliers and developers."""
+"""The `gpumesh` command line: one entry point for renters, suppliers and mesh operators.
+
+The local dev mesh has its own, `python -m testbed`: dev-only code stays out of the wheel.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from gpumesh import __version__, crdgen, dev_cli
+from gpumesh import __version__, crdgen
 from gpumesh import policy as agent_policy
 from gpumesh.api.kinds import KINDS
 from gpumesh.api.manifests import ManifestError, parse_manifest
@@ -25,7 +28,6 @@ app = typer.Typer(
 )
 app.add_typer(operator_cli.app, name="operator")
 app.add_typer(agent_cli.app, name="agent")
-app.add_typer(dev_cli.app, name="dev")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Final
 
-from gpumesh.devcluster import toolchain, versions
+from testbed import toolchain, versions
 
 KUBERAY_CHART_REPO: Final = "https://ray-project.github.io/kuberay-helm/"
 

@@ -32,7 +32,7 @@ from gpumesh.api.nodes import (
     LABEL_REGION,
     LABEL_SUPPLIER,
 )
-from gpumesh.node_agent.cheats import Cheat
+from gpumesh.node_agent.nvml.fake import Cheat
 
 KWOK_ANNOTATION: Final = "kwok.x-k8s.io/node"
 FLEET_LABEL: Final = LABEL_DEV_FLEET

@@ -11,7 +11,7 @@ and are reused by every checkout, test run and ``make up``. The Go flags match t
 CI and developers use, so Go's own build cache makes a rebuild (for example after the
 toolchain cache was wiped) mostly a link step.
 
-``python -m gpumesh.devcluster.toolchain`` builds everything with progress shown; CI runs
+``python -m testbed.toolchain`` builds everything with progress shown; CI runs
 it before the tests so a cold build is visible rather than a silent fixture.
 """
 
@@ -35,7 +35,7 @@ from typing import Final
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from gpumesh.devcluster import versions
+from testbed import versions
 
 _KUBE_LDFLAGS: Final = " ".join(
     [
@@ -403,7 +403,7 @@ def ensure(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build everything (or ``--only`` some binaries) and print where it went."""
-    parser = argparse.ArgumentParser(prog="python -m gpumesh.devcluster.toolchain")
+    parser = argparse.ArgumentParser(prog="python -m testbed.toolchain")
     parser.add_argument("--only", nargs="*", choices=sorted(BINARIES), help="binaries to build")
     args = parser.parse_args(argv)
     console = Console(stderr=True)

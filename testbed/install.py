@@ -26,10 +26,10 @@ from typing import Any, Final
 from kubernetes import client
 
 from gpumesh.api.nodes import agent_account
-from gpumesh.devcluster import identity, toolchain
-from gpumesh.devcluster.fleet import Fleet
+from testbed import identity, toolchain
+from testbed.fleet import Fleet
 
-ROOT: Final = Path(__file__).resolve().parents[2]
+ROOT: Final = Path(__file__).resolve().parents[1]
 CHARTS: Final = ROOT / "charts"
 NAMESPACE: Final = "gpumesh-system"
 OPERATOR_RELEASE: Final = "gpumesh"

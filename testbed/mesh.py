@@ -1,8 +1,8 @@
 """The gpumesh side of the local mesh: CRDs, the operator, one node agent per fleet node.
 
-`gpumesh dev up` and the e2e fixtures both use these, so what a newcomer plays with is
+`python -m testbed up` and the e2e fixtures both use these, so what a newcomer plays with is
 what the tests prove. Processes run the shipped programs (`python -m gpumesh ...`), log
-into the state directory and are recorded there so `gpumesh dev down` stops them from
+into the state directory and are recorded there so `python -m testbed down` stops them from
 any shell.
 """
 
@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from gpumesh import crdgen
 from gpumesh.api.base import GROUP, VERSION
-from gpumesh.devcluster.fleet import FleetNode, Supplier
+from testbed.fleet import FleetNode, Supplier
 
 APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "gpumesh-dev"
@@ -212,7 +212,7 @@ def delete_gpunodes(api: client.ApiClient, names: Iterable[str]) -> None:
 
 
 def record(state_dir: Path, processes: Sequence[MeshProcess]) -> None:
-    """Add processes to the state directory's record, for `gpumesh dev down`; a process
+    """Add processes to the state directory's record, for `python -m testbed down`; a process
     recorded under the same name before is replaced."""
     path = state_dir / RECORD
     names = {p.name for p in processes}

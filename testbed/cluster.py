@@ -5,7 +5,7 @@ plain processes: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, 
 kubelets for the simulated GPU nodes) and the KubeRay operator. Everything listens on
 loopback ports chosen at start, logs to ``<state_dir>/logs/`` and is recorded in
 ``<state_dir>/state.json``, so ``down()`` and ``status()`` work from any process, e.g. a
-later ``gpumesh dev down`` after ``gpumesh dev up`` exited.
+later ``python -m testbed down`` after ``python -m testbed up`` exited.
 
 Addresses: kwok's pod IPs come from 198.18.0.0/17 and Service IPs from 198.18.128.0/17.
 As root the harness makes 198.18.0.0/16 a local route on ``lo``, so a stray connection to
@@ -36,10 +36,10 @@ from typing import Any, Final
 import yaml
 from rich.console import Console
 
-from gpumesh.devcluster import certs, toolchain
-from gpumesh.devcluster.fleet import FLEET_LABEL, Fleet, node_manifests
-from gpumesh.devcluster.kubehttp import KubeApiError, KubeClient, probe
-from gpumesh.devcluster.ports import free_port
+from testbed import certs, toolchain
+from testbed.fleet import FLEET_LABEL, Fleet, node_manifests
+from testbed.kubehttp import KubeApiError, KubeClient, probe
+from testbed.ports import free_port
 
 POD_CIDR: Final = "198.18.0.0/17"
 SERVICE_CIDR: Final = "198.18.128.0/17"

@@ -21,9 +21,9 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from gpumesh.api.base import GROUP, VERSION
-from gpumesh.devcluster import install, mesh
-from gpumesh.devcluster.fleet import Fleet, load_fleet
-from gpumesh.devcluster.ports import free_port
+from testbed import install, mesh
+from testbed.fleet import Fleet, load_fleet
+from testbed.ports import free_port
 
 T = TypeVar("T")
 
