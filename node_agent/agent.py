@@ -21,11 +21,12 @@ from gpumesh.node_agent.clock import Clock, SystemClock
 from gpumesh.node_agent.collector import Collector, XidInbox, XidWatcher
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.kube import KubeApi
-from gpumesh.node_agent.metrics import AgentVitals, MetricsCache, MetricsServer
+from gpumesh.node_agent.metrics import AgentVitals, MetricsCache, agent_routes
 from gpumesh.node_agent.nvml.types import NvmlBackend, XidEvent
 from gpumesh.node_agent.prove import ProofRunner, select_prover
 from gpumesh.node_agent.report import ReportConfig, Reporter
 from gpumesh.node_agent.snapshot import NodeSnapshot
+from gpumesh.serve import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Agent:
             self.reporter = Reporter(
                 api, report or ReportConfig(node=config.node), self.clock, self.prover
             )
-        self.server: MetricsServer | None = None
+        self.server: HttpServer | None = None
         self.latest: NodeSnapshot | None = None
         self._last_sweep_at: float | None = None
         self._started_at = time.monotonic()
@@ -137,10 +138,11 @@ class Agent:
         self._wake = asyncio.Event()
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nvml")
         if self.config.metrics_port is not None:
-            self.server = MetricsServer(
-                self.metrics, self.healthz, self.config.metrics_host, self.config.metrics_port
-            )
-            self.server.start()
+            self.server = HttpServer(
+                self.config.metrics_host,
+                self.config.metrics_port,
+                agent_routes(self.metrics, self.healthz),
+            ).start("metrics-http")
             log.info("serving /metrics and /healthz on port %d", self.server.port)
         report_task = None
         if self.reporter is not None:

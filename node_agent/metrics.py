@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -37,6 +36,7 @@ from gpumesh.node_agent.nvml.types import (
     MIB,
 )
 from gpumesh.node_agent.snapshot import GpuSnapshot, NodeSnapshot
+from gpumesh.serve import HealthCheck, Route, health_route
 
 log = logging.getLogger(__name__)
 
@@ -354,66 +354,9 @@ class MetricsCache:
         return self._body
 
 
-HealthCheck = Callable[[], tuple[bool, str]]
-
-
-class MetricsServer:
-    """``/metrics`` and ``/healthz`` on a small threaded HTTP server of its own.
-
-    It runs beside the event loop, not on it: a scrape is answered even while the loop is
-    busy, and ``/healthz`` reports the loop's own liveness (the last sweep's age).
-    """
-
-    def __init__(self, cache: MetricsCache, health: HealthCheck, host: str, port: int) -> None:
-        self._cache = cache
-        self._health = health
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        cache, health = self._cache, self._health
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as Prometheus scrapes
-            # Headers and body go out in two writes; with Nagle on, a keep-alive client's
-            # delayed ACK would add 40 ms to every scrape.
-            disable_nagle_algorithm = True
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, cache.body(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok, text = health()
-                    self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
-                else:
-                    self._send(404, b"not found: try /metrics or /healthz\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("http: " + format, *args)
-
-        return Handler
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+def agent_routes(cache: MetricsCache, health: HealthCheck) -> dict[str, Route]:
+    """``/metrics`` from the cache (a scrape never calls NVML) and ``/healthz``."""
+    return {
+        "/metrics": lambda: (200, cache.body(), CONTENT_TYPE_LATEST),
+        "/healthz": health_route(health),
+    }

@@ -14,6 +14,7 @@ from typing import Any, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from gpumesh.operator.leader import LeaseConflictError
 from gpumesh.operator.rejection import Rejected, is_permanent
 from gpumesh.operator.render.labels import FIELD_MANAGER
 
@@ -147,7 +148,7 @@ class Kube:
     def list_leases(self, namespace: str) -> list[dict[str, Any]]:
         """Leases of one namespace, as plain JSON (camelCase keys, like a watch delivers)."""
         found = self.coordination.list_namespaced_lease(namespace)
-        return cast(list[dict[str, Any]], self._plain(found).get("items", []))
+        return cast(list[dict[str, Any]], self.plain(found).get("items", []))
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Lease as plain JSON, or None when it does not exist."""
@@ -157,7 +158,7 @@ class Kube:
             if err.status == 404:
                 return None
             raise
-        return self._plain(found)
+        return self.plain(found)
 
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A ConfigMap as plain JSON, or None when it does not exist."""
@@ -167,9 +168,9 @@ class Kube:
             if err.status == 404:
                 return None
             raise
-        return self._plain(found)
+        return self.plain(found)
 
-    def _plain(self, model: Any) -> dict[str, Any]:
+    def plain(self, model: Any) -> dict[str, Any]:
         return cast(dict[str, Any], self.core.api_client.sanitize_for_serialization(model))
 
     def apply_configmap(self, manifest: Mapping[str, Any]) -> None:
@@ -187,6 +188,32 @@ class Kube:
 
 _lock = threading.Lock()
 _shared: Kube | None = None
+
+
+class LeaseStore:
+    """One Lease read and written whole, with resourceVersion preconditions: what leader
+    election needs (:class:`gpumesh.operator.leader.LeaseStore`)."""
+
+    def __init__(self, kube: Kube, namespace: str, name: str) -> None:
+        self._kube, self._namespace, self._name = kube, namespace, name
+
+    def read(self) -> dict[str, Any] | None:
+        return self._kube.get_lease(self._namespace, self._name)
+
+    def create(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._write(self._kube.coordination.create_namespaced_lease, body)
+
+    def replace(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self._write(self._kube.coordination.replace_namespaced_lease, body, self._name)
+
+    def _write(self, call: Any, body: Mapping[str, Any], *name: str) -> dict[str, Any]:
+        try:
+            written = call(*name, self._namespace, dict(body), field_manager=FIELD_MANAGER)
+        except ApiException as err:
+            if err.status == 409:
+                raise LeaseConflictError(str(err.reason)) from err
+            raise
+        return self._kube.plain(written)
 
 
 def shared() -> Kube:

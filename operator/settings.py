@@ -12,7 +12,12 @@ class OperatorSettings:
 
     namespace: str = "gpumesh-system"
     resync_seconds: float = 30.0
-    heartbeat_seconds: float = 15.0
+    leader_lease_seconds: int = 8
+    """How long the leader's Lease holds unrenewed: a standby takes over this long after
+    the leader's last renewal (it renews every ``leader_retry_seconds``)."""
+    leader_renew_deadline_seconds: float = 6.0
+    """A leader that has not renewed for this long stops (the process exits)."""
+    leader_retry_seconds: float = 1.0
     liveness_stale_seconds: float = 90.0
     max_workers: int = 16
     status_interval_seconds: float = 1.0
@@ -59,7 +64,15 @@ class OperatorSettings:
         return cls(
             namespace=env.get("GPUMESH_NAMESPACE", cls.namespace),
             resync_seconds=float(env.get("GPUMESH_RESYNC_SECONDS", cls.resync_seconds)),
-            heartbeat_seconds=float(env.get("GPUMESH_HEARTBEAT_SECONDS", cls.heartbeat_seconds)),
+            leader_lease_seconds=int(
+                env.get("GPUMESH_LEADER_LEASE_SECONDS", cls.leader_lease_seconds)
+            ),
+            leader_renew_deadline_seconds=float(
+                env.get("GPUMESH_LEADER_RENEW_DEADLINE_SECONDS", cls.leader_renew_deadline_seconds)
+            ),
+            leader_retry_seconds=float(
+                env.get("GPUMESH_LEADER_RETRY_SECONDS", cls.leader_retry_seconds)
+            ),
             liveness_stale_seconds=float(
                 env.get("GPUMESH_LIVENESS_STALE_SECONDS", cls.liveness_stale_seconds)
             ),

@@ -127,8 +127,14 @@ DEV_OPERATOR_ENV: Final = {
 
 
 def operator_argv(liveness_port: int) -> list[str]:
+    """The operator as the chart runs it, on loopback; metrics off (several replicas and
+    operators share this machine; a later ``--metrics-port`` wins)."""
     return _python(
-        "operator", "run", "--text-logs", f"--liveness=http://127.0.0.1:{liveness_port}/healthz"
+        "operator",
+        "run",
+        "--text-logs",
+        f"--liveness=http://127.0.0.1:{liveness_port}/healthz",
+        "--metrics-port=0",
     )
 
 

@@ -84,6 +84,8 @@ class OperatedMesh:
     agent_argvs: dict[str, list[str]] = field(default_factory=dict)
     operator_kubeconfig: Path | None = None
     identities: install.Identities | None = None
+    replicas: dict[str, tuple[subprocess.Popen[bytes], int]] = field(default_factory=dict)
+    """More operator replicas (standbys while another leads), by name: process, health port."""
 
     def share(self, path: Path) -> Path:
         """A copy of ``path`` the agents' user can read (their own files are not root's)."""
@@ -92,16 +94,22 @@ class OperatedMesh:
 
     def start_operator(self) -> None:
         """The operator, on its ServiceAccount's token (the chart's RBAC, nothing more)."""
-        self.operator, _ = mesh.spawn(
-            "operator",
-            [*mesh.operator_argv(free_port()), *self.operator_args],
-            self.logs,
-            {
-                **mesh.DEV_OPERATOR_ENV,
-                "KUBECONFIG": str(self.operator_kubeconfig or self.kubeconfig),
-                **self.operator_env,
-            },
-        )
+        self.operator = self._spawn_operator("operator", free_port())
+
+    def start_replica(self, name: str) -> int:
+        """One more operator replica, as the chart's second one; returns its health port."""
+        port = free_port()
+        self.replicas[name] = (self._spawn_operator(name, port), port)
+        return port
+
+    def _spawn_operator(self, name: str, health_port: int) -> subprocess.Popen[bytes]:
+        env = {
+            **mesh.DEV_OPERATOR_ENV,
+            "KUBECONFIG": str(self.operator_kubeconfig or self.kubeconfig),
+            **self.operator_env,
+        }
+        argv = [*mesh.operator_argv(health_port), *self.operator_args]
+        return mesh.spawn(name, argv, self.logs, env)[0]
 
     def kill_operator(self) -> None:
         """SIGKILL, as a node failure or OOM would: no chance to clean up."""
@@ -125,6 +133,7 @@ class OperatedMesh:
 
     def stop(self) -> None:
         procs = [*self.agents.values(), *([self.operator] if self.operator else [])]
+        procs += [proc for proc, _ in self.replicas.values()]
         for proc in procs:
             proc.terminate()
         for proc in procs:

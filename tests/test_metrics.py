@@ -11,10 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpumesh.node_agent.clock import ManualClock
 from gpumesh.node_agent.collector import Collector, XidInbox
-from gpumesh.node_agent.metrics import AgentVitals, MetricsCache, MetricsServer
+from gpumesh.node_agent.metrics import AgentVitals, MetricsCache, agent_routes
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml
 from gpumesh.node_agent.nvml.types import DeviceSample, XidEvent
 from gpumesh.node_agent.snapshot import NodeSnapshot
+from gpumesh.serve import HttpServer
 
 
 class CountingNvml(FakeNvml):
@@ -164,17 +165,15 @@ def test_cache_before_any_sweep_is_valid_exposition() -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[MetricsServer, MetricsCache, CountingNvml, Collector]]:
+def server() -> Iterator[tuple[HttpServer, MetricsCache, CountingNvml, Collector]]:
     clock = ManualClock()
     nvml = CountingNvml([FakeGpu()] * 8, clock=clock)
     collector = Collector(nvml, "n1", clock)
     cache = MetricsCache()
     cache.update(collector.sweep())
     healthy = [True]
-    srv = MetricsServer(
-        cache, lambda: (healthy[0], "ok" if healthy[0] else "stalled"), "127.0.0.1", 0
-    )
-    srv.start()
+    health = lambda: (healthy[0], "ok" if healthy[0] else "stalled")  # noqa: E731
+    srv = HttpServer("127.0.0.1", 0, agent_routes(cache, health)).start()
     try:
         yield srv, cache, nvml, collector
     finally:
@@ -192,7 +191,7 @@ def get(port: int, path: str, conn: http.client.HTTPConnection | None = None) ->
 
 
 def test_http_serves_the_cache_and_never_calls_nvml(
-    server: tuple[MetricsServer, MetricsCache, CountingNvml, Collector],
+    server: tuple[HttpServer, MetricsCache, CountingNvml, Collector],
 ) -> None:
     srv, cache, nvml, collector = server
     before = nvml.samples
@@ -208,7 +207,7 @@ def test_http_serves_the_cache_and_never_calls_nvml(
 
 
 def test_healthz_and_unknown_paths(
-    server: tuple[MetricsServer, MetricsCache, CountingNvml, Collector],
+    server: tuple[HttpServer, MetricsCache, CountingNvml, Collector],
 ) -> None:
     srv = server[0]
     assert get(srv.port, "/healthz") == (200, b"ok\n")

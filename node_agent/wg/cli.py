@@ -133,9 +133,10 @@ def run(
         rtt_publish_min=rtt_publish_min,
     )
     if metrics_port and agent.collector is not None:
-        from prometheus_client import start_http_server
+        from gpumesh.serve import HttpServer, registry_route
 
-        start_http_server(metrics_port, metrics_address, registry=registry_with(agent.collector))
+        metrics = registry_route(registry_with(agent.collector))
+        HttpServer(metrics_address, metrics_port, {"/metrics": metrics}).start("metrics-http")
     stop = threading.Event()
 
     def on_stop(signum: int, _frame: object) -> None:

@@ -23,7 +23,6 @@ from gpumesh.api.base import GROUP, VERSION
 from gpumesh.operator import kube
 from gpumesh.operator.handlers import gpucluster
 from gpumesh.operator.handlers.runtime import RUNTIME, entries, frozen
-from gpumesh.operator.jobs import metrics
 from gpumesh.operator.jobs.naming import JOB
 from gpumesh.operator.jobs.settings import JOB_SETTINGS
 from gpumesh.operator.placement import Preemption, Request, Running
@@ -234,10 +233,9 @@ def _job_body(indexes: Mapping[str, Any], key: ClusterKey) -> Mapping[str, Any] 
 
 @kopf.on.startup()
 def start_jobs(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Watch only gpumesh's RayJobs; serve the metrics; start the alarm clock."""
+    """Watch only gpumesh's RayJobs; start the alarm clock."""
     settings.watching.label_selectors["ray.io", "rayjobs"] = f"{names.MANAGED_BY}={names.MANAGER}"
     reconciler()  # both reconcilers exist, and share the queue, before any event arrives
-    metrics.serve()
     ALARMS.start()
 
 

@@ -1,34 +1,28 @@
-"""Operator start-up settings, heartbeat and liveness.
+"""Operator start-up settings and liveness.
 
-The heartbeat is a Lease the operator renews and also watches: when renewals stop
-arriving through the watch, the watch stream has gone silent (a known failure behind
-load balancers) and the liveness probe fails so that Kubernetes restarts us.
+The leader renews its Lease every second (operator/leader.py) and also watches it: when
+renewals stop arriving through the watch, the watch stream has gone silent (a known
+failure behind load balancers) and /healthz fails so that Kubernetes restarts us.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from gpumesh.api.lease import lease_body
-from gpumesh.operator import heap, kube
+from gpumesh.operator import heap
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.settings import SETTINGS
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_LEASE = "gpumesh-operator"
-_STARTED = datetime.now(UTC)
-"""When this operator took its heartbeat Lease (its acquireTime)."""
+LEADER_LEASE = "gpumesh-operator"
+"""The Lease the replicas elect their leader on; its renewals are the leader's heartbeat."""
 
 
 class JobsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -54,7 +48,6 @@ def _is_job(body: Mapping[str, Any]) -> bool:
 
 
 _last_heartbeat_seen = time.monotonic()
-_stop = threading.Event()
 
 
 @kopf.on.startup()
@@ -80,7 +73,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.posting.reporting_component = "gpumesh-operator"
     settings.posting.event_name_prefix = "gpumesh-"
-    threading.Thread(target=_renew_heartbeat, name="heartbeat", daemon=True).start()
 
 
 def watch_pods_of_others(settings: kopf.OperatorSettings) -> None:
@@ -96,12 +88,7 @@ def watch_pods_of_others(settings: kopf.OperatorSettings) -> None:
     settings.watching.field_selectors[pods] = "status.phase!=Succeeded,status.phase!=Failed"
 
 
-@kopf.on.cleanup()
-def stop_heartbeat(**_: Any) -> None:
-    _stop.set()
-
-
-@kopf.on.event("coordination.k8s.io", "v1", "leases", field="metadata.name", value=HEARTBEAT_LEASE)
+@kopf.on.event("coordination.k8s.io", "v1", "leases", field="metadata.name", value=LEADER_LEASE)
 async def heartbeat_seen(**_: Any) -> None:
     global _last_heartbeat_seen
     _last_heartbeat_seen = time.monotonic()
@@ -111,39 +98,10 @@ async def heartbeat_seen(**_: Any) -> None:
         log.info("garbage collector: %d objects listed at start frozen", gc.get_freeze_count())
 
 
-@kopf.on.probe(id="watch")
-def watch_alive(**_: Any) -> str:
-    """Fails when our own heartbeat has not come back through a watch for too long."""
+def watch_health() -> tuple[bool, str]:
+    """Unhealthy when the leader's own renewals have not come back through a watch for
+    too long (the leader's /healthz)."""
     silent = time.monotonic() - _last_heartbeat_seen
     if silent > SETTINGS.liveness_stale_seconds:
-        raise RuntimeError(f"no heartbeat through the watch for {silent:.0f} s")
-    return f"heartbeat seen {silent:.0f} s ago"
-
-
-def _renew_heartbeat() -> None:
-    coordination = client.CoordinationV1Api(kube.shared().core.api_client)
-    while not _stop.is_set():
-        try:
-            _put_lease(coordination)
-        except ApiException as err:
-            log.warning("heartbeat lease not renewed: %s", err.reason)
-        _stop.wait(SETTINGS.heartbeat_seconds)
-
-
-def _put_lease(coordination: Any) -> None:
-    body = lease_body(
-        HEARTBEAT_LEASE,
-        SETTINGS.namespace,
-        holder="gpumesh-operator",
-        duration_s=int(SETTINGS.liveness_stale_seconds),
-        now=datetime.now(UTC),
-        acquired=_STARTED,
-    )
-    coordination.patch_namespaced_lease(
-        HEARTBEAT_LEASE,
-        SETTINGS.namespace,
-        body,
-        field_manager=names.FIELD_MANAGER,
-        force=True,
-        _content_type="application/apply-patch+yaml",
-    )
+        return False, f"leader; no Lease renewal seen through the watch for {silent:.0f} s"
+    return True, f"leader; Lease renewal seen through the watch {silent:.0f} s ago"

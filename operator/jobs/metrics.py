@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from datetime import datetime
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from gpumesh.operator.jobs.metering import Flush
 
@@ -67,28 +66,3 @@ class UsageCounters:
 
 COUNTERS = UsageCounters()
 """The process's counters, on the default registry that the metrics port serves."""
-
-
-@dataclass
-class MetricsEndpoint:
-    """Where the operator serves /metrics; port 0 turns the endpoint off."""
-
-    host: str = "0.0.0.0"
-    port: int = 9090
-
-
-ENDPOINT = MetricsEndpoint()
-
-
-def serve() -> None:
-    """Start the metrics HTTP server on :data:`ENDPOINT` (a daemon thread)."""
-    if ENDPOINT.port <= 0:
-        log.info("metrics endpoint off")
-        return
-    try:
-        start_http_server(ENDPOINT.port, addr=ENDPOINT.host)
-    except OSError as err:
-        # Metrics are not worth stopping reconciles for; say so loudly and go on.
-        log.error("metrics not served on %s:%d: %s", ENDPOINT.host, ENDPOINT.port, err)
-        return
-    log.info("metrics served on http://%s:%d/metrics", ENDPOINT.host, ENDPOINT.port)
