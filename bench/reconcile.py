@@ -80,6 +80,7 @@ from bench.harness import (
 from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.gpucluster import PRIMARY_GROUP, GPUClusterSpec
 from gpumesh.api.gpunode import GPUNodeStatus
+from gpumesh.api.proof import gpus_fingerprint
 from gpumesh.operator.render.raycluster import Owner, WorkerSlot, raycluster
 from testbed import mesh
 from testbed.cluster import LocalCluster
@@ -197,7 +198,6 @@ def fleet(gpu_nodes: int = GPU_NODES) -> list[SimNode]:
                 "name": f"supplier-{k:02d}",
                 "region": REGIONS[k % len(REGIONS)],
                 "pricePerGpuHour": str((model.price * factor).quantize(Decimal("0.01"))),
-                "verified": True,
                 "nodes": members,
             }
         )
@@ -209,7 +209,6 @@ def fleet(gpu_nodes: int = GPU_NODES) -> list[SimNode]:
                 "name": f"dc-{region}",
                 "region": region,
                 "pricePerGpuHour": "0",
-                "verified": True,
                 "headCapable": True,
                 "nodes": (head,),
             }
@@ -258,12 +257,29 @@ def agent_status(sim: SimNode, now: datetime) -> dict[str, Any]:
         "driverVersion": "570.124.06",
         "cudaVersion": "12.8",
         "heartbeatTime": now.isoformat(),
-        "verification": {
-            "result": "Passed",
-            "checkedTime": now.isoformat(),
-            "message": "bench: simulated agent",
-        },
     }
+    if model is not None and gpus:
+        # Verified before the run, as the operator records it: its challenge answered and
+        # judged Passed for exactly these GPUs, so nothing is challenged during the run.
+        challenge = hashlib.sha256(f"bench/{sim.name}".encode()).hexdigest()
+        status["challenge"] = {
+            "id": challenge[:16],
+            "seed": challenge,
+            "issuedTime": now.isoformat(),
+            "deadlineSeconds": 30.0,
+            "gpus": [{"uuid": g["uuid"], "rows": 16, "inner": 16, "cols": 16} for g in gpus],
+            "committedTime": now.isoformat(),
+        }
+        status["verification"] = {
+            "result": "Passed",
+            "reason": "Verified",
+            "challengeId": challenge[:16],
+            "checkedTime": now.isoformat(),
+            "gpus": gpus_fingerprint(
+                [(str(g["uuid"]), model.product, model.memory_mib) for g in gpus]
+            ),
+            "message": "bench: verified before the run",
+        }
     if model is not None:
         status["gpuModel"] = model.product
     return GPUNodeStatus.model_validate(status).to_api()
