@@ -277,14 +277,28 @@ def audit(api: client.ApiClient, ns: str, capacity: dict[str, int]) -> Audit:
             gpus <= capacity.get(node, 0),
             f"node {node}: {gpus} GPUs placed, has {capacity.get(node, 0)}",
         )
-    pods: Any = client.CoreV1Api(api).list_namespaced_pod(ns)
-    cluster_names = {rc["metadata"]["name"] for rc in rayclusters}
-    for pod in pods.items:
-        if pod.metadata.deletion_timestamp is not None:
-            continue
-        belongs = (pod.metadata.labels or {}).get("ray.io/cluster")
-        out.check(belongs in cluster_names, f"pod {pod.metadata.name} of no RayCluster ({belongs})")
+    out.problems += orphan_pods(api, ns, {rc["metadata"]["name"] for rc in rayclusters})
     return out
+
+
+def orphan_pods(
+    api: client.ApiClient, ns: str, clusters: set[str], wait_s: float = 180
+) -> list[str]:
+    """Pods of no RayCluster that are not going away. Kubernetes' garbage collector deletes
+    a finished Job's cluster's pods a little after the cluster: only pods it has not
+    deleted after ``wait_s`` count."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        pods: Any = client.CoreV1Api(api).list_namespaced_pod(ns)
+        left = [
+            f"pod {pod.metadata.name} of no RayCluster ({belongs})"
+            for pod in pods.items
+            if pod.metadata.deletion_timestamp is None
+            and (belongs := (pod.metadata.labels or {}).get("ray.io/cluster")) not in clusters
+        ]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(2)
 
 
 # --- the run --------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,7 +239,7 @@ def agent_status(sim: SimNode, now: datetime) -> dict[str, Any]:
     gpus = [
         {
             "index": i,
-            "uuid": "GPU-" + hashlib.sha256(f"{sim.name}/{i}".encode()).hexdigest()[:32],
+            "uuid": f"GPU-{uuid.UUID(hashlib.sha256(f'{sim.name}/{i}'.encode()).hexdigest()[:32])}",
             "model": model.product,
             "memoryMib": model.memory_mib,
             "computeCapability": model.compute_capability,

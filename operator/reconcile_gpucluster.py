@@ -531,7 +531,11 @@ class Reconciler:
                             preempted,
                         ),
                     )
-            self._write_quota_status(quotas, result, everyone, acted, when)
+            quota_writes = self._quota_statuses(quotas, result, everyone, acted, when)
+        # After the lock: a slow API server stalls this pass's quota report, not placement.
+        for ns, name, status in quota_writes:
+            self.writer.patch_status(GROUP, VERSION, "gpuquotas", ns, name, status.to_api())
+            self._quota_written[(ns, name)] = status
         if retry_soon:
             self.request_pass(0)
         elif still_waiting:
@@ -864,21 +868,22 @@ class Reconciler:
             self.post_event(body, "Warning", "InvalidSpec", problems)
         self._write_status(key, body, previous, status)
 
-    def _write_quota_status(
+    def _quota_statuses(
         self,
         quotas: Sequence[GPUQuota],
         result: AdmissionResult,
         running: Sequence[Running],
         acted: Sequence[Verdict],
         now: datetime,
-    ) -> None:
-        """Each GPUQuota's usage and the workloads holding or awaiting it, after this pass.
+    ) -> list[tuple[str, str, GPUQuotaStatus]]:
+        """Each GPUQuota's usage and the workloads holding or awaiting it, after this pass:
+        the statuses that changed since last written, to write once the lock is released.
 
         Counts what holds GPUs now plus what this pass itself admitted (a Job's admission
         is counted once its own reconcile has acted on it, at the next pass).
         """
         if not quotas:
-            return
+            return []
         holders: dict[str, tuple[str, int, Decimal]] = {
             w.key: (w.namespace, w.gpus, w.price_per_hour) for w in running
         }
@@ -900,6 +905,7 @@ class Reconciler:
             if verdict.outcome == "Queued" and verdict.reason == REASON_QUOTA:
                 ns = verdict.request.namespace
                 waiting[ns] = waiting.get(ns, 0) + 1
+        writes: list[tuple[str, str, GPUQuotaStatus]] = []
         for quota in quotas:
             ns, name = quota.metadata.namespace or "", quota.metadata.name or ""
             previous = self._quota_written.get((ns, name), quota.status or GPUQuotaStatus())
@@ -912,8 +918,8 @@ class Reconciler:
                 now,
             )
             if status.to_api() != previous.to_api():
-                self.writer.patch_status(GROUP, VERSION, "gpuquotas", ns, name, status.to_api())
-            self._quota_written[(ns, name)] = status
+                writes.append((ns, name, status))
+        return writes
 
     # -- events --------------------------------------------------------------------------
 

@@ -6,11 +6,16 @@ when GPUs are freed. The pure parts decide (:mod:`gpumesh.operator.jobs`); this 
 only reads the snapshot and writes: the RayJob (server-side apply, only when its
 rendering changed), RayJob deletions, the status (only when changed) and events.
 
-Job reconciles run one at a time under the placement lock they share with GPUCluster
-placement, so an admission pass sees every GPU promised so far, and a preemption may
-rewrite its victims' state without racing their own reconciles. The process also keeps
-the last status it wrote per Job: the watch may not have delivered it yet, and a retry
-counter or a meter must never step back.
+A reconcile has two halves. ``_decide`` runs under the placement lock it shares with
+GPUCluster placement and makes no API call: it steps the Job, runs admission, books what it
+was given, and says what to write (a :class:`JobPlan`), so an admission pass sees every GPU
+promised so far. ``_execute`` writes the plan after the lock is released, so a slow API call
+stalls only this Job. A per-Job lock spans both halves: two reconciles of one Job never
+interleave their writes. Preemption is the exception: a victim's writes are made under the
+placement lock, all victims or none (rare, and it keeps a victim from being booked as empty
+before it is). The process also keeps the last status it decided per Job: the watch may not
+have delivered it yet, and a retry counter or a meter must never step back; a status write
+that fails forgets it, so the next reconcile starts from the API's.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from gpumesh.operator.jobs.machine import (
     queued,
     stalled,
 )
-from gpumesh.operator.jobs.metering import meter
+from gpumesh.operator.jobs.metering import Flush, meter
 from gpumesh.operator.jobs.metrics import COUNTERS, UsageCounters
 from gpumesh.operator.jobs.observe import ClusterView, RayJobView
 from gpumesh.operator.jobs.settings import JobSettings
@@ -107,6 +112,29 @@ class JobSnapshot:
 
 
 @dataclass(frozen=True)
+class JobPlan:
+    """What one reconcile decided under the placement lock, for ``_execute`` to write."""
+
+    key: ClusterKey
+    body: Obj
+    ref: JobRef
+    spec: JobSpec | None
+    previous: JobStatus
+    status: JobStatus
+    """The whole status, metered (written when it differs from ``previous``)."""
+    flush: Flush | None
+    now: datetime
+    """When it was decided (the time every later step of it uses)."""
+    rayjob: Obj | None = None
+    """The RayJob to apply (its rendering changed), hash annotation included."""
+    stop_rayjob: str | None = None
+    delete_job: bool = False
+    events: Sequence[Event] = ()
+    wake_at: datetime | None = None
+    queue_moved: bool = False
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What the caller should arrange after a reconcile."""
 
@@ -148,6 +176,8 @@ class JobReconciler:
         self._specs = SpecCache(JobSpec, limit=10_000)
         self._unhealthy_since: dict[ClusterKey, dict[str, datetime]] = {}
         self.refusals = Refusals()
+        self._key_locks: dict[ClusterKey, threading.Lock] = {}
+        self._key_locks_guard = threading.Lock()
         """RayJob writes the API server refused for good, per Job and generation."""
 
     # -- entry points --------------------------------------------------------------------
@@ -155,30 +185,48 @@ class JobReconciler:
     def reconcile(self, body: Obj, snap: JobSnapshot, now: datetime | None = None) -> Outcome:
         meta = body["metadata"]
         key = job_key(meta["namespace"], meta["name"])
-        with self.lock:
-            return self._reconcile(key, body, snap, now or datetime.now(UTC))
+        with self._key_lock(key):
+            with self.lock:
+                decided = self._decide(key, body, snap, now or datetime.now(UTC))
+            return self._execute(decided)
 
     def reconcile_queue(
         self, snap: JobSnapshot, now: datetime | None = None
     ) -> list[tuple[ClusterKey, Outcome]]:
         """Reconcile every Job waiting for admission, in queue order.
 
-        What a pass admits counts for the rest of the pass (the statuses just written are
-        read back from this process's cache), so one pass can fill the free GPUs.
+        What a pass admits counts for the rest of the pass (each decision is booked and
+        remembered before the next is made), so one pass can fill the free GPUs. A Job
+        whose own reconcile is under way is left to it.
         """
-        outcomes = []
-        with self.lock:
-            when = now or datetime.now(UTC)
-            for key, body in self._waiting(snap, when):
+        decided: list[tuple[ClusterKey, JobPlan | Outcome]] = []
+        held: list[threading.Lock] = []
+        try:
+            with self.lock:
+                when = now or datetime.now(UTC)
+                for key, body in self._waiting(snap, when):
+                    lock = self._key_lock(key)
+                    if not lock.acquire(blocking=False):
+                        continue
+                    held.append(lock)
+                    try:
+                        decided.append((key, self._decide(key, body, snap, when)))
+                    except Exception:  # one Job's failure must not stall the queue behind it
+                        log.exception(
+                            "queue pass: reconciling Job %s/%s failed", key.namespace, key.name
+                        )
+            outcomes = []
+            for key, plan in decided:
                 try:
-                    outcome = self._reconcile(key, body, snap, when)
-                except Exception:  # one Job's failure must not stall the queue behind it
-                    log.exception(
-                        "queue pass: reconciling Job %s/%s failed", key.namespace, key.name
-                    )
+                    outcome = self._execute(plan)
+                except Exception:
+                    log.exception("queue pass: writing Job %s/%s failed", key.namespace, key.name)
                     continue
                 outcomes.append((key, replace(outcome, queue_moved=False)))
-        return outcomes
+            return outcomes
+        finally:
+            for lock in held:
+                lock.release()
 
     def forget(self, key: ClusterKey) -> None:
         """The Job is gone: drop what this process kept for it."""
@@ -188,7 +236,13 @@ class JobReconciler:
             self._unhealthy_since.pop(key, None)
             self._applied.pop(key, None)
             self.refusals.forget(key)
+        with self._key_locks_guard:
+            self._key_locks.pop(key, None)
         self.counters.forget(key.namespace, "Job", key.name)
+
+    def _key_lock(self, key: ClusterKey) -> threading.Lock:
+        with self._key_locks_guard:
+            return self._key_locks.setdefault(key, threading.Lock())
 
     def workloads(self, snap: JobSnapshot, now: datetime) -> tuple[list[Request], list[Running]]:
         """Jobs as a GPUCluster admission pass sees them (called with the lock held)."""
@@ -197,15 +251,34 @@ class JobReconciler:
     def take_back(
         self, preemptions: Sequence[Preemption], snap: JobSnapshot, now: datetime
     ) -> bool:
-        """A GPUCluster's admission takes these Jobs' clusters (called with the lock held)."""
-        with self.lock:
-            for preemption in preemptions:
-                self._preempt(preemption, snap, now)
+        """A GPUCluster's admission takes these Jobs' clusters (called with the lock held):
+        all of them, or none when a victim's own reconcile is under way (the caller
+        retries shortly; waiting for its lock here could deadlock)."""
+        victims = [job_key(p.victim.namespace, p.victim.name) for p in preemptions]
+        held: list[threading.Lock] = []
+        for key in victims:
+            lock = self._key_lock(key)
+            if not lock.acquire(blocking=False):
+                for taken in held:
+                    taken.release()
+                return False
+            held.append(lock)
+        try:
+            with self.lock:
+                for preemption in preemptions:
+                    self._preempt(preemption, snap, now)
+        finally:
+            for lock in held:
+                lock.release()
         return True
 
     # -- the reconcile ---------------------------------------------------------------------
 
-    def _reconcile(self, key: ClusterKey, body: Obj, snap: JobSnapshot, now: datetime) -> Outcome:
+    def _decide(
+        self, key: ClusterKey, body: Obj, snap: JobSnapshot, now: datetime
+    ) -> JobPlan | Outcome:
+        """Step the Job, admit it if it asks, book what it holds: no API call (the lock is
+        held). Returns what to write, or only when to look again."""
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return Outcome()
@@ -214,8 +287,7 @@ class JobReconciler:
         try:
             spec = self._spec(body)
         except ValidationError as err:
-            self._report_invalid(key, body, ref, previous, err, now)
-            return Outcome()
+            return self._report_invalid(key, body, ref, previous, err, now)
         refusal = self.refusals.standing(key, ref.generation, now)
         if refusal is not None:
             return Outcome(refusal.retry_at)
@@ -229,19 +301,53 @@ class JobReconciler:
 
         if spec.cluster_template is not None:
             self.holdings.promise(key, _gpus_per_node(step.status))
-        try:
-            self._sync_rayjob(ref, spec, step.status, view, snap)
-        except Rejected as err:
-            return self._refused(key, body, ref, spec, previous, err, now)
-        if step.stop_rayjob:
+        status, flush = self._decide_status(
+            key, ref, previous, self._with_trouble(key, step.status), now
+        )
+        return JobPlan(
+            key,
+            body,
+            ref,
+            spec,
+            previous,
+            status,
+            flush,
+            now,
+            rayjob=self._changed_rayjob(ref, spec, step.status, view, snap),
+            stop_rayjob=step.stop_rayjob,
+            delete_job=step.delete_job,
+            events=step.events,
+            wake_at=step.wake_at,
+            queue_moved=step.released or admitted_now,
+        )
+
+    def _execute(self, decided: JobPlan | Outcome) -> Outcome:
+        """Write what was decided, in order: RayJob, RayJob deletion, status, events, Job
+        deletion. The placement lock is not held."""
+        if isinstance(decided, Outcome):
+            return decided
+        plan = decided
+        if plan.rayjob is not None:
+            assert plan.spec is not None
+            try:
+                self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, plan.rayjob)
+            except Rejected as err:
+                with self.lock:
+                    refused = self._refused(plan, err)
+                return self._execute(refused)
+            name = plan.rayjob["metadata"]["name"]
+            self._applied.setdefault(plan.key, {})[name] = plan.rayjob["metadata"]["annotations"][
+                APPLIED_HASH
+            ]
+        if plan.stop_rayjob:
             self.writer.delete_custom(
-                RAY_GROUP, RAY_VERSION, RAY_PLURAL, ref.namespace, step.stop_rayjob
+                RAY_GROUP, RAY_VERSION, RAY_PLURAL, plan.ref.namespace, plan.stop_rayjob
             )
-        self._commit(key, ref, previous, self._with_trouble(key, step.status), now)
-        self._post(body, step.events)
-        if step.delete_job:
-            self.writer.delete_custom(GROUP, VERSION, PLURAL, ref.namespace, ref.name)
-        return Outcome(step.wake_at, step.released or admitted_now)
+        self._write_status(plan)
+        self._post(plan.body, plan.events)
+        if plan.delete_job:
+            self.writer.delete_custom(GROUP, VERSION, PLURAL, plan.ref.namespace, plan.ref.name)
+        return Outcome(plan.wake_at, plan.queue_moved)
 
     def _world(
         self,
@@ -364,35 +470,39 @@ class JobReconciler:
         by = preemption.preemptor
         step = preempted(ref, spec, previous, by, preemption.victim_message, now)
         self.holdings.promise(key, {})
-        self._sync_rayjob(ref, spec, step.status, _attempt(snap, key, previous.ray_job_name), snap)
-        self._commit(key, ref, previous, self._with_trouble(key, step.status), now)
-        self._post(body, step.events)
+        view = _attempt(snap, key, previous.ray_job_name)
+        status, flush = self._decide_status(
+            key, ref, previous, self._with_trouble(key, step.status), now
+        )
+        rayjob = self._changed_rayjob(ref, spec, step.status, view, snap)
+        plan = JobPlan(
+            key, body, ref, spec, previous, status, flush, now, rayjob, events=step.events
+        )
+        self._execute(plan)
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _sync_rayjob(
+    def _changed_rayjob(
         self,
         ref: JobRef,
         spec: JobSpec,
         status: JobStatus,
         view: RayJobView | None,
         snap: JobSnapshot,
-    ) -> None:
-        """Server-side apply the attempt's RayJob when its rendering changed."""
+    ) -> Obj | None:
+        """The attempt's RayJob to apply, if its rendering changed since it was applied."""
         manifest = self._desired_rayjob(ref, spec, status, view)
         if manifest is None:
-            return
+            return None
         name = manifest["metadata"]["name"]
         digest = manifest_digest(manifest)
         key = job_key(ref.namespace, ref.name)
         indexed = _rayjob_object(snap, key, name)
         seen = (indexed or {}).get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
-        applied = self._applied.setdefault(key, {})
-        if digest in (seen, applied.get(name)):
-            return
+        if digest in (seen, self._applied.get(key, {}).get(name)):
+            return None
         manifest["metadata"]["annotations"] = {APPLIED_HASH: digest}
-        self.writer.apply_custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL, manifest)
-        applied[name] = digest
+        return manifest
 
     def _desired_rayjob(
         self, ref: JobRef, spec: JobSpec, status: JobStatus, view: RayJobView | None
@@ -426,40 +536,61 @@ class JobReconciler:
             **common,
         )
 
-    def _commit(
+    def _decide_status(
         self, key: ClusterKey, ref: JobRef, previous: JobStatus, status: JobStatus, now: datetime
-    ) -> None:
-        """Meter, then patch the status if it changed; count what the meter flushed."""
+    ) -> tuple[JobStatus, Flush | None]:
+        """Meter ``status`` and remember it as this Job's, before it is written: the next
+        decision (in this pass too) starts from it."""
         status, flush = meter(previous, status, now, self.settings.meter_flush_seconds)
-        old, new = previous.to_api(), status.to_api()
+        self._written.remember(key, ref.uid, status)
+        return status, flush
+
+    def _write_status(self, plan: JobPlan) -> None:
+        """Patch the status if it changed; count what the meter flushed. A failed write
+        forgets the remembered status and gives back what it booked: the next reconcile
+        starts from the API's."""
+        old, new = plan.previous.to_api(), plan.status.to_api()
         if old != new:
             patch = merge_patch(old, new)
-            self.writer.patch_status(GROUP, VERSION, PLURAL, ref.namespace, ref.name, patch)
-        self._written.remember(key, ref.uid, status)
-        self.counters.record(ref.namespace, "Job", ref.name, flush)
+            try:
+                self.writer.patch_status(
+                    GROUP, VERSION, PLURAL, plan.ref.namespace, plan.ref.name, patch
+                )
+            except BaseException:
+                with self.lock:  # back to what the API holds: its status, its GPUs
+                    self._written.forget(plan.key)
+                    if plan.spec is not None and plan.spec.cluster_template is not None:
+                        self.holdings.promise(plan.key, _gpus_per_node(plan.previous))
+                raise
+        self.counters.record(plan.ref.namespace, "Job", plan.ref.name, plan.flush)
 
-    def _refused(
-        self,
-        key: ClusterKey,
-        body: Obj,
-        ref: JobRef,
-        spec: JobSpec,
-        previous: JobStatus,
-        err: Rejected,
-        now: datetime,
-    ) -> Outcome:
+    def _refused(self, plan: JobPlan, err: Rejected) -> JobPlan:
         """The RayJob write was refused for good: this step is dropped, the Job says why
         (Stalled, an event), and what it had just been promised goes back to the queue."""
+        key, ref, previous, now = plan.key, plan.ref, plan.previous, plan.now
         what = f"RayJob {previous.ray_job_name or ref.name}"
         refusal = self.refusals.record(key, ref.generation, what, err, now)
         log.warning("Job %s/%s: %s", ref.namespace, ref.name, refusal.message)
-        if spec.cluster_template is not None:
+        if plan.spec is not None and plan.spec.cluster_template is not None:
             self.holdings.promise(key, _gpus_per_node(previous))
         status = stalled(ref, previous, RAYJOB_REJECTED, refusal.message, now)
+        events: tuple[Event, ...] = ()
         if status.to_api() != previous.to_api():
-            self._post(body, [Event("Warning", RAYJOB_REJECTED, refusal.message)])
-        self._commit(key, ref, previous, status, now)
-        return Outcome(refusal.retry_at, queue_moved=True)
+            events = (Event("Warning", RAYJOB_REJECTED, refusal.message),)
+        status, flush = self._decide_status(key, ref, previous, status, now)
+        return JobPlan(
+            key,
+            plan.body,
+            ref,
+            plan.spec,
+            previous,
+            status,
+            flush,
+            now,
+            events=events,
+            wake_at=refusal.retry_at,
+            queue_moved=True,
+        )
 
     def _report_invalid(
         self,
@@ -469,12 +600,14 @@ class JobReconciler:
         previous: JobStatus,
         err: ValidationError,
         now: datetime,
-    ) -> None:
+    ) -> JobPlan:
         problems = spec_problems(err)
         status = invalid(ref, previous, problems, now)
+        events: tuple[Event, ...] = ()
         if status.to_api() != previous.to_api():
-            self.post_event(body, "Warning", "InvalidSpec", problems)
-        self._commit(key, ref, previous, status, now)
+            events = (Event("Warning", "InvalidSpec", problems),)
+        status, flush = self._decide_status(key, ref, previous, status, now)
+        return JobPlan(key, body, ref, None, previous, status, flush, now, events=events)
 
     def _post(self, body: Obj, events: Sequence[Event]) -> None:
         for event in events:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from gpumesh.api.gpucluster import GPUClusterSpec
@@ -515,3 +516,63 @@ def test_a_refused_rayjob_is_tried_again_after_the_pause() -> None:
     run(api, reconciler, inventory, "train", T0 + RETRY_AFTER)
     assert status(api, "train")["phase"] == "Admitted"
     assert api.rayjobs["train"]["spec"]["suspend"] is False
+
+
+class SlowApi(FakeApi):
+    """An API server that answers status writes only when told to (or fails them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.answer = threading.Event()
+        self.fail = False
+
+    def patch_status(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+    ) -> None:
+        self.writing.set()
+        assert self.answer.wait(10)
+        if self.fail:
+            raise ConnectionError("API server went away")
+        super().patch_status(group, version, plural, namespace, name, status)
+
+
+def test_a_slow_status_write_holds_no_placement_lock() -> None:
+    api = SlowApi()
+    reconciler = reconciler_on(api, CollectorRegistry())
+    inventory = mesh(make_offer("node-a", gpus_total=4))
+    api.create("train", template(4))
+    worker = threading.Thread(target=run, args=(api, reconciler, inventory, "train", T0))
+    worker.start()
+    try:
+        assert api.writing.wait(10)
+        # The write hangs; placement for everyone else goes on.
+        assert reconciler.lock.acquire(timeout=2)
+        reconciler.lock.release()
+    finally:
+        api.answer.set()
+        worker.join(10)
+    assert status(api, "train")["phase"] == "Admitted"
+
+
+def test_a_failed_status_write_is_not_taken_for_written() -> None:
+    api = SlowApi()
+    api.answer.set()
+    reconciler = reconciler_on(api, CollectorRegistry())
+    inventory = mesh(make_offer("node-a", gpus_total=4))
+    api.create("train", template(4))
+    api.fail = True
+    with pytest.raises(ConnectionError):
+        run(api, reconciler, inventory, "train", T0)
+    api.fail = False
+    run(api, reconciler, inventory, "train", at(1))
+    # Started again from the API's status (none), not from the unwritten one: the whole
+    # status is written, phase included.
+    assert status(api, "train")["phase"] == "Admitted"
+    assert api.patches == ["train"]
