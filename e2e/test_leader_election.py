@@ -9,6 +9,7 @@ it has seen it unrenewed for 8 s on its own clock, so a takeover after SIGKILL t
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from gpumesh.operator.settings import OperatorSettings
 from testbed.testing import KubeTarget, OperatedMesh, find_custom, operated_mesh, wait_for
@@ -39,7 +41,14 @@ def replicated(
     if kube.fleet is None:
         pytest.skip("this cluster has no simulated fleet for agents to play")
     with operated_mesh(kube, tmp_path_factory.mktemp("mesh"), FLEET, (NS,)) as world:
-        yield world
+        try:
+            yield world
+        finally:  # give the GPUs back: later modules count on the whole fleet
+            custom: Any = client.CustomObjectsApi(world.api)
+            for name in ("before", "after"):
+                with contextlib.suppress(ApiException):
+                    custom.delete_namespaced_custom_object(GROUP, VERSION, NS, "gpuclusters", name)
+            wait_for("the test's RayClusters gone", lambda: not rayclusters(world.api))
 
 
 def holder(api: client.ApiClient) -> str:
