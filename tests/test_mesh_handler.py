@@ -400,7 +400,10 @@ class VersionedKube(ListingKube):
     def __init__(self, nodes: list[dict[str, Any]], configmap: dict[str, Any]) -> None:
         super().__init__(nodes, configmap)
         self.version: str | None = "7"
-        self.configmap = {**configmap, "metadata": {**configmap["metadata"], "resourceVersion": "7"}}
+        self.configmap = {
+            **configmap,
+            "metadata": {**configmap["metadata"], "resourceVersion": "7"},
+        }
 
     def configmap_version(self, namespace: str, name: str) -> str | None:
         return self.version
