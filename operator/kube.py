@@ -20,6 +20,7 @@ from gpumesh.operator.render.labels import FIELD_MANAGER
 
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class Kube:
@@ -173,10 +174,10 @@ class Kube:
     def plain(self, model: Any) -> dict[str, Any]:
         return cast(dict[str, Any], self.core.api_client.sanitize_for_serialization(model))
 
-    def apply_configmap(self, manifest: Mapping[str, Any]) -> None:
-        """Server-side apply a ConfigMap as gpumesh-operator, forcing."""
+    def apply_configmap(self, manifest: Mapping[str, Any]) -> str | None:
+        """Server-side apply a ConfigMap as gpumesh-operator, forcing; its resourceVersion."""
         meta = manifest["metadata"]
-        self.core.patch_namespaced_config_map(
+        written = self.core.patch_namespaced_config_map(
             meta["name"],
             meta["namespace"],
             dict(manifest),
@@ -184,6 +185,23 @@ class Kube:
             force=True,
             _content_type=APPLY,
         )
+        return _resource_version(self.plain(written))
+
+    def configmap_version(self, namespace: str, name: str) -> str | None:
+        """A ConfigMap's resourceVersion, reading its metadata only (the catalogue can be
+        hundreds of kilobytes); None when it does not exist."""
+        try:
+            response: Any = self.core.read_namespaced_config_map(
+                name, namespace, _preload_content=False, _headers={"Accept": METADATA_ONLY}
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        try:
+            return _resource_version(json.loads(response.data))
+        finally:
+            response.release_conn()
 
 
 _lock = threading.Lock()

@@ -392,3 +392,35 @@ def test_withdrawing_admission_or_deleting_the_node_takes_it_out() -> None:
     assert set(members(state)) == {"n"}
     state.node(kube_node("a"), NOW)
     assert set(members(state)) == {"a", "n"}
+
+
+class VersionedKube(ListingKube):
+    """The catalogue ConfigMap's resourceVersion, which another writer may change."""
+
+    def __init__(self, nodes: list[dict[str, Any]], configmap: dict[str, Any]) -> None:
+        super().__init__(nodes, configmap)
+        self.version: str | None = "7"
+        self.configmap = {
+            **configmap,
+            "metadata": {**configmap["metadata"], "resourceVersion": "7"},
+        }
+
+    def configmap_version(self, namespace: str, name: str) -> str | None:
+        return self.version
+
+
+def test_a_catalogue_written_by_someone_else_is_noticed_and_the_resync_notes_the_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state, nodes, configmap = settled()
+    k = VersionedKube(nodes, configmap)
+    monkeypatch.setattr(mesh_handler, "_catalogue_version", None)
+    assert mesh_handler.full_resync(state, k)
+    assert not mesh_handler.written_elsewhere(k)  # the version the resync read
+    k.version = "9"  # a restore from backup, a hand edit
+    assert mesh_handler.written_elsewhere(k)
+    k.configmap = {**k.configmap, "metadata": {**k.configmap["metadata"], "resourceVersion": "9"}}
+    assert mesh_handler.full_resync(state, k)
+    assert not mesh_handler.written_elsewhere(k)
+    k.version = None  # deleted
+    assert mesh_handler.written_elsewhere(k)

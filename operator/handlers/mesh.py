@@ -13,8 +13,13 @@ All mesh logic lives in :class:`gpumesh.operator.mesh.state.MeshState` (pure). H
   its data differs. Bursts of events coalesce into one catalogue write;
 - the same thread lists GPUNodes, agent Leases and the ConfigMap again every
   ``FULL_RESYNC_S`` and re-plans from them, so an event the watch missed (a dropped
-  stream, an edited or deleted ConfigMap) is repaired. Events that arrive while it lists
-  are replayed on top of the lists, which may be older than they are.
+  stream) is repaired. Events that arrive while it lists are replayed on top of the lists,
+  which may be older than they are;
+- every ``CATALOGUE_CHECK_S`` it reads the catalogue ConfigMap's resourceVersion (its
+  metadata only): one that is not the version it last wrote or read means someone else
+  wrote or deleted it (a restore from backup, a hand edit), and a full resync follows at
+  once, republishing under a newer generation. Watching ConfigMaps with kopf would need
+  read access to every ConfigMap of the cluster.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ IDLE_S = 5.0
 BACKOFF_MAX_S = 30.0
 FULL_RESYNC_S = SETTINGS.mesh_full_resync_seconds
 """Period of the full resync (``GPUMESH_MESH_FULL_RESYNC_SECONDS``)."""
+CATALOGUE_CHECK_S = 5.0
+"""How often the catalogue ConfigMap's resourceVersion is compared with ours."""
 
 Event = Callable[[MeshState], None]
 
@@ -56,6 +63,8 @@ _wake = threading.Event()
 _stop = threading.Event()
 _replay: list[Event] | None = None
 """Events seen while a full resync lists (None when none is listing)."""
+_catalogue_version: str | None = None
+"""The catalogue ConfigMap's resourceVersion as this process last wrote or read it."""
 
 
 class MeshKube(Protocol):
@@ -70,6 +79,8 @@ class MeshKube(Protocol):
     def list_nodes(self) -> list[dict[str, Any]]: ...
 
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def configmap_version(self, namespace: str, name: str) -> str | None: ...
 
 
 def mesh_config(settings: OperatorSettings) -> MeshConfig:
@@ -129,6 +140,7 @@ def start_mesh(**_: Any) -> None:
     state.sync(gpunodes, leases, k.list_nodes(), _now())
     with _lock:
         _state = state
+        _note_catalogue_version(_version_of(published))
     _stop.clear()
     threading.Thread(target=_publish_loop, name="mesh-publisher", daemon=True).start()
     log.info(
@@ -224,6 +236,7 @@ def full_resync(state: MeshState, k: MeshKube) -> bool:
         return False
     with _lock:
         replay, _replay = _replay, None
+        _note_catalogue_version(_version_of(configmap))
         state.resync(gpunodes, leases, kube_nodes, configmap, _now())
         for event in replay:
             event(state)
@@ -231,16 +244,46 @@ def full_resync(state: MeshState, k: MeshKube) -> bool:
     return True
 
 
+def written_elsewhere(k: MeshKube) -> bool:
+    """Whether the catalogue ConfigMap is no longer the one this process last wrote or read
+    (someone else wrote or deleted it). False when its version cannot be read now."""
+    try:
+        found = k.configmap_version(SETTINGS.namespace, SETTINGS.mesh_catalogue)
+    except ApiException as err:
+        log.warning("mesh: catalogue version not read: %s", err.reason)
+        return False
+    with _lock:
+        return found != _catalogue_version
+
+
+def _note_catalogue_version(version: str | None) -> None:
+    """The catalogue's version as this process wrote or read it (``_lock`` is held)."""
+    global _catalogue_version
+    _catalogue_version = version
+
+
+def _version_of(configmap: dict[str, Any] | None) -> str | None:
+    found = ((configmap or {}).get("metadata") or {}).get("resourceVersion")
+    return str(found) if found is not None else None
+
+
 def _publish_loop() -> None:
     failing = Backoff(0.5, BACKOFF_MAX_S)
     next_resync = time.monotonic() + FULL_RESYNC_S
+    next_check = time.monotonic() + CATALOGUE_CHECK_S
     while not _stop.is_set():
         state = _state
         if state is None:
             return
+        k = kube.shared()
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + CATALOGUE_CHECK_S
+            if time.monotonic() < next_resync and written_elsewhere(k):
+                log.warning("mesh: the catalogue ConfigMap was changed by someone else: resync")
+                next_resync = time.monotonic()
         if time.monotonic() >= next_resync:
             next_resync = time.monotonic() + FULL_RESYNC_S
-            full_resync(state, kube.shared())
+            full_resync(state, k)
         with _lock:
             state.expire(_now(), _read_lease)
             writes = state.take_writes()
@@ -273,7 +316,9 @@ def _write(state: MeshState, writes: Writes) -> bool:
     configmap_failed = False
     if writes.configmap is not None:
         try:
-            k.apply_configmap(writes.configmap)
+            version = k.apply_configmap(writes.configmap)
+            with _lock:
+                _note_catalogue_version(version)
             log.info(
                 "mesh: published catalogue generation %s (%d members)",
                 writes.configmap["metadata"]["annotations"][GENERATION_ANNOTATION],
