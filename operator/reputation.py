@@ -15,6 +15,7 @@ new node's benefit of the doubt: it starts at 0.5 and earns the rest.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -35,6 +36,15 @@ class ReputationSettings:
     prior_s: float
     rewrite_after: timedelta
     """Write the record at least this often while it changes (so a restart loses little)."""
+
+    def rewrite_after_for(self, node: str) -> timedelta:
+        """``rewrite_after`` stretched by up to half, by a fraction fixed per node: nodes
+        seen at the same moment (an operator start, a fleet joining) do not all come due
+        at once, every period, in one burst of status writes."""
+        if not node:
+            return self.rewrite_after
+        fraction = int.from_bytes(hashlib.sha256(node.encode()).digest()[:4], "big") / 2**32
+        return self.rewrite_after * (1 + fraction / 2)
 
     @classmethod
     def of(cls, settings: OperatorSettings) -> ReputationSettings:
@@ -98,12 +108,12 @@ def score(track: Track, settings: ReputationSettings) -> float:
 
 
 def step(
-    status: GPUNodeStatus, now: datetime, settings: ReputationSettings
+    status: GPUNodeStatus, now: datetime, settings: ReputationSettings, node: str = ""
 ) -> dict[str, Any] | None:
     """The status patch that brings reputation and its record up to date, or None.
 
     Written when the reputation (2 decimals) or whether the node is up changes, when a
-    fault is counted, and otherwise at most every ``rewrite_after``.
+    fault is counted, and otherwise at most every ``rewrite_after_for(node)``.
     """
     before = status.track
     track = account(before, status.health, now, settings, status.verification)
@@ -114,7 +124,7 @@ def step(
         or track.up != before.up
         or track.faults > before.faults + 0.5
         or track.judged_challenge != before.judged_challenge
-        or now - before.updated_time >= settings.rewrite_after
+        or now - before.updated_time >= settings.rewrite_after_for(node)
     )
     if not due:
         return None

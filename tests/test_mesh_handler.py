@@ -336,6 +336,9 @@ class ListingKube:
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.configmap
 
+    def configmap_version(self, namespace: str, name: str) -> str | None:
+        return str((self.configmap.get("metadata") or {}).get("resourceVersion") or "")
+
 
 def test_events_during_the_lists_are_replayed_on_top(monkeypatch: pytest.MonkeyPatch) -> None:
     state, nodes, configmap = settled()

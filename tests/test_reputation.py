@@ -76,3 +76,28 @@ def test_reputation_stays_between_zero_and_one_whatever_happens(
     for health, hours in history:
         track = after(track, health, hours)
         assert 0.0 <= score(track, WEEK) <= 1.0
+
+
+def test_records_of_nodes_seen_together_come_due_spread_over_half_a_period() -> None:
+    nodes = [f"s{i:02d}-h100-{j:02d}" for i in range(20) for j in range(50)]
+    offsets = sorted(
+        (WEEK.rewrite_after_for(n) - WEEK.rewrite_after) / WEEK.rewrite_after for n in nodes
+    )
+    assert offsets[0] >= 0 and offsets[-1] < 0.5
+    # Spread evenly: no tenth of the half period holds more than twice its share.
+    tenths = [int(o * 20) for o in offsets]
+    assert max(tenths.count(k) for k in range(10)) < 2 * len(nodes) / 10
+    assert WEEK.rewrite_after_for("n1") == WEEK.rewrite_after_for("n1")
+
+
+def test_a_node_record_is_rewritten_on_its_own_period() -> None:
+    # A prior so large that the reputation cannot move within the period: only age counts.
+    slow = ReputationSettings(WEEK.half_life, prior_s=1e9, rewrite_after=timedelta(seconds=60))
+    status = GPUNodeStatus(health="Healthy")
+    first = step(status, T0, slow, "node-a")
+    assert first is not None
+    written = GPUNodeStatus.model_validate({"health": "Healthy", **first["status"]})
+    due = T0 + slow.rewrite_after_for("node-a")
+    assert due > T0 + slow.rewrite_after
+    assert step(written, due - timedelta(seconds=1), slow, "node-a") is None
+    assert step(written, due, slow, "node-a") is not None

@@ -55,10 +55,10 @@ def _update(node: str) -> None:
     except ValidationError as err:
         log.warning("GPUNode %s: status unreadable, reputation not updated: %s", node, err)
         return
-    patch = step(status, datetime.now(UTC), REPUTATION)
+    patch = step(status, datetime.now(UTC), REPUTATION, node)
     if patch is not None:
         kube.shared().patch_cluster_status(GROUP, VERSION, "gpunodes", node, patch)
-    QUEUE.add(node, after=REPUTATION.rewrite_after.total_seconds())
+    QUEUE.add(node, after=REPUTATION.rewrite_after_for(node).total_seconds())
 
 
 QUEUE: WorkQueue[str] = WorkQueue(_update, workers=1, name="reputation")
