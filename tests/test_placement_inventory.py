@@ -10,6 +10,7 @@ import pytest
 from gpumesh.api.gpucluster import GPUSelector
 from gpumesh.api.proof import gpus_fingerprint
 from gpumesh.operator.placement import OfferCache, build_inventory
+from gpumesh.operator.placement.inventory import placement_view
 from gpumesh.operator.placement.matching import model_matches, selector_accepts
 from gpumesh.operator.placement.quantity import cpu_millicores, memory_bytes, parse_quantity
 from gpumesh.operator.world import trim_node
@@ -316,3 +317,34 @@ def test_region_and_head_capability_are_the_mesh_operators_word() -> None:
     granted = node("n1", labels={"gpumesh.io/head-capable": "true"})
     [offer] = build_inventory([claims], [granted], [])
     assert offer.head_capable
+
+
+def test_what_placement_does_not_read_leaves_the_view_and_the_offer_as_they_were() -> None:
+    """The index rebuilds the inventory only when ``placement_view`` changes; every status
+    field ``_offer`` reads must be in it, and the noisy ones must not."""
+    base: dict[str, Any] = {
+        "health": "Healthy",
+        "reputation": 0.8,
+        "gpus": [{"index": 0, **H100, "temperatureC": 40, "powerW": 80.0}],
+        "verification": {"result": "Passed", "reason": "Verified", "gpus": "x"},
+        "mesh": {"rttMs": {"peer": 12.5}, "rttFloorMs": 3.0, "overlayIp": "10.90.0.1"},
+    }
+    noisy = {
+        **base,
+        "heartbeatTime": "2026-12-07T10:00:00Z",
+        "gpus": [{"index": 0, **H100, "temperatureC": 77, "powerW": 300.0}],
+        "track": {"updatedTime": "2026-12-07T10:00:00Z", "up": True, "upSeconds": 5.0},
+        "challenge": {"id": "0123456789abcdef"},
+        "conditions": [{"type": "Verified", "status": "True"}],
+    }
+    assert placement_view(noisy) == placement_view(base)
+    offers = [build_inventory([gpunode("n", s)], [node("n")], []) for s in (base, noisy)]
+    assert offers[0] == offers[1]
+    for changed in (
+        {**base, "health": "Degraded"},
+        {**base, "reputation": 0.7},
+        {**base, "verification": {**base["verification"], "result": "Failed"}},
+        {**base, "mesh": {**base["mesh"], "rttMs": {"peer": 40.0}}},
+        {**base, "gpus": [{**base["gpus"][0], "memoryMib": 1024}]},
+    ):
+        assert placement_view(changed) != placement_view(base)

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from gpumesh.api.base import GROUP, VERSION
+from gpumesh.operator.placement.inventory import placement_view
 from gpumesh.operator.render import labels as names
 from gpumesh.operator.world import (
     JOB_LABEL,
@@ -69,8 +70,9 @@ async def gpunode_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     status = dict(body.status)
     meta = {"name": name, "uid": body.metadata.uid}  # the uid: events about the node
     trimmed = {"metadata": meta, "spec": dict(body.spec), "status": status}
-    # The heartbeat moves every few seconds and tells placement nothing new.
-    relevant = {**trimmed, "status": {k: v for k, v in status.items() if k != "heartbeatTime"}}
+    # Only what placement reads: heartbeats, temperatures and the operator's own records
+    # (reputation's track, challenges) arrive all the time and change no offer.
+    relevant = {**trimmed, "status": placement_view(status)}
     INVENTORY_VERSION.observe("gpunode", name, relevant)
     return {name: trimmed}
 

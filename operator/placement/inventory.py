@@ -214,6 +214,25 @@ def _name(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
 
+GPU_FIELDS_PLACED_ON = ("index", "uuid", "model", "memoryMib", "computeCapability", "health")
+
+
+def placement_view(status: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a GPUNode's status :func:`_offer` reads. A change anywhere else (the
+    heartbeat, temperatures and power, the reputation's record, a challenge under way, a
+    condition's time) changes no offer, so it must not rebuild the inventory."""
+    verdict = status.get("verification") or {}
+    mesh = status.get("mesh") or {}
+    return {
+        "health": status.get("health"),
+        "gpuModel": status.get("gpuModel"),
+        "gpus": [{k: gpu.get(k) for k in GPU_FIELDS_PLACED_ON} for gpu in status.get("gpus") or []],
+        "verification": {"result": verdict.get("result"), "gpus": verdict.get("gpus")},
+        "reputation": status.get("reputation"),
+        "mesh": {"rttMs": mesh.get("rttMs"), "rttFloorMs": mesh.get("rttFloorMs")},
+    }
+
+
 def _offer(
     gpunode: Mapping[str, Any], node: Mapping[str, Any], used: _PodUsage
 ) -> NodeOffer | None:
