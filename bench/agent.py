@@ -280,7 +280,7 @@ def sweep_stats(fleet: Path) -> dict[str, Stats]:
 
     from prometheus_client import generate_latest
 
-    from gpumesh.node_agent.clock import SystemClock
+    from gpumesh.clock import SystemClock
     from gpumesh.node_agent.collector import Collector
     from gpumesh.node_agent.desired import condition_patch, node_patch, status_patch
     from gpumesh.node_agent.metrics import AgentVitals, MetricsCache

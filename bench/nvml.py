@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.agent import process_rows, watch_process
 from bench.harness import Report, Row, UnavailableHereError, sample
-from gpumesh.node_agent.clock import SystemClock
+from gpumesh.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.nvml.real import NVML_TEMPERATURE_GPU, PynvmlBackend
 from gpumesh.node_agent.nvml.types import NvmlError

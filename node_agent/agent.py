@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from gpumesh.clock import Clock, SystemClock
 from gpumesh.node_agent.aio import wait_any
 from gpumesh.node_agent.cheats import hooks
-from gpumesh.node_agent.clock import Clock, SystemClock
 from gpumesh.node_agent.collector import Collector, XidInbox, XidWatcher
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.kube import KubeApi

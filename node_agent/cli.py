@@ -273,7 +273,7 @@ def probe(
     readings and health, and with --proof a challenge answered and checked here, as the
     operator would. Exits 1 unless the node is fit to join (NVML answers, every GPU Healthy
     or Degraded, the proof right when asked for)."""
-    from gpumesh.node_agent.clock import SystemClock
+    from gpumesh.clock import SystemClock
     from gpumesh.node_agent.probe import probe as probe_node
 
     setup_logging(log_level)

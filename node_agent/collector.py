@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from gpumesh.backoff import Backoff
-from gpumesh.node_agent.clock import Clock
+from gpumesh.clock import Clock
 from gpumesh.node_agent.health import (
     GpuHealthState,
     HealthPolicy,

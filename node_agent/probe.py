@@ -11,8 +11,8 @@ import dataclasses
 from typing import Any
 
 from gpumesh.api.gpunode import ACCEPTING_HEALTH
+from gpumesh.clock import Clock
 from gpumesh.node_agent.cheats import tamper_for
-from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.nvml.types import NvmlBackend

@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol
 
 from gpumesh.api.gpunode import Challenge, Opening, Proof, Sample
 from gpumesh.api.proof import Keys, Shape, digest_hex, open_leaf, product, tree
-from gpumesh.node_agent.clock import Clock
+from gpumesh.clock import Clock
 
 log = logging.getLogger(__name__)
 

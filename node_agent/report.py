@@ -27,8 +27,8 @@ from gpumesh.api.base import GROUP, VERSION
 from gpumesh.api.gpunode import Challenge, Proof
 from gpumesh.api.nodes import lease_name
 from gpumesh.backoff import Backoff
+from gpumesh.clock import Clock
 from gpumesh.node_agent.aio import wait_any
-from gpumesh.node_agent.clock import Clock
 from gpumesh.node_agent.desired import (
     agent_lease_body,
     condition_patch,

@@ -23,10 +23,11 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from gpumesh.api.lease import lease_body
+from gpumesh.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +148,6 @@ class LeaseStore(Protocol):
     def create(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def replace(self, body: Mapping[str, Any]) -> dict[str, Any]: ...
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-
-    def now(self) -> datetime: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        import time
-
-        return time.monotonic()
-
-    def now(self) -> datetime:
-        return datetime.now(UTC)
 
 
 class Elector:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from gpumesh.clock import SystemClock
 from gpumesh.node_agent.cli import app
-from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.nvml.fake import fake_from_fleet, load_fleet_node
 from gpumesh.node_agent.probe import probe as probe_node

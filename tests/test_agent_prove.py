@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gpumesh.api.gpunode import Challenge, ChallengeGpu, Opening, Proof, Sample
+from gpumesh.clock import SystemClock
 from gpumesh.node_agent import prove
-from gpumesh.node_agent.clock import SystemClock
 from gpumesh.node_agent.prove import ArrayProver, ProofRunner
 
 

@@ -11,7 +11,7 @@ import pytest
 from test_agent_fakekube import GPUNODES, FakeKube
 
 from gpumesh.api.nodes import CONDITION_TYPE, MESH_OPERATOR_LABELS, TAINT_KEY
-from gpumesh.node_agent.clock import ManualClock, SystemClock
+from gpumesh.clock import ManualClock, SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.kube import KubeError
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml

@@ -20,7 +20,7 @@ import pytest
 
 from gpumesh.api.catalogue import UUID_RE, sku_for
 from gpumesh.api.gpunode import GPUInfo
-from gpumesh.node_agent.clock import SystemClock
+from gpumesh.clock import SystemClock
 from gpumesh.node_agent.collector import Collector
 from gpumesh.node_agent.metrics import MetricsCache
 from gpumesh.node_agent.nvml.real import PynvmlBackend

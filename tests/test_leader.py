@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from gpumesh.clock import ManualClock
 from gpumesh.operator.leader import (
     Elector,
     LeaseConflictError,
@@ -20,17 +21,6 @@ from gpumesh.operator.leader import (
 )
 
 TERMS = Terms(duration_s=8, renew_deadline_s=6.0, retry_s=1.0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def now(self) -> datetime:
-        return datetime(2026, 12, 7, tzinfo=UTC) + timedelta(seconds=self.t)
 
 
 class FakeStore:
@@ -68,7 +58,7 @@ class FakeStore:
         return {**self.lease}
 
 
-def elector(store: FakeStore, clock: FakeClock, me: str) -> Elector:
+def elector(store: FakeStore, clock: ManualClock, me: str) -> Elector:
     return Elector(store, name="gpumesh-operator", namespace="ns", me=me, terms=TERMS, clock=clock)
 
 
@@ -128,7 +118,7 @@ def test_taking_over_counts_a_transition_and_a_release_empties_the_holder() -> N
 
 
 def test_two_candidates_racing_for_a_free_lease_give_one_leader() -> None:
-    store, clock = FakeStore(), FakeClock()
+    store, clock = FakeStore(), ManualClock(1000.0, datetime(2026, 12, 7, tzinfo=UTC))
     a, b = elector(store, clock, "a"), elector(store, clock, "b")
     # Both read "no Lease"; a writes first, so b's create is refused.
     assert a.store.read() is None and b.store.read() is None
@@ -138,11 +128,11 @@ def test_two_candidates_racing_for_a_free_lease_give_one_leader() -> None:
 
 
 def test_a_stale_write_is_refused_so_two_takers_cannot_both_win() -> None:
-    store, clock = FakeStore(), FakeClock()
+    store, clock = FakeStore(), ManualClock(1000.0, datetime(2026, 12, 7, tzinfo=UTC))
     a, b, c = (elector(store, clock, name) for name in "abc")
     assert a.try_once().action == "create"
     assert b.try_once().action == "wait" and c.try_once().action == "wait"
-    clock.t += 9  # a died: its Lease lapses for both b and c
+    clock.advance(9)  # a died: its Lease lapses for both b and c
     read_by_c = store.read()
     assert b.try_once().action == "take"
     # c decided on what it read before b's write: its update carries the old version.
@@ -154,12 +144,12 @@ def test_a_stale_write_is_refused_so_two_takers_cannot_both_win() -> None:
 
 
 def test_a_standby_takes_over_one_duration_after_the_leaders_last_renewal() -> None:
-    store, clock = FakeStore(), FakeClock()
+    store, clock = FakeStore(), ManualClock(1000.0, datetime(2026, 12, 7, tzinfo=UTC))
     a, b = elector(store, clock, "a"), elector(store, clock, "b")
     a.try_once()
     waited = 0.0
     while b.try_once().action == "wait":
-        clock.t += TERMS.retry_s
+        clock.advance(TERMS.retry_s)
         waited += TERMS.retry_s
         assert waited <= TERMS.duration_s + TERMS.retry_s
     assert waited == pytest.approx(TERMS.duration_s)
@@ -169,29 +159,29 @@ def test_a_standby_takes_over_one_duration_after_the_leaders_last_renewal() -> N
 class Stepping(threading.Event):
     """A stop event whose waits advance the fake clock instead of sleeping."""
 
-    def __init__(self, clock: FakeClock, store: FakeStore, fail_after: int) -> None:
+    def __init__(self, clock: ManualClock, store: FakeStore, fail_after: int) -> None:
         super().__init__()
         self.clock, self.store, self.waits, self.fail_after = clock, store, 0, fail_after
 
     def wait(self, timeout: float | None = None) -> bool:
-        self.clock.t += timeout or 0.0
+        self.clock.advance(timeout or 0.0)
         self.waits += 1
         self.store.down = self.waits > self.fail_after
         return self.is_set() or self.waits > 100
 
 
 def test_a_leader_that_cannot_renew_gives_up_before_its_lease_lapses() -> None:
-    store, clock = FakeStore(), FakeClock()
+    store, clock = FakeStore(), ManualClock(1000.0, datetime(2026, 12, 7, tzinfo=UTC))
     a = elector(store, clock, "a")
     assert a.try_once().action == "create"
     reasons: list[str] = []
     lost_at: list[float] = []
     stop = Stepping(clock, store, fail_after=3)
-    last_renewal = clock.t + 3 * TERMS.retry_s
+    last_renewal = clock.monotonic() + 3 * TERMS.retry_s
 
     def lost(reason: str) -> None:
         reasons.append(reason)
-        lost_at.append(clock.t)
+        lost_at.append(clock.monotonic())
 
     a.hold(stop, lost)
     assert reasons == ["not renewed for 6 s"]
@@ -200,7 +190,7 @@ def test_a_leader_that_cannot_renew_gives_up_before_its_lease_lapses() -> None:
 
 
 def test_a_leader_that_finds_another_holder_stops_at_once() -> None:
-    store, clock = FakeStore(), FakeClock()
+    store, clock = FakeStore(), ManualClock(1000.0, datetime(2026, 12, 7, tzinfo=UTC))
     a = elector(store, clock, "a")
     a.try_once()
     assert store.lease is not None
@@ -211,7 +201,7 @@ def test_a_leader_that_finds_another_holder_stops_at_once() -> None:
 
 
 def test_a_clean_stop_releases_the_lease_so_a_standby_takes_it_at_its_next_try() -> None:
-    store, clock = FakeStore(), FakeClock()
+    store, clock = FakeStore(), ManualClock(1000.0, datetime(2026, 12, 7, tzinfo=UTC))
     a, b = elector(store, clock, "a"), elector(store, clock, "b")
     a.try_once()
     assert b.try_once().action == "wait"

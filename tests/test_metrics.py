@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpumesh.node_agent.clock import ManualClock
+from gpumesh.clock import ManualClock
 from gpumesh.node_agent.collector import Collector, XidInbox
 from gpumesh.node_agent.metrics import AgentVitals, MetricsCache, agent_routes
 from gpumesh.node_agent.nvml.fake import FakeGpu, FakeNvml

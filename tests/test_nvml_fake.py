@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gpumesh.node_agent.clock import ManualClock
+from gpumesh.clock import ManualClock
 from gpumesh.node_agent.collector import Collector, XidInbox
 from gpumesh.node_agent.health import HealthPolicy
 from gpumesh.node_agent.nvml.fake import (

@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, cast, get_args
 
 import yaml
 
-from gpumesh.node_agent.clock import Clock, SystemClock
+from gpumesh.clock import Clock, SystemClock
 from gpumesh.node_agent.nvml.types import (
     CLOCK_EVENT_GPU_IDLE,
     CLOCK_EVENT_HW_SLOWDOWN,

@@ -1,4 +1,4 @@
-"""Time as the agent sees it: a system clock, and a manual one so tests run in no time."""
+"""Time as gpumesh sees it: a system clock, and a manual one so tests run in no time."""
 
 from __future__ import annotations
 
