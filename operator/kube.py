@@ -92,7 +92,7 @@ class Kube:
             if err.status != 404:
                 raise
             return None
-        return _resource_version(result)
+        return resource_version(result)
 
     def delete_custom(
         self, group: str, version: str, plural: str, namespace: str, name: str
@@ -185,7 +185,7 @@ class Kube:
             force=True,
             _content_type=APPLY,
         )
-        return _resource_version(self.plain(written))
+        return resource_version(self.plain(written))
 
     def configmap_version(self, namespace: str, name: str) -> str | None:
         """A ConfigMap's resourceVersion, reading its metadata only (the catalogue can be
@@ -199,7 +199,7 @@ class Kube:
                 return None
             raise
         try:
-            return _resource_version(json.loads(response.data))
+            return resource_version(json.loads(response.data))
         finally:
             response.release_conn()
 
@@ -249,7 +249,7 @@ def shared() -> Kube:
         return _shared
 
 
-def _resource_version(obj: Any) -> str | None:
+def resource_version(obj: Any) -> str | None:
     version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
     return str(version) if version is not None else None
 

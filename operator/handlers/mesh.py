@@ -140,7 +140,7 @@ def start_mesh(**_: Any) -> None:
     state.sync(gpunodes, leases, k.list_nodes(), _now())
     with _lock:
         _state = state
-        _note_catalogue_version(_version_of(published))
+        _note_catalogue_version(kube.resource_version(published))
     _stop.clear()
     threading.Thread(target=_publish_loop, name="mesh-publisher", daemon=True).start()
     log.info(
@@ -236,7 +236,7 @@ def full_resync(state: MeshState, k: MeshKube) -> bool:
         return False
     with _lock:
         replay, _replay = _replay, None
-        _note_catalogue_version(_version_of(configmap))
+        _note_catalogue_version(kube.resource_version(configmap))
         state.resync(gpunodes, leases, kube_nodes, configmap, _now())
         for event in replay:
             event(state)
@@ -260,11 +260,6 @@ def _note_catalogue_version(version: str | None) -> None:
     """The catalogue's version as this process wrote or read it (``_lock`` is held)."""
     global _catalogue_version
     _catalogue_version = version
-
-
-def _version_of(configmap: dict[str, Any] | None) -> str | None:
-    found = ((configmap or {}).get("metadata") or {}).get("resourceVersion")
-    return str(found) if found is not None else None
 
 
 def _publish_loop() -> None:
